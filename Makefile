@@ -1,0 +1,33 @@
+# Everything runs inside .venv; `make install` is idempotent.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint simulate bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check warmserve tests benchmarks
+	$(BIN)/ruff format --check warmserve tests benchmarks
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+simulate: install
+	$(BIN)/warmserve simulate experiments/paper-azure-conv.yaml --out results/paper-azure-conv
+
+bench: install
+	$(BIN)/python benchmarks/sim_throughput.py --json results/bench/sim_throughput.json
+	$(BIN)/python benchmarks/planner_tick.py --json results/bench/planner_tick.json
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,137 @@
+"""The seam between policy and the world: snapshots in, actions out.
+
+The simulator (`warmserve.sim`) and the real runtime implement `ClusterHandle`; the `Controller`
+only ever sees frozen views and answers with actions. `apply` must update the handle's books
+synchronously (the physical work may finish later), so the next snapshot reflects the actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol
+
+from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What policy needs to know about one served model."""
+
+    name: ModelName
+    tp: int
+    pages_per_gpu: int  # weight pages of one TP shard
+    shard_bytes: int
+    kv_bytes_per_token_per_gpu: float
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    request_id: RequestId
+    model: ModelName
+    arrival_s: float
+    input_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class GpuView:
+    gpu_id: int
+    node_id: int
+    total_pages: int
+    free_pages: int
+    instance_id: InstanceId | None  # the instance running here, if any
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """Weights of one model resident (or loading) on a GPU group, not serving."""
+
+    replica_id: ReplicaId
+    model: ModelName
+    gpus: tuple[int, ...]
+    pages_per_gpu: int
+    is_ready: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    instance_id: InstanceId
+    model: ModelName
+    gpus: tuple[int, ...]
+    state: InstanceState
+    kv_pages: int  # per GPU, owned by the instance now
+    kv_used_pages: int  # per GPU, held by admitted requests
+    kv_lent_pages: int  # per GPU, lent to prewarming (kv_pages + lent = KV at activation)
+
+
+@dataclass(frozen=True)  # no slots: the indexes below are cached on first use
+class ClusterSnapshot:
+    gpus: tuple[GpuView, ...]
+    replicas: tuple[ReplicaView, ...]
+    instances: tuple[InstanceView, ...]
+    gpus_per_node: int
+
+    @cached_property
+    def replicas_by_gpu(self) -> dict[int, list[ReplicaView]]:
+        out: dict[int, list[ReplicaView]] = {g.gpu_id: [] for g in self.gpus}
+        for r in self.replicas:
+            for g in r.gpus:
+                out[g].append(r)
+        return out
+
+    @cached_property
+    def instance_by_id(self) -> dict[InstanceId, InstanceView]:
+        return {i.instance_id: i for i in self.instances}
+
+
+# Actions. The controller allocates ids, so every decision is reproducible for a given input.
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    request_id: RequestId
+    instance_id: InstanceId
+
+
+@dataclass(frozen=True, slots=True)
+class StartInstance:
+    instance_id: InstanceId
+    model: ModelName
+    gpus: tuple[int, ...]
+    path: StartPath
+    replica_id: ReplicaId | None  # the replica activated (hits); None on a cold start
+
+
+@dataclass(frozen=True, slots=True)
+class StopInstance:
+    instance_id: InstanceId
+
+
+@dataclass(frozen=True, slots=True)
+class Prewarm:
+    replica_id: ReplicaId
+    model: ModelName
+    gpus: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    replica_id: ReplicaId
+
+
+@dataclass(frozen=True, slots=True)
+class SetKvPages:
+    """Grow or shrink an instance's own KV pages (per GPU); the difference is lent or reclaimed."""
+
+    instance_id: InstanceId
+    kv_pages: int
+
+
+Action = Dispatch | StartInstance | StopInstance | Prewarm | Evict | SetKvPages
+
+
+class ClusterHandle(Protocol):
+    def snapshot(self) -> ClusterSnapshot: ...
+
+    def apply(self, actions: Sequence[Action]) -> None: ...

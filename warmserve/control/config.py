@@ -1,0 +1,56 @@
+"""Policy constants. Defaults are the reference system's; every one can be overridden."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    # Autoscaler and router (reference: ctl/common.py).
+    capacity_per_instance: int = 32  # in-flight requests one instance takes
+    scale_window_s: float = 5.0  # concurrency is averaged over this window
+    scale_up_threshold: float = 0.8  # of capacity
+    scale_down_threshold: float = 0.5
+    protect_period_s: float = 5.0  # a new instance is never stopped before this age
+    tick_s: float = 0.5  # control-loop period
+    # Forecaster.
+    forecast_window_s: float = 300.0
+    forecast_correction_points: int = 10  # K: last K windows' errors, weights 2^-d
+    forecast_cycle: Literal["day", "week"] = "day"
+    # Planner.
+    planning_bandwidth: float = 32e9  # bytes/s used to value a replica (cold-load seconds saved)
+    group_search: Literal["aligned", "exhaustive"] = "aligned"
+    # KV reservation: requests of max_model_len tokens an instance always keeps room for.
+    kv_floor_requests: int = 1
+
+    def __post_init__(self) -> None:
+        if self.capacity_per_instance < 1:
+            raise ValueError("capacity_per_instance must be >= 1")
+        if not 0 <= self.scale_down_threshold < self.scale_up_threshold <= 1:
+            raise ValueError("need 0 <= scale_down_threshold < scale_up_threshold <= 1")
+        for name in ("scale_window_s", "tick_s", "forecast_window_s", "planning_bandwidth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.protect_period_s < 0:
+            raise ValueError("protect_period_s must be >= 0")
+        if self.forecast_correction_points < 1:
+            raise ValueError("forecast_correction_points must be >= 1")
+        if self.forecast_cycle not in ("day", "week"):
+            raise ValueError("forecast_cycle must be 'day' or 'week'")
+        if self.group_search not in ("aligned", "exhaustive"):
+            raise ValueError("group_search must be 'aligned' or 'exhaustive'")
+        if self.kv_floor_requests < 0:
+            raise ValueError("kv_floor_requests must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """Which of WarmServe's techniques a policy uses (the paper's ablation switches)."""
+
+    name: str
+    unified_memory: bool = True  # weights stay resident after scale-down; misses load into a slot
+    proactive_prewarm: bool = True  # forecast-driven planner
+    smart_placement: bool = True  # evict-aware placement and worker choice (else round robin)
+    kv_prewarm: bool = True  # lend idle KV pages of running instances to prewarming

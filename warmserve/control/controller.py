@@ -1,0 +1,229 @@
+"""The control plane: forecaster, autoscaler, router, instance start, KV reservation, planner.
+
+It owns policy state only and reaches the world through a `ClusterHandle`. The simulator calls
+it from events on a simulated clock; the serving runtime calls it from a loop on the wall clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from warmserve.control.allocation import choose_start
+from warmserve.control.api import (
+    Action,
+    ClusterHandle,
+    ClusterSnapshot,
+    Dispatch,
+    Evict,
+    RequestInfo,
+    ServedModel,
+    StartInstance,
+    StopInstance,
+)
+from warmserve.control.autoscaler import ActiveInstance, pick_to_stop, scale_delta
+from warmserve.control.config import ControlConfig, PolicySpec
+from warmserve.control.forecaster import Forecast, Forecaster
+from warmserve.control.kv_reservation import kv_actions, kv_target_pages
+from warmserve.control.load import ConcurrencySeries
+from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
+from warmserve.control.router import choose_instance
+from warmserve.types import InstanceId, InstanceState, ModelName, RequestId
+
+
+@dataclass(slots=True)
+class _Instance:
+    model: ModelName
+    created_s: float
+    in_flight: int = 0
+    stopping: bool = False
+
+
+class Controller:
+    def __init__(
+        self,
+        cfg: ControlConfig,
+        policy: PolicySpec,
+        models: Sequence[ServedModel],
+        forecaster: Forecaster,
+    ) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.models: dict[ModelName, ServedModel] = {m.name: m for m in models}
+        self.forecaster = forecaster
+        self._load = {m.name: ConcurrencySeries(cfg.scale_window_s) for m in models}
+        self._queues: dict[ModelName, deque[RequestInfo]] = {m.name: deque() for m in models}
+        self._instances: dict[InstanceId, _Instance] = {}
+        self._request_instance: dict[RequestId, InstanceId] = {}
+        self._replica_scores: dict[int, float] = {}
+        self._next_instance = 0
+        self._next_replica = 0
+        self._window = 0
+        self._last_planned: ClusterSnapshot | None = None
+
+    # ----- events -----------------------------------------------------------------------
+    def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
+        self._load[req.model].add(now, +1)
+        target = self._route(req.model)
+        if target is not None:
+            self._dispatch(req, target, cluster)
+            return
+        self._queues[req.model].append(req)
+        self._start(req.model, now, cluster)
+
+    def on_request_done(self, now: float, request_id: RequestId, cluster: ClusterHandle) -> None:
+        inst_id = self._request_instance.pop(request_id)
+        inst = self._instances[inst_id]
+        self._load[inst.model].add(now, -1)
+        inst.in_flight -= 1
+        if inst.stopping:
+            if inst.in_flight == 0:
+                del self._instances[inst_id]  # the cluster demotes it to a replica
+            return
+        queue = self._queues[inst.model]
+        if queue:
+            self._dispatch(queue.popleft(), inst_id, cluster)
+
+    def tick(self, now: float, cluster: ClusterHandle) -> None:
+        self._close_windows(now)
+        for name in self.models:
+            self._autoscale(name, now, cluster)
+        if self.policy.unified_memory and self.policy.kv_prewarm:
+            self._reserve_kv(cluster)
+        if self.policy.unified_memory and self.policy.proactive_prewarm:
+            self._plan(cluster)
+
+    # ----- queries ----------------------------------------------------------------------
+    def queue_length(self, model: ModelName) -> int:
+        return len(self._queues[model])
+
+    def load(self, model: ModelName, now: float) -> float:
+        return self._load[model].mean(now, self.cfg.scale_window_s)
+
+    def forecasts(self) -> dict[ModelName, Forecast]:
+        return {m: self.forecaster.forecast(m) for m in self.models}
+
+    # ----- routing and starts -----------------------------------------------------------
+    def _route(self, model: ModelName) -> InstanceId | None:
+        loads = (
+            (i, inst.in_flight)
+            for i, inst in self._instances.items()
+            if inst.model == model and not inst.stopping
+        )
+        return choose_instance(loads, self.cfg.capacity_per_instance)
+
+    def _dispatch(self, req: RequestInfo, inst_id: InstanceId, cluster: ClusterHandle) -> None:
+        self._instances[inst_id].in_flight += 1
+        self._request_instance[req.request_id] = inst_id
+        cluster.apply([Dispatch(req.request_id, inst_id)])
+
+    def _start(self, name: ModelName, now: float, cluster: ClusterHandle) -> bool:
+        model = self.models[name]
+        choice = choose_start(
+            model,
+            cluster.snapshot(),
+            smart=self.policy.smart_placement,
+            use_replicas=self.policy.unified_memory,
+        )
+        if choice is None:
+            return False
+        inst_id = self._next_instance
+        self._next_instance += 1
+        actions: list[Action] = [Evict(r) for r in choice.evict]
+        actions.append(StartInstance(inst_id, name, choice.gpus, choice.path, choice.replica_id))
+        cluster.apply(actions)
+        self._instances[inst_id] = _Instance(name, now)
+        queue = self._queues[name]
+        while queue and self._instances[inst_id].in_flight < self.cfg.capacity_per_instance:
+            self._dispatch(queue.popleft(), inst_id, cluster)
+        return True
+
+    # ----- periodic policy --------------------------------------------------------------
+    def _close_windows(self, now: float) -> None:
+        window_s = self.cfg.forecast_window_s
+        while now >= (self._window + 1) * window_s:
+            for name, series in self._load.items():
+                avg, peak = series.close_window(now, window_s)
+                self.forecaster.close_window(name, self._window, avg, peak)
+            self._window += 1
+            self._last_planned = None  # forecasts changed: plan again
+
+    def _autoscale(self, name: ModelName, now: float, cluster: ClusterHandle) -> None:
+        active = [
+            ActiveInstance(i, inst.created_s, inst.in_flight)
+            for i, inst in self._instances.items()
+            if inst.model == name and not inst.stopping
+        ]
+        delta = scale_delta(self.load(name, now), len(active), self.cfg)
+        if delta < 0:
+            stops = pick_to_stop(active, -delta, now, self.cfg)
+            for inst_id in stops:
+                inst = self._instances[inst_id]
+                inst.stopping = True
+                if inst.in_flight == 0:
+                    del self._instances[inst_id]
+            if stops:
+                cluster.apply([StopInstance(i) for i in stops])
+        for _ in range(max(delta, 0)):
+            if not self._start(name, now, cluster):
+                break
+        # Requests still queued with no room anywhere (e.g. GPUs were busy when they came).
+        if self._queues[name] and self._route(name) is None:
+            self._start(name, now, cluster)
+
+    def _live_counts(self) -> dict[ModelName, int]:
+        counts = dict.fromkeys(self.models, 0)
+        for inst in self._instances.values():
+            if not inst.stopping:
+                counts[inst.model] += 1
+        return counts
+
+    def _reserve_kv(self, cluster: ClusterHandle) -> None:
+        snap = cluster.snapshot()
+        actions: list[Action] = []
+        for view in snap.instances:
+            if view.state != InstanceState.RUNNING:
+                continue
+            model = self.models[view.model]
+            inst = self._instances.get(view.instance_id)
+            in_flight = inst.in_flight if inst else 0
+            target = kv_target_pages(
+                view, model, in_flight, self.cfg.capacity_per_instance, self.cfg.kv_floor_requests
+            )
+            full = view.kv_pages + view.kv_lent_pages
+            actions += kv_actions(view, target, snap, self._replica_scores, max(1, full // 20))
+            if actions:
+                cluster.apply(actions)
+                snap = cluster.snapshot()
+                actions = []
+
+    def _plan(self, cluster: ClusterHandle) -> None:
+        snap = cluster.snapshot()
+        if snap is self._last_planned:
+            return  # nothing the plan depends on has changed
+        inp = PlanInput(
+            snapshot=snap,
+            models=self.models,
+            forecasts=self.forecasts(),
+            live_instances=self._live_counts(),
+            planning_bandwidth=self.cfg.planning_bandwidth,
+            capacity=self.cfg.capacity_per_instance,
+            group_search=self.cfg.group_search,
+        )
+        planner = plan_evict_aware if self.policy.smart_placement else plan_round_robin
+        plan = planner(inp, self._new_replica_id)
+        self._replica_scores = plan.scores
+        if plan.actions:
+            cluster.apply(plan.actions)
+            snap = cluster.snapshot()
+        self._last_planned = snap
+
+    def _new_replica_id(self) -> int:
+        rid = self._next_replica
+        self._next_replica += 1
+        return rid
+
+    @property
+    def replica_scores(self) -> Mapping[int, float]:
+        return self._replica_scores

@@ -1,0 +1,60 @@
+"""How many KV pages a running instance keeps; the rest is lent to prewarming.
+
+Reference: keep free headroom `total × in_flight / capacity` beyond what requests use, lend
+the rest, never take it back. Here the instance also keeps a floor (room for
+`kv_floor_requests` max-length requests) and reclaims lent pages when load rises, evicting
+the lowest-valued replicas that were placed in them if the pages are not free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from warmserve.control.api import ClusterSnapshot, Evict, InstanceView, ServedModel, SetKvPages
+from warmserve.hardware import PAGE_BYTES
+
+
+def kv_target_pages(
+    inst: InstanceView, model: ServedModel, in_flight: int, capacity: int, floor_requests: int
+) -> int:
+    full = inst.kv_pages + inst.kv_lent_pages
+    per_request = math.ceil(model.max_model_len * model.kv_bytes_per_token_per_gpu / PAGE_BYTES)
+    floor = floor_requests * per_request
+    headroom = math.ceil(full * min(in_flight, capacity) / capacity)
+    return min(full, max(floor, inst.kv_used_pages + headroom))
+
+
+def kv_actions(
+    inst: InstanceView,
+    target: int,
+    snap: ClusterSnapshot,
+    replica_scores: Mapping[int, float],
+    min_lend_pages: int,
+) -> list[Evict | SetKvPages]:
+    """Lend down to `target` (in chunks of at least `min_lend_pages`), or reclaim up to it."""
+    if target < inst.kv_pages:
+        if inst.kv_pages - target < min_lend_pages:
+            return []
+        return [SetKvPages(inst.instance_id, target)]
+    if target == inst.kv_pages:
+        return []
+    need = target - inst.kv_pages
+    free = {g.gpu_id: g.free_pages for g in snap.gpus}
+    actions: list[Evict | SetKvPages] = []
+    evicted: set[int] = set()
+    for g in inst.gpus:
+        victims = sorted(
+            (r for r in snap.replicas_by_gpu[g] if r.replica_id not in evicted),
+            key=lambda r: (replica_scores.get(r.replica_id, 0.0), -r.replica_id),
+        )
+        while free[g] < need and victims:
+            r = victims.pop(0)
+            evicted.add(r.replica_id)
+            actions.append(Evict(r.replica_id))
+            for h in r.gpus:
+                free[h] += r.pages_per_gpu
+    grant = min(need, *(free[g] for g in inst.gpus))
+    if grant > 0:
+        actions.append(SetKvPages(inst.instance_id, inst.kv_pages + grant))
+    return actions

@@ -1,0 +1,60 @@
+"""Per-model load: the number of in-flight requests, as a step function of time."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class ConcurrencySeries:
+    """Integrates concurrency for forecast windows and keeps recent steps for the autoscaler.
+
+    Load is counted from a request's arrival to its completion, queueing included, as the
+    reference does.
+    """
+
+    __slots__ = ("_horizon_s", "_steps", "last_t", "num_reqs", "window_integral", "window_peak")
+
+    def __init__(self, horizon_s: float, start_s: float = 0.0) -> None:
+        self._horizon_s = horizon_s
+        self.num_reqs = 0
+        self.last_t = start_s
+        self.window_integral = 0.0  # ∫ load dt since the window opened
+        self.window_peak = 0
+        # (time, count from then on); the oldest step at or before now - horizon is kept.
+        self._steps: deque[tuple[float, int]] = deque([(start_s, 0)])
+
+    def add(self, now: float, delta: int) -> None:
+        self.window_integral += (now - self.last_t) * self.num_reqs
+        self.last_t = now
+        self.num_reqs += delta
+        assert self.num_reqs >= 0, "more completions than arrivals"
+        self.window_peak = max(self.window_peak, self.num_reqs)
+        steps = self._steps
+        if steps[-1][0] == now:
+            steps[-1] = (now, self.num_reqs)
+        else:
+            steps.append((now, self.num_reqs))
+        cutoff = now - self._horizon_s
+        while len(steps) > 1 and steps[1][0] <= cutoff:
+            steps.popleft()
+
+    def mean(self, now: float, span_s: float) -> float:
+        """Time-weighted mean concurrency over [now - span_s, now]."""
+        start = now - span_s
+        total = 0.0
+        steps = self._steps
+        for i, (t, n) in enumerate(steps):
+            t_next = steps[i + 1][0] if i + 1 < len(steps) else now
+            lo, hi = max(t, start), min(t_next, now)
+            if hi > lo:
+                total += (hi - lo) * n
+        return total / span_s
+
+    def close_window(self, now: float, window_s: float) -> tuple[float, int]:
+        """(time-weighted mean, peak) of the window ending now; opens the next one."""
+        integral = self.window_integral + (now - self.last_t) * self.num_reqs
+        peak = self.window_peak
+        self.window_integral = 0.0
+        self.last_t = now
+        self.window_peak = self.num_reqs
+        return integral / window_s, peak

@@ -1,0 +1,133 @@
+"""Proactive prewarming: how many replicas of each model, what they are worth, and where they go.
+
+Demand (reference §3): with capacity B per instance and `cur` live instances,
+`n_found = max(ceil(avg/B) - cur, 0)`, `n_burst = max(ceil(peak/B) - cur - n_found, 0)`, N = sum.
+Foundation replica i scores `exp(-i/N)·cold`, burst replica j `exp(-(n_found+j)/N)·cold·burst`,
+where `cold` is the per-GPU cold-load time (seconds a hit saves) and `burst = peak/avg`.
+Existing replicas take a model's scores in id order; those beyond N score 0. New replicas are
+placed best-first, never evicting (placement only uses free pages, as in the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from warmserve.control.api import ClusterSnapshot, Prewarm, ServedModel
+from warmserve.control.forecaster import Forecast
+from warmserve.control.placement import Block, Occupancy
+from warmserve.types import ModelName, ReplicaId
+
+
+def replica_scores(fc: Forecast, live: int, cold_s: float, capacity: int) -> list[float]:
+    n_found = max(math.ceil(fc.avg / capacity) - live, 0)
+    n_burst = max(math.ceil(fc.peak / capacity) - live - n_found, 0)
+    total = n_found + n_burst
+    scores = [math.exp(-i / total) * cold_s for i in range(n_found)]
+    scores += [math.exp(-(n_found + j) / total) * cold_s * fc.burstiness for j in range(n_burst)]
+    return scores
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInput:
+    snapshot: ClusterSnapshot
+    models: Mapping[ModelName, ServedModel]  # in popularity order (the YAML order)
+    forecasts: Mapping[ModelName, Forecast]
+    live_instances: Mapping[ModelName, int]  # running + starting
+    planning_bandwidth: float
+    capacity: int
+    group_search: str = "aligned"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    actions: list[Prewarm]
+    scores: dict[ReplicaId, float]  # value of every existing replica (0 = beyond demand)
+
+
+def _demands(inp: PlanInput) -> tuple[dict[ReplicaId, float], list[tuple[float, int, ModelName]]]:
+    """Scores of existing replicas, and the new replicas wanted as (score, model rank, model)."""
+    held: dict[ModelName, list[int]] = {m: [] for m in inp.models}
+    for r in sorted(inp.snapshot.replicas, key=lambda r: r.replica_id):
+        held.setdefault(r.model, []).append(r.replica_id)
+    stopping = [i for i in inp.snapshot.instances if i.state == "stopping"]
+    existing: dict[ReplicaId, float] = {}
+    wanted: list[tuple[float, int, ModelName]] = []
+    for rank, (name, m) in enumerate(inp.models.items()):
+        cold_s = m.shard_bytes / inp.planning_bandwidth
+        fc = inp.forecasts.get(name, Forecast(0.0, 0.0))
+        scores = replica_scores(fc, inp.live_instances.get(name, 0), cold_s, inp.capacity)
+        # A draining instance becomes a prewarmed replica soon: it holds a slot in the list.
+        num_draining = sum(1 for i in stopping if i.model == name)
+        scores = scores[num_draining:]
+        for k, rid in enumerate(held[name]):
+            existing[rid] = scores[k] if k < len(scores) else 0.0
+        wanted += [(s, rank, name) for s in scores[len(held[name]) :]]
+    wanted.sort(key=lambda w: (-w[0], w[1]))
+    return existing, wanted
+
+
+def plan_evict_aware(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
+    existing, wanted = _demands(inp)
+    occ = Occupancy(inp.snapshot, existing)
+    actions: list[Prewarm] = []
+    failed: set[ModelName] = set()
+    for score, _, name in wanted:
+        if name in failed:
+            continue  # its lower-scored replicas cannot fit either
+        m = inp.models[name]
+        best: tuple[tuple[int, float], tuple[int, ...]] | None = None
+        for group in occ.candidate_groups(m.tp, m.pages_per_gpu, inp.group_search):
+            cost = occ.cost_if_nested(group, name)
+            if cost is None:
+                continue
+            # Prefer groups where the new replica outranks all it overlaps, then least value hit.
+            is_master = not cost.touches_instance and cost.max_score < score
+            key = (0 if is_master else 1, cost.sum_score)
+            if best is None or key < best[0]:
+                best = (key, group)
+        if best is None:
+            failed.add(name)
+            continue
+        rid = new_id()
+        occ.add(Block(("r", rid), name, best[1], score), m.pages_per_gpu)
+        actions.append(Prewarm(rid, name, best[1]))
+    return Plan(actions, existing)
+
+
+def plan_round_robin(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
+    """The reference's `--disable-placement` planner: models in turn, first fit.
+
+    Kept with its quirk: the loop stops as soon as it meets a model with no quota left or a
+    placement fails.
+    """
+    existing, wanted = _demands(inp)
+    occ = Occupancy(inp.snapshot, existing)
+    quota: dict[ModelName, list[float]] = {m: [] for m in inp.models}
+    for score, _, name in wanted:
+        quota[name].append(score)
+    actions: list[Prewarm] = []
+    order = list(inp.models)
+    gpn = occ.gpus_per_node
+    while True:
+        for name in order:
+            if not quota[name]:
+                return Plan(actions, existing)
+            m = inp.models[name]
+            group = None
+            for node in range(occ.num_gpus // gpn):
+                fits = [
+                    g
+                    for g in range(node * gpn, (node + 1) * gpn)
+                    if occ.free[g] >= m.pages_per_gpu
+                    and all(b.model != name for b in occ.on_gpu[g])
+                ]
+                if len(fits) >= m.tp:
+                    group = tuple(fits[: m.tp])
+                    break
+            if group is None:
+                return Plan(actions, existing)
+            rid = new_id()
+            occ.add(Block(("r", rid), name, group, quota[name].pop(0)), m.pages_per_gpu)
+            actions.append(Prewarm(rid, name, group))

@@ -1,0 +1,276 @@
+"""Experiment files: YAML in, validated frozen dataclasses out, with one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from warmserve.control.config import ControlConfig
+from warmserve.control.registry import POLICIES
+from warmserve.hardware import GPU_PRESETS, PAGE_BYTES, GpuSpec, pages_for
+from warmserve.model_spec import MODEL_PRESETS, ModelSpec, ModelSpecError, spec_from_hf_config
+from warmserve.sim.costs import StartupCosts
+from warmserve.sim.latency import LatencyParams
+
+
+class ExperimentError(ValueError):
+    """A problem with an experiment file, phrased for a one-line CLI error."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    nodes: int = 2
+    gpus_per_node: int = 8
+    gpu: str = "H100-SXM-80G"
+    pool_fraction: float = 0.9  # of device memory managed as the page pool
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    name: str
+    preset: str | None = None
+    config: str | None = None  # path to an HF config.json, relative to the experiment file
+    tp: int = 1
+    copies: int = 1  # virtual copies: same weights, independent load (named NAME-0, NAME-1, ...)
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadConfig:
+    trace: str = "azure-conv"  # azure-conv | azure-code | PATH.csv
+    rps: float = 1.0
+    alpha: float = 2.0
+    start_hour: float = 0.0
+    days: list[int] | None = None  # day of week (Monday = 0) each model replays
+    duration_s: float = 1200.0
+    max_input_tokens: int = 1024
+    min_output_tokens: int = 3
+    max_output_tokens: int = 1023
+    drain_s: float = 1800.0  # after the last arrival; requests unfinished by then fail
+
+
+@dataclass(frozen=True, slots=True)
+class SloConfig:
+    ttft_scale: float = 5.0  # × the request's TTFT on an idle, running instance
+    tpot_scale: float = 5.0
+    ttft_s: float | None = None  # absolute bounds replace the scaled ones when set
+    tpot_s: float | None = None
+    failed_ttft_s: float = 999.0  # TTFT charged to a failed request (the reference's convention)
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    name: str
+    seed: int
+    cluster: ClusterConfig
+    models: list[ModelEntry]
+    workload: WorkloadConfig
+    slo: SloConfig = field(default_factory=SloConfig)
+    policies: list[str] = field(default_factory=lambda: ["warmserve"])
+    control: ControlConfig = field(default_factory=ControlConfig)
+    costs: StartupCosts = field(default_factory=StartupCosts)
+    latency: LatencyParams = field(default_factory=LatencyParams)
+    base_dir: Path = Path()
+
+    @property
+    def gpu(self) -> GpuSpec:
+        return GPU_PRESETS[self.cluster.gpu]
+
+    @property
+    def pool_pages(self) -> int:
+        return int(self.gpu.memory_bytes * self.cluster.pool_fraction) // PAGE_BYTES
+
+    def served_models(self) -> list[tuple[str, ModelSpec, ModelEntry]]:
+        """(served name, spec, entry) for every model and virtual copy, in popularity order."""
+        out = []
+        for e in self.models:
+            spec = self._spec(e)
+            names = [e.name] if e.copies == 1 else [f"{e.name}-{k}" for k in range(e.copies)]
+            out += [(n, spec, e) for n in names]
+        return out
+
+    def _spec(self, e: ModelEntry) -> ModelSpec:
+        if e.preset is not None:
+            spec = MODEL_PRESETS[e.preset]
+        else:
+            assert e.config is not None
+            path = self.base_dir / e.config
+            try:
+                spec = spec_from_hf_config(e.name, json.loads(path.read_text()))
+            except OSError as err:
+                raise ExperimentError(
+                    f"model {e.name!r}: cannot read {path}: {err.strerror}"
+                ) from None
+            except (json.JSONDecodeError, ModelSpecError) as err:
+                raise ExperimentError(f"model {e.name!r}: {path}: {err}") from None
+        if e.max_model_len is not None:
+            spec = dataclasses.replace(spec, max_model_len=e.max_model_len)
+        return spec
+
+
+# ----- parsing ----------------------------------------------------------------------------
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ExperimentError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{k}]") for k, v in enumerate(value)]
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ExperimentError(f"{where}: expected one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ExperimentError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ExperimentError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ExperimentError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ExperimentError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ExperimentError(f"{where}: unsupported setting")  # pragma: no cover
+
+
+def _build(cls: Any, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ExperimentError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ExperimentError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ExperimentError(f"{where}: missing key {missing[0]!r}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ExperimentError(f"{where}: {e}") from None
+
+
+_TOP = {"name", "seed", "cluster", "models", "workload", "slo", "policies", "control", "costs",
+        "latency"}  # fmt: skip
+
+
+def load_experiment(path: Path) -> Experiment:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ExperimentError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_experiment(raw, path.parent, path.stem)
+
+
+def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment") -> Experiment:
+    if not isinstance(raw, dict):
+        raise ExperimentError("experiment file must be a YAML mapping")
+    unknown = sorted(set(raw) - _TOP)
+    if unknown:
+        raise ExperimentError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP))})")
+    if not raw.get("models"):
+        raise ExperimentError("models: at least one model is required")
+    if not isinstance(raw["models"], list):
+        raise ExperimentError("models: expected a list")
+    exp = Experiment(
+        name=_convert(raw.get("name", default_name), str, "name"),
+        seed=_convert(raw.get("seed", 0), int, "seed"),
+        cluster=_build(ClusterConfig, raw.get("cluster"), "cluster"),
+        models=[_build(ModelEntry, m, f"models[{k}]") for k, m in enumerate(raw["models"])],
+        workload=_build(WorkloadConfig, raw.get("workload"), "workload"),
+        slo=_build(SloConfig, raw.get("slo"), "slo"),
+        policies=_convert(raw.get("policies", ["warmserve"]), list[str], "policies"),
+        control=_build(ControlConfig, raw.get("control"), "control"),
+        costs=_build(StartupCosts, raw.get("costs"), "costs"),
+        latency=_build(LatencyParams, raw.get("latency"), "latency"),
+        base_dir=base_dir,
+    )
+    validate(exp)
+    return exp
+
+
+def validate(exp: Experiment) -> None:
+    c = exp.cluster
+    if c.gpu not in GPU_PRESETS:
+        raise ExperimentError(
+            f"cluster.gpu: unknown GPU {c.gpu!r} (known: {', '.join(GPU_PRESETS)})"
+        )
+    if c.nodes < 1 or c.gpus_per_node < 1:
+        raise ExperimentError("cluster: nodes and gpus_per_node must be >= 1")
+    if not 0 < c.pool_fraction <= 1:
+        raise ExperimentError("cluster.pool_fraction must be in (0, 1]")
+    for p in exp.policies:
+        if p not in POLICIES:
+            raise ExperimentError(f"unknown policy {p!r} (known: {', '.join(POLICIES)})")
+    seen: set[str] = set()
+    for e in exp.models:
+        if (e.preset is None) == (e.config is None):
+            raise ExperimentError(f"model {e.name!r}: give exactly one of preset or config")
+        if e.preset is not None and e.preset not in MODEL_PRESETS:
+            raise ExperimentError(
+                f"model {e.name!r}: unknown preset {e.preset!r} (known: {', '.join(MODEL_PRESETS)})"
+            )
+        if not 1 <= e.tp <= c.gpus_per_node:
+            raise ExperimentError(
+                f"model {e.name!r}: tp {e.tp} needs 1..{c.gpus_per_node} GPUs of one node"
+            )
+        if e.copies < 1:
+            raise ExperimentError(f"model {e.name!r}: copies must be >= 1")
+    w = exp.workload
+    if w.rps <= 0 or w.duration_s <= 0 or w.drain_s < 0:
+        raise ExperimentError("workload: rps and duration_s must be > 0, drain_s >= 0")
+    if w.min_output_tokens < 1 or w.max_output_tokens < w.min_output_tokens:
+        raise ExperimentError("workload: need 1 <= min_output_tokens <= max_output_tokens")
+    if w.trace not in ("azure-conv", "azure-code") and not w.trace.endswith(".csv"):
+        raise ExperimentError(
+            f"workload.trace: {w.trace!r} is not azure-conv, azure-code or a .csv file"
+        )
+    for name, spec, e in exp.served_models():
+        if name in seen:
+            raise ExperimentError(f"model name {name!r} is used twice")
+        seen.add(name)
+        shard = pages_for(spec.shard_bytes(e.tp))
+        kv_floor = pages_for(spec.max_model_len * spec.kv_bytes_per_token_per_gpu(e.tp))
+        if shard + kv_floor > exp.pool_pages:
+            gib = exp.pool_pages * PAGE_BYTES / 2**30
+            raise ExperimentError(
+                f"model {name!r} cannot be placed: {shard * 2} MiB of weights per GPU at TP "
+                f"{e.tp} plus KV for one {spec.max_model_len}-token request exceed the "
+                f"{gib:.1f} GiB pool of a {c.gpu}"
+            )
+        if w.max_input_tokens + w.min_output_tokens > spec.max_model_len:
+            raise ExperimentError(
+                f"model {name!r}: max_input_tokens + min_output_tokens exceed max_model_len "
+                f"{spec.max_model_len}"
+            )

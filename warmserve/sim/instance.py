@@ -1,0 +1,171 @@
+"""One simulated serving instance: iteration-level continuous batching over its KV pages.
+
+Scheduling follows vLLM's default (non-chunked) policy: admit waiting requests FCFS while
+their whole KV (prompt + max tokens) fits, run admitted prompts as one prefill step, otherwise
+run a decode step for every running request. Consecutive decode steps with an unchanged batch
+are simulated as one *run* (a vector of step times) that ends at the first completion, or
+earlier, at the next step boundary, when a new request can be admitted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from warmserve.hardware import PAGE_BYTES
+from warmserve.sim.latency import StepTimeModel
+from warmserve.sim.loop import EventLoop
+from warmserve.types import InstanceState
+
+
+@dataclass(slots=True)
+class SimRequest:
+    request_id: int
+    input_tokens: int
+    output_tokens: int
+    generated: int = 0
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class SimInstance:
+    def __init__(
+        self,
+        instance_id: int,
+        model: str,
+        gpus: tuple[int, ...],
+        step_model: StepTimeModel,
+        kv_bytes_per_token_per_gpu: float,
+        loop: EventLoop,
+        on_first_token: Callable[[int, float], None],
+        on_finish: Callable[[SimInstance, SimRequest, float], None],
+        on_kv_change: Callable[[], None],
+    ) -> None:
+        self.instance_id = instance_id
+        self.model = model
+        self.gpus = gpus
+        self.state = InstanceState.STARTING
+        self.kv_pages = 0
+        self.kv_lent_pages = 0
+        self.weights_pages = 0
+        self.replica_id: int | None = None  # the replica that became this instance, if any
+        self._steps = step_model
+        self._kv_tok = kv_bytes_per_token_per_gpu
+        self._loop = loop
+        self._on_first_token = on_first_token
+        self._on_finish = on_finish
+        self._on_kv_change = on_kv_change
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self.used_tokens = 0
+        self._busy = False
+        self._run: tuple[float, np.ndarray, int] | None = None  # (start, cum times, token)
+        self._token = 0
+
+    # ----- KV accounting ----------------------------------------------------------------
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return int(self.kv_pages * PAGE_BYTES // self._kv_tok)
+
+    @property
+    def kv_used_pages(self) -> int:
+        return math.ceil(self.used_tokens * self._kv_tok / PAGE_BYTES)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _fits(self, req: SimRequest) -> bool:
+        return self.used_tokens + req.kv_tokens <= self.kv_capacity_tokens
+
+    # ----- control ----------------------------------------------------------------------
+    def add(self, req: SimRequest) -> None:
+        self.waiting.append(req)
+        if self.state == InstanceState.STARTING:
+            return
+        if not self._busy:
+            self._step()
+        elif self._run is not None and len(self.waiting) == 1 and self._fits(req):
+            self._cut_run()
+
+    def mark_ready(self) -> None:
+        self.state = InstanceState.RUNNING
+        self._step()
+
+    def kv_changed(self) -> None:
+        """KV capacity grew: admit what now fits."""
+        if self.state != InstanceState.STARTING and not self._busy:
+            self._step()
+
+    # ----- stepping ---------------------------------------------------------------------
+    def _step(self) -> None:
+        now = self._loop.now()
+        admitted: list[SimRequest] = []
+        while self.waiting and self._fits(self.waiting[0]):
+            req = self.waiting.popleft()
+            self.used_tokens += req.kv_tokens
+            admitted.append(req)
+        if admitted:
+            self._on_kv_change()
+            n = sum(r.input_tokens for r in admitted)
+            sq = float(sum(r.input_tokens * r.input_tokens for r in admitted))
+            self._busy = True
+            self._loop.at(now + self._steps.prefill(n, sq), self._prefill_done, admitted)
+            return
+        if not self.running:
+            self._busy = False
+            return
+        batch = len(self.running)
+        steps = min(r.output_tokens - r.generated for r in self.running)
+        ctx = float(sum(r.input_tokens + r.generated for r in self.running))
+        cum = self._steps.decode_run(batch, ctx, steps)
+        self._token += 1
+        self._run = (now, cum, self._token)
+        self._busy = True
+        self._loop.at(now + float(cum[-1]), self._decode_done, steps, self._token)
+
+    def _cut_run(self) -> None:
+        """End the current decode run at the next step boundary, to admit a new request."""
+        assert self._run is not None
+        start, cum, _ = self._run
+        elapsed = self._loop.now() - start
+        k = int(np.searchsorted(cum, elapsed, side="left"))  # boundary at or after now
+        if k >= len(cum) - 1:
+            return  # the run ends at its last step anyway
+        self._token += 1
+        self._run = (start, cum, self._token)
+        self._loop.at(start + float(cum[k]), self._decode_done, k + 1, self._token)
+
+    def _prefill_done(self, admitted: list[SimRequest]) -> None:
+        now = self._loop.now()
+        for req in admitted:
+            req.generated = 1
+            self._on_first_token(req.request_id, now)
+            self.running.append(req)
+        self._retire(now)
+        self._step()
+
+    def _decode_done(self, steps: int, token: int) -> None:
+        if token != self._token:
+            return  # superseded by a cut
+        self._run = None
+        for req in self.running:
+            req.generated += steps
+        self._retire(self._loop.now())
+        self._step()
+
+    def _retire(self, now: float) -> None:
+        done = [r for r in self.running if r.generated >= r.output_tokens]
+        if not done:
+            return
+        self.running = [r for r in self.running if r.generated < r.output_tokens]
+        self._on_kv_change()
+        for req in done:
+            self.used_tokens -= req.kv_tokens
+            self._on_finish(self, req, now)

@@ -1,0 +1,75 @@
+"""Roofline step-time model for one instance (a model at some TP on some GPU type).
+
+A step reads the weight shard and the batch's KV from HBM and does 2·params/tp FLOPs per token
+plus attention; it takes the larger of the memory and compute times, plus fixed per-step costs
+(scheduler and sampling, eager-mode kernel launches per layer) and tensor-parallel all-reduces.
+Calibration (see docs/simulator.md): the efficiency factors and overheads below put an idle
+instance within ±35% of the reference system's service-time constants (7B: 35 ms prefill,
+15 ms/token; 13B TP2: 70/20; 70B TP4: 100/30), checked in tests/test_latency.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from warmserve.hardware import GpuSpec
+from warmserve.model_spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyParams:
+    flops_efficiency: float = 0.5  # achieved / peak dense FLOP/s (prefill MFU)
+    bandwidth_efficiency: float = 0.7  # achieved / peak HBM bandwidth
+    step_overhead_s: float = 0.002  # scheduling, sampling, Python per step
+    layer_overhead_s: float = 0.00018  # eager kernel launches per layer per step
+    allreduce_latency_s: float = 0.00002  # per all-reduce, NVLink
+
+
+class StepTimeModel:
+    """Seconds per prefill or decode step; constants folded once at construction."""
+
+    __slots__ = ("_attn", "_comm_tok", "_fixed", "_flop_tok", "_kv_tok", "_weights")
+
+    def __init__(self, spec: ModelSpec, tp: int, gpu: GpuSpec, p: LatencyParams) -> None:
+        bw = gpu.hbm_bandwidth * p.bandwidth_efficiency
+        flops = gpu.peak_flops * p.flops_efficiency
+        self._weights = spec.shard_bytes(tp) / bw
+        self._kv_tok = spec.kv_bytes_per_token_per_gpu(tp) / bw
+        self._flop_tok = 2.0 * spec.num_params / tp / flops
+        # QK^T and AV: 4·layers·(heads·head_dim) FLOPs per (query, key) pair, split over TP.
+        self._attn = 4.0 * spec.num_layers * spec.hidden_size / tp / flops
+        self._fixed = p.step_overhead_s + spec.num_layers * p.layer_overhead_s
+        self._comm_tok = 0.0
+        if tp > 1:
+            self._fixed += 2 * spec.num_layers * p.allreduce_latency_s
+            ring = 2.0 * (tp - 1) / tp  # ring all-reduce traffic factor
+            act_bytes = spec.hidden_size * spec.dtype_bytes
+            self._comm_tok = 2 * spec.num_layers * act_bytes * ring / gpu.nvlink_bandwidth
+
+    def decode(self, batch: int, ctx_sum: float) -> float:
+        mem = self._weights + self._kv_tok * ctx_sum
+        comp = self._flop_tok * batch + self._attn * ctx_sum
+        return self._fixed + max(mem, comp) + self._comm_tok * batch
+
+    def decode_run(self, batch: int, ctx_sum: float, steps: int) -> np.ndarray:
+        """Cumulative end times of `steps` decode steps; the context grows by `batch` a step."""
+        ctx = ctx_sum + batch * np.arange(steps, dtype=np.float64)
+        mem = self._weights + self._kv_tok * ctx
+        comp = self._flop_tok * batch + self._attn * ctx
+        per_step = self._fixed + np.maximum(mem, comp) + self._comm_tok * batch
+        return np.cumsum(per_step)
+
+    def prefill(self, num_tokens: int, sum_sq_tokens: float) -> float:
+        """A prefill step over prompts with `num_tokens` in all and Σ len² = `sum_sq_tokens`."""
+        mem = self._weights + self._kv_tok * num_tokens
+        comp = self._flop_tok * num_tokens + self._attn * sum_sq_tokens / 2.0
+        return self._fixed + max(mem, comp) + self._comm_tok * num_tokens
+
+    def isolated_ttft(self, input_tokens: int) -> float:
+        return self.prefill(input_tokens, float(input_tokens) ** 2)
+
+    def isolated_tpot(self, input_tokens: int, output_tokens: int) -> float:
+        mid_ctx = input_tokens + output_tokens / 2.0
+        return self.decode(1, mid_ctx)

@@ -1,0 +1,239 @@
+"""Runs one policy of an experiment: workload → event loop → SimCluster ↔ Controller → metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from warmserve.control.api import RequestInfo, ServedModel
+from warmserve.control.controller import Controller
+from warmserve.control.forecaster import Forecaster
+from warmserve.control.registry import get_policy
+from warmserve.experiment import Experiment
+from warmserve.hardware import pages_for
+from warmserve.sim.cluster import SimCluster, SimModel
+from warmserve.sim.instance import SimRequest
+from warmserve.sim.latency import StepTimeModel
+from warmserve.sim.loop import EventLoop
+from warmserve.sim.metrics import RequestLog, summarize_requests
+from warmserve.sim.workload import AzureSpec, Workload, build_azure, from_trace
+from warmserve.traces import load_csv_trace
+from warmserve.types import ModelName
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryTimeline:
+    """Pages per GPU by use, sampled over time: arrays of shape (samples, gpus)."""
+
+    time_s: np.ndarray
+    free: np.ndarray
+    prewarm: np.ndarray
+    weights: np.ndarray
+    kv: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyResult:
+    policy: str
+    summary: dict[str, Any]
+    log: RequestLog
+    memory: MemoryTimeline
+    num_events: int
+
+
+def build_models(exp: Experiment) -> dict[str, SimModel]:
+    gpu = exp.gpu
+    costs = exp.costs
+    bw = gpu.host_to_device_bandwidth if costs.weights_source == "host" else costs.ssd_bandwidth
+    out = {}
+    for name, spec, entry in exp.served_models():
+        shard = spec.shard_bytes(entry.tp)
+        served = ServedModel(
+            name=ModelName(name),
+            tp=entry.tp,
+            pages_per_gpu=pages_for(shard),
+            shard_bytes=shard,
+            kv_bytes_per_token_per_gpu=spec.kv_bytes_per_token_per_gpu(entry.tp),
+            max_model_len=spec.max_model_len,
+        )
+        out[name] = SimModel(
+            served=served,
+            step_model=StepTimeModel(spec, entry.tp, gpu, exp.latency),
+            prewarm_load_s=shard / bw,
+            vanilla_start_s=costs.cold_engine_init_s + shard / costs.vanilla_load_bandwidth,
+        )
+    return out
+
+
+def service_time_fn(model: SimModel) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Isolated service time per request (prefill + each further token), vectorised."""
+    step = model.step_model
+
+    def fn(inp: np.ndarray, out: np.ndarray) -> np.ndarray:
+        pre = np.array([step.isolated_ttft(int(i)) for i in inp])
+        tpot = np.array(
+            [step.decode(1, float(i) + float(o) / 2) for i, o in zip(inp, out, strict=True)]
+        )
+        return pre + np.maximum(out - 1, 0) * tpot
+
+    return fn
+
+
+def slo_bounds(
+    exp: Experiment, models: dict[str, SimModel], wl: Workload
+) -> tuple[np.ndarray, np.ndarray]:
+    slo = exp.slo
+    n = wl.num_requests
+    ttft = np.empty(n)
+    tpot = np.empty(n)
+    for k, name in enumerate(wl.model_names):
+        sel = wl.model_idx == k
+        step = models[name].step_model
+        inp, out = wl.input_tokens[sel], wl.output_tokens[sel]
+        if slo.ttft_s is not None:
+            ttft[sel] = slo.ttft_s
+        else:
+            ttft[sel] = slo.ttft_scale * np.array([step.isolated_ttft(int(i)) for i in inp])
+        if slo.tpot_s is not None:
+            tpot[sel] = slo.tpot_s
+        else:
+            tpot[sel] = slo.tpot_scale * np.array(
+                [step.isolated_tpot(int(i), int(o)) for i, o in zip(inp, out, strict=True)]
+            )
+    return ttft, tpot
+
+
+def run_policy(
+    exp: Experiment,
+    policy_name: str,
+    wl: Workload,
+    *,
+    check_invariants: bool = False,
+    progress: Callable[[float], None] | None = None,
+) -> PolicyResult:
+    policy = get_policy(policy_name)
+    models = build_models(exp)
+    cfg = exp.control
+    loop = EventLoop()
+    forecaster = Forecaster(
+        cfg.forecast_window_s, cfg.forecast_correction_points, cfg.forecast_cycle
+    )
+    for name in wl.model_names:
+        forecaster.add_model(name, wl.forecast_offsets_s[name], wl.histories[name])
+    controller = Controller(cfg, policy, [m.served for m in models.values()], forecaster)
+    ttft_slo, tpot_slo = slo_bounds(exp, models, wl)
+    log = RequestLog.create(wl.arrival_s, wl.model_idx, wl.output_tokens, ttft_slo, tpot_slo)
+    remaining = [wl.num_requests]
+
+    def first_token(rid: int, t: float) -> None:
+        log.first_token_s[rid] = t
+
+    def finished(rid: int, t: float) -> None:
+        log.finish_s[rid] = t
+        remaining[0] -= 1
+        controller.on_request_done(t, rid, cluster)
+
+    cluster = SimCluster(
+        loop,
+        exp.cluster.nodes,
+        exp.cluster.gpus_per_node,
+        exp.pool_pages,
+        models,
+        exp.costs,
+        policy.unified_memory,
+        first_token,
+        finished,
+    )
+    names = wl.model_names
+
+    def arrive(k: int) -> None:
+        req = SimRequest(k, int(wl.input_tokens[k]), int(wl.output_tokens[k]))
+        cluster.requests[k] = req
+        info = RequestInfo(
+            k, ModelName(names[wl.model_idx[k]]), loop.now(), req.input_tokens, req.output_tokens
+        )
+        controller.on_request(loop.now(), info, cluster)
+        if k + 1 < wl.num_requests:
+            loop.at(float(wl.arrival_s[k + 1]), arrive, k + 1)
+
+    end_s = (float(wl.arrival_s[-1]) if wl.num_requests else 0.0) + exp.workload.drain_s
+    sample_every = max(1, round(max(end_s, 1.0) / 2000 / cfg.tick_s))
+    samples: list[tuple[float, list[int], list[int], list[int], list[int]]] = []
+    ticks = [0]
+
+    def tick() -> None:
+        now = loop.now()
+        controller.tick(now, cluster)
+        if ticks[0] % sample_every == 0:
+            g = cluster.gpus
+            samples.append((now, [x.free_pages for x in g], [x.prewarm_pages for x in g],
+                            [x.weights_pages for x in g], [x.kv_pages for x in g]))  # fmt: skip
+        ticks[0] += 1
+        if remaining[0] > 0 or now < float(wl.arrival_s[-1] if wl.num_requests else 0.0):
+            loop.at(now + cfg.tick_s, tick)
+
+    if wl.num_requests:
+        loop.at(float(wl.arrival_s[0]), arrive, 0)
+    loop.at(0.0, tick)
+    loop.run(
+        end_s, after_event=cluster.check_invariants if check_invariants else None, progress=progress
+    )
+
+    forecast_errors = [e for m in names for e in forecaster.peak_rel_errors(m)]
+    starts = [s.path for s in cluster.starts]
+    summary = summarize_requests(
+        log, np.ones(wl.num_requests, dtype=bool), starts, forecast_errors, exp.slo.failed_ttft_s
+    )
+    per_model = {}
+    for k, name in enumerate(names):
+        per_model[name] = summarize_requests(
+            log,
+            wl.model_idx == k,
+            [s.path for s in cluster.starts if s.model == name],
+            forecaster.peak_rel_errors(name),
+            exp.slo.failed_ttft_s,
+        )
+    summary["per_model"] = per_model
+    memory = MemoryTimeline(*(np.array([s[i] for s in samples]) for i in range(5)))
+    return PolicyResult(policy_name, summary, log, memory, loop.num_events)
+
+
+def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) -> Workload:
+    """The experiment's workload: the Azure construction or the user's CSV trace."""
+    models = models or build_models(exp)
+    served = exp.served_models()
+    names = [n for n, _, _ in served]
+    w = exp.workload
+    if w.trace.endswith(".csv"):
+        trace = load_csv_trace(exp.base_dir / w.trace)
+        return from_trace(
+            names,
+            trace.arrival_s,
+            trace.model,
+            trace.input_tokens,
+            trace.output_tokens,
+            w.duration_s,
+        )
+    spec = AzureSpec(
+        service=w.trace.removeprefix("azure-"),
+        rps=w.rps,
+        alpha=w.alpha,
+        start_hour=w.start_hour,
+        days=w.days,
+        duration_s=w.duration_s,
+        max_input_tokens=w.max_input_tokens,
+        min_output_tokens=w.min_output_tokens,
+        max_output_tokens=w.max_output_tokens,
+    )
+    return build_azure(
+        spec,
+        names,
+        [s.max_model_len for _, s, _ in served],
+        [service_time_fn(models[n]) for n in names],
+        exp.control.forecast_window_s,
+        exp.control.forecast_cycle,
+        exp.seed,
+    )

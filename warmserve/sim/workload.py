@@ -1,0 +1,201 @@
+"""Workloads: the reference's Azure construction, or a user's CSV trace; and forecast history.
+
+Azure construction (reference §9.3, with the trace data we have): served model i replays one
+hour-aligned stretch of day D_i (default `7 - M + i`, Monday = 0) of the Azure 2024 week,
+thinned to `rps · p_i` requests/s on average over the normalisation window (the replayed hour,
+or the whole replay if longer), `p_i ∝ (i+1)^-alpha`. Only 10-second counts of the 2024 trace
+are public, so arrivals are drawn uniformly inside each 10-s bucket and token lengths are drawn
+from the Azure 2023 trace of the same service (input clamped to `max_input_tokens`, output to
+`[min_output_tokens, max_output_tokens]`). Forecast history is the per-window mean and peak
+concurrency of the earlier days, built the same way, with the instance's isolated service time
+(prefill + output × decode step) as each request's duration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from warmserve.control.forecaster import SlotHistory, cycle_slots
+from warmserve.traces import BUCKET_S, azure_2023_lengths, azure_week_counts
+
+ServiceTime = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    model_names: tuple[str, ...]
+    arrival_s: np.ndarray  # sorted
+    model_idx: np.ndarray
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    histories: dict[str, SlotHistory | None]
+    forecast_offsets_s: dict[str, float]  # time of day (or week) at t = 0, per model
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.arrival_s)
+
+
+@dataclass(frozen=True, slots=True)
+class AzureSpec:
+    service: str  # "conv" | "code"
+    rps: float
+    alpha: float
+    start_hour: float
+    days: Sequence[int] | None
+    duration_s: float
+    max_input_tokens: int
+    min_output_tokens: int
+    max_output_tokens: int
+
+
+def popularity(num_models: int, alpha: float) -> np.ndarray:
+    w = (np.arange(num_models) + 1.0) ** -alpha
+    return w / w.sum()
+
+
+def _thin(counts: np.ndarray, q: float, rng: np.random.Generator) -> np.ndarray:
+    """Each real request kept floor(q) times plus once more with probability frac(q)."""
+    whole = int(np.floor(q))
+    return counts * whole + rng.binomial(counts, q - whole)
+
+
+def _arrivals(
+    week: np.ndarray, t0: float, span_s: float, q: float, rng: np.random.Generator
+) -> np.ndarray:
+    first = int(t0 // BUCKET_S)
+    n_buckets = int(np.ceil(span_s / BUCKET_S))
+    idx = (first + np.arange(n_buckets)) % len(week)
+    kept = _thin(week[idx], q, rng)
+    base = np.repeat(np.arange(n_buckets) * BUCKET_S, kept).astype(np.float64)
+    times = base + rng.uniform(0.0, BUCKET_S, size=len(base))
+    times = np.sort(times[times < span_s])
+    return times
+
+
+def _lengths(
+    service: str, n: int, spec: AzureSpec, max_model_len: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    ctx, gen = azure_2023_lengths(service)
+    pick = rng.integers(0, len(ctx), size=n)
+    inp = np.clip(ctx[pick], 1, min(spec.max_input_tokens, max_model_len - spec.min_output_tokens))
+    out = np.clip(gen[pick], spec.min_output_tokens, spec.max_output_tokens)
+    out = np.minimum(out, max_model_len - inp)
+    return inp, out
+
+
+def concurrency_windows(
+    starts: np.ndarray, ends: np.ndarray, span_s: float, window_s: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Time-weighted mean and peak of the number of open intervals, per window of [0, span)."""
+    n_win = int(np.ceil(span_s / window_s))
+    bounds = np.arange(n_win + 1) * window_s
+    t = np.concatenate([starts, np.minimum(ends, span_s), bounds])
+    d = np.concatenate([np.ones(len(starts)), -np.ones(len(ends)), np.zeros(len(bounds))])
+    order = np.lexsort((d, t))  # at equal times, ends before starts
+    t, d = t[order], d[order]
+    level = np.cumsum(d)
+    seg = np.diff(t, append=t[-1])
+    win = np.minimum((t // window_s).astype(np.int64), n_win - 1)
+    avg = np.bincount(win, weights=level * seg, minlength=n_win) / window_s
+    peak = np.zeros(n_win)
+    np.maximum.at(peak, win, level)
+    return avg, peak
+
+
+def build_azure(
+    spec: AzureSpec,
+    model_names: Sequence[str],
+    max_model_lens: Sequence[int],
+    service_times: Sequence[ServiceTime],
+    window_s: float,
+    cycle: str,
+    seed: int,
+) -> Workload:
+    week = azure_week_counts(spec.service)
+    m = len(model_names)
+    p = popularity(m, spec.alpha)
+    num_slots = cycle_slots(cycle, window_s)
+    arrivals, idxs, inps, outs = [], [], [], []
+    histories: dict[str, SlotHistory | None] = {}
+    offsets: dict[str, float] = {}
+    for i, name in enumerate(model_names):
+        day = (spec.days[i] if spec.days else 7 - m + i) % 7
+        t0 = day * 86_400 + spec.start_hour * 3600
+        norm_s = max(spec.duration_s, 3600.0)
+        real = week[(int(t0 // BUCKET_S) + np.arange(int(norm_s // BUCKET_S))) % len(week)].sum()
+        q = spec.rps * p[i] * norm_s / max(int(real), 1)
+        rng = np.random.default_rng([seed, i])
+        t = _arrivals(week, t0, spec.duration_s, q, rng)
+        inp, out = _lengths(spec.service, len(t), spec, max_model_lens[i], rng)
+        arrivals.append(t)
+        idxs.append(np.full(len(t), i, dtype=np.int64))
+        inps.append(inp)
+        outs.append(out)
+        # History: every earlier day of the week, whole days, same thinning.
+        cycle_offset = 0.0 if cycle == "day" else day * 86_400.0
+        offsets[name] = cycle_offset + spec.start_hour * 3600.0
+        hist = SlotHistory.empty(num_slots)
+        for d in range(day):
+            hrng = np.random.default_rng([seed, i, 1000 + d])
+            ht = _arrivals(week, d * 86_400, 86_400, q, hrng)
+            hin, hout = _lengths(spec.service, len(ht), spec, max_model_lens[i], hrng)
+            avg, peak = concurrency_windows(ht, ht + service_times[i](hin, hout), 86_400, window_s)
+            first = 0 if cycle == "day" else int(d * 86_400 // window_s)
+            for w in range(len(avg)):
+                hist.observe(first + w, float(avg[w]), float(peak[w]))
+        histories[name] = hist if day > 0 else None
+    return _merge(tuple(model_names), arrivals, idxs, inps, outs, histories, offsets)
+
+
+def _merge(
+    names: tuple[str, ...],
+    arrivals: list[np.ndarray],
+    idxs: list[np.ndarray],
+    inps: list[np.ndarray],
+    outs: list[np.ndarray],
+    histories: dict[str, SlotHistory | None],
+    offsets: dict[str, float],
+) -> Workload:
+    t = np.concatenate(arrivals) if arrivals else np.zeros(0)
+    order = np.argsort(t, kind="stable")
+    return Workload(
+        names,
+        t[order],
+        np.concatenate(idxs)[order],
+        np.concatenate(inps)[order],
+        np.concatenate(outs)[order],
+        histories,
+        offsets,
+    )
+
+
+def from_trace(
+    model_names: Sequence[str],
+    arrival_s: np.ndarray,
+    models: Sequence[str],
+    input_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    duration_s: float | None,
+) -> Workload:
+    """A workload from per-request rows (e.g. a CSV trace); the forecaster learns online."""
+    index = {n: k for k, n in enumerate(model_names)}
+    unknown = sorted(set(models) - set(index))
+    if unknown:
+        raise ValueError(f"trace names models not in the experiment: {', '.join(unknown)}")
+    idx = np.array([index[m] for m in models], dtype=np.int64)
+    keep = arrival_s < duration_s if duration_s is not None else np.ones(len(idx), dtype=bool)
+    t0 = float(arrival_s[keep].min()) if keep.any() else 0.0
+    names = tuple(model_names)
+    return _merge(
+        names,
+        [arrival_s[keep] - t0],
+        [idx[keep]],
+        [input_tokens[keep]],
+        [output_tokens[keep]],
+        dict.fromkeys(names),
+        dict.fromkeys(names, 0.0),
+    )
