@@ -2,7 +2,9 @@
 
 The simulator (`warmserve.sim`) and the real runtime implement `ClusterHandle`; the `Controller`
 only ever sees frozen views and answers with actions. `apply` must update the handle's books
-synchronously (the physical work may finish later), so the next snapshot reflects the actions.
+synchronously (the physical work may finish later), so the next snapshot reflects the
+actions. A handle may return the very same `gpus`, `replicas` and `instances` tuples while
+they have not changed; the controller then skips work whose inputs are unchanged.
 """
 
 from __future__ import annotations

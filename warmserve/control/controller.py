@@ -14,9 +14,11 @@ from warmserve.control.allocation import choose_start
 from warmserve.control.api import (
     Action,
     ClusterHandle,
-    ClusterSnapshot,
     Dispatch,
     Evict,
+    GpuView,
+    InstanceView,
+    ReplicaView,
     RequestInfo,
     ServedModel,
     StartInstance,
@@ -57,10 +59,14 @@ class Controller:
         self._instances: dict[InstanceId, _Instance] = {}
         self._request_instance: dict[RequestId, InstanceId] = {}
         self._replica_scores: dict[int, float] = {}
+        self._requests_seen = 0  # dispatches + completions, to skip unchanged KV reviews
+        self._kv_reviewed: tuple[tuple[InstanceView, ...], int] | None = None
         self._next_instance = 0
         self._next_replica = 0
         self._window = 0
-        self._last_planned: ClusterSnapshot | None = None
+        # The (gpus, replicas) views the last plan saw; a handle may hand back the same objects
+        # while its layout is unchanged, and then the plan would be the same.
+        self._last_planned: tuple[tuple[GpuView, ...], tuple[ReplicaView, ...]] | None = None
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -74,6 +80,7 @@ class Controller:
 
     def on_request_done(self, now: float, request_id: RequestId, cluster: ClusterHandle) -> None:
         inst_id = self._request_instance.pop(request_id)
+        self._requests_seen += 1
         inst = self._instances[inst_id]
         self._load[inst.model].add(now, -1)
         inst.in_flight -= 1
@@ -114,6 +121,7 @@ class Controller:
         return choose_instance(loads, self.cfg.capacity_per_instance)
 
     def _dispatch(self, req: RequestInfo, inst_id: InstanceId, cluster: ClusterHandle) -> None:
+        self._requests_seen += 1
         self._instances[inst_id].in_flight += 1
         self._request_instance[req.request_id] = inst_id
         cluster.apply([Dispatch(req.request_id, inst_id)])
@@ -181,6 +189,9 @@ class Controller:
 
     def _reserve_kv(self, cluster: ClusterHandle) -> None:
         snap = cluster.snapshot()
+        last = self._kv_reviewed
+        if last is not None and last[0] is snap.instances and last[1] == self._requests_seen:
+            return  # no instance, KV use or in-flight count changed since the last review
         actions: list[Action] = []
         for view in snap.instances:
             if view.state != InstanceState.RUNNING:
@@ -197,11 +208,13 @@ class Controller:
                 cluster.apply(actions)
                 snap = cluster.snapshot()
                 actions = []
+        self._kv_reviewed = (snap.instances, self._requests_seen)
 
     def _plan(self, cluster: ClusterHandle) -> None:
         snap = cluster.snapshot()
-        if snap is self._last_planned:
-            return  # nothing the plan depends on has changed
+        last = self._last_planned
+        if last is not None and last[0] is snap.gpus and last[1] is snap.replicas:
+            return
         inp = PlanInput(
             snapshot=snap,
             models=self.models,
@@ -217,7 +230,7 @@ class Controller:
         if plan.actions:
             cluster.apply(plan.actions)
             snap = cluster.snapshot()
-        self._last_planned = snap
+        self._last_planned = (snap.gpus, snap.replicas)
 
     def _new_replica_id(self) -> int:
         rid = self._next_replica

@@ -41,8 +41,10 @@ class ConcurrencySeries:
     def mean(self, now: float, span_s: float) -> float:
         """Time-weighted mean concurrency over [now - span_s, now]."""
         start = now - span_s
-        total = 0.0
         steps = self._steps
+        if steps[-1][0] <= start:
+            return float(self.num_reqs)  # no change inside the span
+        total = 0.0
         for i, (t, n) in enumerate(steps):
             t_next = steps[i + 1][0] if i + 1 < len(steps) else now
             lo, hi = max(t, start), min(t_next, now)

@@ -105,15 +105,19 @@ class SimCluster:
         self.requests: dict[int, SimRequest] = {}
         self._on_first_token = on_first_token
         self._on_finish = on_finish
-        self._version = 0
+        # Layout (GPUs, replicas, instance set) and usage (KV in use) change at different rates;
+        # snapshot parts are rebuilt only when their own version moved.
+        self._layout_version = 0
+        self._usage_version = 0
         self._snapshot: ClusterSnapshot | None = None
-        self._snapshot_version = -1
+        self._snapshot_versions = (-1, -1)
 
     # ----- ClusterHandle ----------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
-        if self._snapshot is None or self._snapshot_version != self._version:
-            self._snapshot = self._build_snapshot()
-            self._snapshot_version = self._version
+        versions = (self._layout_version, self._usage_version)
+        if self._snapshot is None or self._snapshot_versions != versions:
+            self._snapshot = self._build_snapshot(versions[0] != self._snapshot_versions[0])
+            self._snapshot_versions = versions
         return self._snapshot
 
     def apply(self, actions: Sequence[Action]) -> None:
@@ -132,11 +136,12 @@ class SimCluster:
                 self._set_kv(a.instance_id, a.kv_pages)
             else:  # pragma: no cover - the Action union is closed
                 raise TypeError(f"unknown action {a!r}")
-            self._version += 1
+            if not isinstance(a, Dispatch):
+                self._layout_version += 1
 
     def touch(self) -> None:
-        """Request-level state changed (KV use): the next snapshot must be rebuilt."""
-        self._version += 1
+        """KV use changed: the next snapshot needs fresh instance views."""
+        self._usage_version += 1
 
     # ----- instances --------------------------------------------------------------------
     def _start(self, a: StartInstance) -> None:
@@ -205,7 +210,7 @@ class SimCluster:
     def _ready(self, inst: SimInstance) -> None:
         if inst.state == InstanceState.STARTING and inst.instance_id in self.instances:
             inst.mark_ready()
-            self._version += 1
+            self._layout_version += 1
 
     def _stop(self, inst_id: int) -> None:
         inst = self.instances[inst_id]
@@ -216,7 +221,6 @@ class SimCluster:
 
     def _finished(self, inst: SimInstance, req: SimRequest, now: float) -> None:
         del self.requests[req.request_id]
-        self._version += 1
         self._on_finish(req.request_id, now)  # may dispatch more work here
         if inst.state == InstanceState.STOPPING and inst.num_requests == 0:
             self._release(inst)
@@ -249,7 +253,7 @@ class SimCluster:
                 if gpu.loading == inst.replica_id:
                     gpu.loading = rep.replica_id
         inst.state = InstanceState.STOPPING
-        self._version += 1
+        self._layout_version += 1
 
     def _set_kv(self, inst_id: int, kv_pages: int) -> None:
         inst = self.instances[inst_id]
@@ -308,7 +312,7 @@ class SimCluster:
         rep.pending.discard(gpu.gpu_id)
         gpu.loading = None
         if rep.is_ready:
-            self._version += 1
+            self._layout_version += 1
             if rep.owner is not None:
                 inst = self.instances[rep.owner]
                 self.loop.at(self.loop.now() + self._attach_s(), self._ready, inst)
@@ -328,16 +332,19 @@ class SimCluster:
                 gpu.load_queue.remove(rid)
 
     # ----- views and checks -------------------------------------------------------------
-    def _build_snapshot(self) -> ClusterSnapshot:
-        gpus = tuple(
-            GpuView(g.gpu_id, g.node_id, g.total_pages, g.free_pages, g.instance_id)
-            for g in self.gpus
-        )
-        replicas = tuple(
-            ReplicaView(r.replica_id, r.model, r.gpus, r.pages_per_gpu, r.is_ready)
-            for r in self.replicas.values()
-            if r.owner is None
-        )
+    def _build_snapshot(self, layout_changed: bool) -> ClusterSnapshot:
+        if layout_changed or self._snapshot is None:
+            gpus = tuple(
+                GpuView(g.gpu_id, g.node_id, g.total_pages, g.free_pages, g.instance_id)
+                for g in self.gpus
+            )
+            replicas = tuple(
+                ReplicaView(r.replica_id, r.model, r.gpus, r.pages_per_gpu, r.is_ready)
+                for r in self.replicas.values()
+                if r.owner is None
+            )
+        else:  # the same objects: consumers may test identity to skip work
+            gpus, replicas = self._snapshot.gpus, self._snapshot.replicas
         instances = tuple(
             InstanceView(
                 i.instance_id,
