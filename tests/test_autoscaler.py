@@ -1,0 +1,55 @@
+import pytest
+
+from warmserve.control.autoscaler import ActiveInstance, pick_to_stop, scale_delta
+from warmserve.control.config import ControlConfig
+from warmserve.control.router import choose_instance
+
+CFG = ControlConfig()  # capacity 32, up 0.8, down 0.5
+
+
+@pytest.mark.parametrize(
+    ("load", "active", "delta"),
+    [
+        (0.0, 0, 0),  # nothing running, nothing wanted
+        (0.1, 0, 1),  # scale from zero
+        (0.0, 1, -1),  # idle: scale to zero (weights stay as a prewarmed replica)
+        (15.9, 1, 0),  # just under half: below 0.5*32 = 16 → one instance still needed
+        (16.0, 1, 0),  # exactly half: no change
+        (25.6, 1, 0),  # exactly 0.8*32: not above
+        (25.7, 1, 1),  # above 0.8: ceil(25.7/0.8/32) = 2
+        (60.0, 1, 2),  # ceil(60/25.6) = 3
+        (20.0, 3, -1),  # 20 < 0.5*96; keep ceil(20/16) = 2
+        (40.0, 3, 0),  # within [48, 76.8]? 40 < 48 → keep ceil(40/16)=3 → 0
+        (100.0, 4, 0),  # 100 in [64, 102.4]
+        (103.0, 4, 1),  # above 102.4: ceil(103/25.6) = 5
+    ],
+)
+def test_scale_delta_table(load, active, delta):
+    assert scale_delta(load, active, CFG) == delta
+
+
+def test_thresholds_come_from_config():
+    cfg = ControlConfig(capacity_per_instance=10, scale_up_threshold=0.5, scale_down_threshold=0.1)
+    assert scale_delta(5.5, 1, cfg) == 1
+    assert scale_delta(0.5, 1, cfg) == 0
+    assert scale_delta(0.0, 2, cfg) == -2
+    with pytest.raises(ValueError):
+        ControlConfig(scale_up_threshold=0.4, scale_down_threshold=0.5)
+
+
+def test_stops_least_loaded_instances_past_protect_period():
+    cands = [
+        ActiveInstance(0, created_s=0.0, in_flight=3),
+        ActiveInstance(1, created_s=0.0, in_flight=1),
+        ActiveInstance(2, created_s=8.0, in_flight=0),  # 2 s old: protected
+        ActiveInstance(3, created_s=1.0, in_flight=1),
+    ]
+    assert pick_to_stop(cands, 2, now=10.0, cfg=CFG) == [1, 3]
+    assert pick_to_stop(cands, 10, now=10.0, cfg=CFG) == [1, 3, 0]
+
+
+def test_router_least_loaded_below_capacity():
+    assert choose_instance([(0, 5), (1, 2), (2, 2)], capacity=32) == 1
+    assert choose_instance([(0, 32), (1, 31)], capacity=32) == 1
+    assert choose_instance([(0, 32), (1, 40)], capacity=32) is None
+    assert choose_instance([], capacity=32) is None
