@@ -57,11 +57,15 @@ def replica(rid: int, name: str, gpus: tuple[int, ...], pages: int = 10, ready: 
     return ReplicaView(rid, ModelName(name), gpus, pages, ready)
 
 
-def instance(iid: int, name: str, gpus: tuple[int, ...], kv: int = 50, used: int = 0, lent: int = 0):
+def instance(
+    iid: int, name: str, gpus: tuple[int, ...], kv: int = 50, used: int = 0, lent: int = 0
+):
     return InstanceView(iid, ModelName(name), gpus, InstanceState.RUNNING, kv, used, lent)
 
 
-def apply_plan(snap: ClusterSnapshot, actions: list, models: dict[str, ServedModel]) -> ClusterSnapshot:
+def apply_plan(
+    snap: ClusterSnapshot, actions: list, models: dict[str, ServedModel]
+) -> ClusterSnapshot:
     """The snapshot after prewarms and evictions (what a cluster handle would report)."""
     replicas = {r.replica_id: r for r in snap.replicas}
     free = {g.gpu_id: g.free_pages for g in snap.gpus}

@@ -10,7 +10,9 @@ M2 = model("m", tp=2)
 
 
 def test_finished_prewarm_hit_first():
-    snap = snapshot(replicas=[replica(0, "m", (3,), ready=False), replica(1, "m", (5,)), replica(2, "x", (5,))])
+    snap = snapshot(
+        replicas=[replica(0, "m", (3,), ready=False), replica(1, "m", (5,)), replica(2, "x", (5,))]
+    )
     c = choose_start(M7, snap, smart=True, use_replicas=True)
     assert (c.gpus, c.path, c.replica_id) == ((5,), StartPath.PREWARM_HIT, 1)
     assert c.evict == (2,)  # the other model sharing GPU 5 becomes KV cache
@@ -30,7 +32,12 @@ def test_hits_need_free_gpus():
 
 def test_miss_takes_the_aligned_group_hosting_fewest_replicas():
     snap = snapshot(
-        replicas=[replica(0, "a", (0,)), replica(1, "b", (1,)), replica(2, "c", (2, 3)), replica(3, "d", (4,))],
+        replicas=[
+            replica(0, "a", (0,)),
+            replica(1, "b", (1,)),
+            replica(2, "c", (2, 3)),
+            replica(3, "d", (4,)),
+        ],
         instances=[instance(9, "x", (6, 7))],
     )
     c = choose_start(M2, snap, smart=True, use_replicas=True)

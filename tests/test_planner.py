@@ -116,7 +116,9 @@ def scenarios(draw):
     rounds = draw(
         st.lists(
             st.lists(
-                st.tuples(st.floats(0, 200), st.floats(0, 3)), min_size=len(models), max_size=len(models)
+                st.tuples(st.floats(0, 200), st.floats(0, 3)),
+                min_size=len(models),
+                max_size=len(models),
             ),
             min_size=1,
             max_size=4,
@@ -132,7 +134,9 @@ def check_plan_invariants(snap, models_by_name):
         assert g.free_pages >= 0, f"GPU {g.gpu_id} over-committed"
     per_node: dict[int, list[tuple[int, ...]]] = {}
     on_gpu: dict[int, list[str]] = {}
-    blocks = [(r.model, r.gpus) for r in snap.replicas] + [(i.model, i.gpus) for i in snap.instances]
+    blocks = [(r.model, r.gpus) for r in snap.replicas] + [
+        (i.model, i.gpus) for i in snap.instances
+    ]
     for name, gpus in blocks:
         nodes = {g // snap.gpus_per_node for g in gpus}
         assert len(nodes) == 1, "a group spans nodes"
@@ -155,12 +159,17 @@ def test_plans_fit_memory_nest_and_never_duplicate(scn):
         m = models[idx]
         base = k * gpn  # each running instance on its own node, aligned
         if base + m.tp <= nodes * gpn and k < nodes:
-            instances.append(instance(100 + k, m.name, tuple(range(base, base + m.tp)), kv=20, lent=20))
+            instances.append(
+                instance(100 + k, m.name, tuple(range(base, base + m.tp)), kv=20, lent=20)
+            )
     snap = snapshot(num_gpus=nodes * gpn, gpus_per_node=gpn, total_pages=100, instances=instances)
     check_plan_invariants(snap, by_name)
     next_id = ids()
     for fc_round in rounds:
-        fc = {m.name: Forecast(avg, avg * (1 + burst)) for m, (avg, burst) in zip(models, fc_round)}
+        fc = {
+            m.name: Forecast(avg, avg * (1 + burst))
+            for m, (avg, burst) in zip(models, fc_round, strict=False)
+        }
         plan = plan_evict_aware(plan_input(snap, models, fc, search=search), next_id)
         snap = apply_plan(snap, plan.actions, by_name)
         check_plan_invariants(snap, by_name)

@@ -19,7 +19,13 @@ def small_experiment(tmp_path: Path | None = None, **workload) -> dict:
             {"name": "a", "preset": "llama-2-7b", "tp": 1, "copies": 2, "max_model_len": 2048},
             {"name": "b", "preset": "llama-2-13b", "tp": 2, "max_model_len": 2048},
         ],
-        "workload": {"trace": "azure-conv", "rps": 3.0, "alpha": 1.0, "duration_s": 300, **workload},
+        "workload": {
+            "trace": "azure-conv",
+            "rps": 3.0,
+            "alpha": 1.0,
+            "duration_s": 300,
+            **workload,
+        },
         "policies": list(POLICIES),
     }
 
@@ -100,7 +106,9 @@ def test_hand_computed_cold_start_then_prewarm_hit(tmp_path):
     # Vanilla autoscaling: a fresh engine and a plain load each time.
     r = run_policy(exp, "vanilla-autoscale", wl)
     assert r.log.first_token_s[0] == pytest.approx(m.vanilla_start_s + step.prefill(100, 100**2))
-    assert r.log.first_token_s[1] == pytest.approx(59.0 + m.vanilla_start_s + step.prefill(200, 40_000))
+    assert r.log.first_token_s[1] == pytest.approx(
+        59.0 + m.vanilla_start_s + step.prefill(200, 40_000)
+    )
     assert r.summary["cold_starts"] == 2
 
 

@@ -87,6 +87,8 @@ def plan_evict_aware(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
             key = (0 if is_master else 1, cost.sum_score)
             if best is None or key < best[0]:
                 best = (key, group)
+                if key == (0, 0.0):
+                    break  # overlaps nothing of value: no later group can beat it
         if best is None:
             failed.add(name)
             continue

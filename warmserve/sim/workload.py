@@ -63,7 +63,7 @@ def _thin(counts: np.ndarray, q: float, rng: np.random.Generator) -> np.ndarray:
     return counts * whole + rng.binomial(counts, q - whole)
 
 
-def _arrivals(
+def thinned_arrivals(
     week: np.ndarray, t0: float, span_s: float, q: float, rng: np.random.Generator
 ) -> np.ndarray:
     first = int(t0 // BUCKET_S)
@@ -129,7 +129,7 @@ def build_azure(
         real = week[(int(t0 // BUCKET_S) + np.arange(int(norm_s // BUCKET_S))) % len(week)].sum()
         q = spec.rps * p[i] * norm_s / max(int(real), 1)
         rng = np.random.default_rng([seed, i])
-        t = _arrivals(week, t0, spec.duration_s, q, rng)
+        t = thinned_arrivals(week, t0, spec.duration_s, q, rng)
         inp, out = _lengths(spec.service, len(t), spec, max_model_lens[i], rng)
         arrivals.append(t)
         idxs.append(np.full(len(t), i, dtype=np.int64))
@@ -141,7 +141,7 @@ def build_azure(
         hist = SlotHistory.empty(num_slots)
         for d in range(day):
             hrng = np.random.default_rng([seed, i, 1000 + d])
-            ht = _arrivals(week, d * 86_400, 86_400, q, hrng)
+            ht = thinned_arrivals(week, d * 86_400, 86_400, q, hrng)
             hin, hout = _lengths(spec.service, len(ht), spec, max_model_lens[i], hrng)
             avg, peak = concurrency_windows(ht, ht + service_times[i](hin, hout), 86_400, window_s)
             first = 0 if cycle == "day" else int(d * 86_400 // window_s)
