@@ -1,11 +1,33 @@
-"""Policies by name. Each maps to a control plane; later baselines register here too."""
+"""Policies by name: each name builds a control plane. Baselines register here too."""
 
 from __future__ import annotations
 
-from warmserve.control.config import PolicySpec
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-POLICIES: dict[str, PolicySpec] = {
-    p.name: p
+from warmserve.control.api import ControlPlane, ServedModel
+from warmserve.control.config import ControlConfig, PolicySpec
+from warmserve.control.controller import Controller
+from warmserve.control.forecaster import Forecaster
+
+ControlPlaneFactory = Callable[[ControlConfig, Sequence[ServedModel], Forecaster], ControlPlane]
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredPolicy:
+    spec: PolicySpec  # what the cluster must provide (e.g. unified memory)
+    build: ControlPlaneFactory
+
+
+def _warmserve(spec: PolicySpec) -> RegisteredPolicy:
+    def build(cfg: ControlConfig, models: Sequence[ServedModel], fc: Forecaster) -> ControlPlane:
+        return Controller(cfg, spec, models, fc)
+
+    return RegisteredPolicy(spec, build)
+
+
+POLICIES: dict[str, RegisteredPolicy] = {
+    p.name: _warmserve(p)
     for p in (
         PolicySpec("warmserve"),
         PolicySpec("warmserve-no-placement", smart_placement=False),
@@ -27,7 +49,7 @@ class UnknownPolicyError(KeyError):
         return f"unknown policy {self.args[0]!r} (known: {', '.join(POLICIES)})"
 
 
-def get_policy(name: str) -> PolicySpec:
+def get_policy(name: str) -> RegisteredPolicy:
     try:
         return POLICIES[name]
     except KeyError:

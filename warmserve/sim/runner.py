@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from warmserve.control.api import RequestInfo, ServedModel
-from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecaster
 from warmserve.control.registry import get_policy
 from warmserve.experiment import Experiment
@@ -123,7 +122,7 @@ def run_policy(
     )
     for name in wl.model_names:
         forecaster.add_model(name, wl.forecast_offsets_s[name], wl.histories[name])
-    controller = Controller(cfg, policy, [m.served for m in models.values()], forecaster)
+    controller = policy.build(cfg, [m.served for m in models.values()], forecaster)
     ttft_slo, tpot_slo = slo_bounds(exp, models, wl)
     log = RequestLog.create(wl.arrival_s, wl.model_idx, wl.output_tokens, ttft_slo, tpot_slo)
     remaining = [wl.num_requests]
@@ -143,7 +142,7 @@ def run_policy(
         exp.pool_pages,
         models,
         exp.costs,
-        policy.unified_memory,
+        policy.spec.unified_memory,
         first_token,
         finished,
     )
