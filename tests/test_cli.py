@@ -97,3 +97,43 @@ def test_shipped_experiment_parses():
     names = [n for n, _, _ in exp.served_models()]
     assert names == ["llama-7b-0", "llama-7b-1", "llama-13b", "llama-70b"]
     assert (exp.cluster.nodes, exp.cluster.gpus_per_node, exp.workload.duration_s) == (2, 8, 1200)
+
+
+def test_rate_sweep_reports_curve_and_max_rps_at_slo(tmp_path):
+    raw = small_experiment(duration_s=120)
+    raw["slo"] = {"ttft_s": 5.0, "tpot_s": 1.0}  # met by hot starts, missed by cold ones
+    out = tmp_path / "sweep"
+    rc = main(["simulate", write(tmp_path, raw), "--policies", "warmserve,vanilla-autoscale",
+               "--sweep", "rps=1,3,6", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sweep"] == {"key": "rps", "values": [1.0, 3.0, 6.0], "slo_target": 0.9}
+    for s in summary["policies"].values():
+        assert set(s) >= CONTRACT_KEYS
+        assert [pt["rps"] for pt in s["sweep"]] == [1.0, 3.0, 6.0]
+        assert s["summary_at"] == {"rps": 3.0}  # the experiment's own rate
+        assert s["ttft_p99_s"] == s["sweep"][1]["ttft_p99_s"]
+        ok = [pt["rps"] for pt in s["sweep"] if pt["slo_attainment"] >= 0.9]
+        assert s["max_rps_at_slo"] == (max(ok) if ok else None)
+    arrived = [pt["arrived"] for pt in summary["policies"]["warmserve"]["sweep"]]
+    assert arrived[0] < arrived[1] < arrived[2]
+    assert summary["policies"]["warmserve"]["max_rps_at_slo"] == 6.0
+    assert (out / "sweep_rps.png").exists() and "## Sweep over rps" in (
+        out / "report.md"
+    ).read_text()
+
+
+def test_bad_sweeps(tmp_path, capsys):
+    path = write(tmp_path, small_experiment())
+    for arg, msg in [
+        ("rps", "KEY=V1"),
+        ("tp=1,2", "KEY=V1"),
+        ("rps=a,b", "not a list"),
+        ("rps=0", "positive"),
+    ]:
+        assert main(["simulate", path, "--sweep", arg, "--quiet"]) == 2
+        assert msg in capsys.readouterr().err
+    raw = small_experiment()
+    raw["sweep"] = {"seed": [1, 2]}
+    assert main(["simulate", write(tmp_path, raw), "--quiet"]) == 2
+    assert "cannot sweep 'seed'" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from warmserve.control.registry import POLICIES
-from warmserve.experiment import ExperimentError, load_experiment
+from warmserve.experiment import Experiment, ExperimentError, load_experiment
 from warmserve.traces import TraceError
 
 
@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, help="output folder (default: results/<name>)")
     sim.add_argument("--seed", type=int, help="override the experiment's seed")
     sim.add_argument(
+        "--sweep",
+        metavar="KEY=V1,V2,...",
+        help="run every policy at each value of a workload setting (rps or alpha)",
+    )
+    sim.add_argument(
         "--check", action="store_true", help="check page conservation after every event (slow)"
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _simulate(args: argparse.Namespace) -> int:
     from warmserve.sim.report import write_report
-    from warmserve.sim.runner import build_models, make_workload, run_policy
+    from warmserve.sim.runner import PolicyResult, build_models, make_workload, run_policy
+    from warmserve.sim.sweep import SLO_TARGET, parse_sweep, run_sweep, sweep_summary
+    from warmserve.sim.workload import Workload
 
     exp = load_experiment(args.experiment)
     if args.seed is not None:
@@ -51,6 +58,10 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ExperimentError(str(e)) from None
     if workload.num_requests == 0:
         raise ExperimentError("the workload has no requests")
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    if sweep is None and exp.sweep:
+        ((key, values),) = exp.sweep.items()
+        sweep = (key, values)
     results = []
     horizon = float(workload.arrival_s[-1]) + exp.workload.drain_s
     for policy in exp.policies:
@@ -71,9 +82,30 @@ def _simulate(args: argparse.Namespace) -> int:
         "requests": workload.num_requests,
         "failed_ttft_s": exp.slo.failed_ttft_s,
     }
-    write_report(out, exp.name, results, meta)
+    summaries = {r.policy: r.summary for r in results}
+    if sweep is not None:
+        key, values = sweep
+        runs = len(values) * len(exp.policies)
+        with tqdm(total=runs, unit="run", desc=f"sweep {key}", disable=args.quiet) as bar:
+            done = {r.policy: r for r in results}
+            base = getattr(exp.workload, key)
+
+            def run(point: Experiment, policy: str, wl: Workload) -> PolicyResult:
+                value = getattr(point.workload, key)
+                bar.set_postfix_str(f"{policy} {key}={value:g}")
+                # The base point was just run above: same experiment, same seed, same result.
+                result = done[policy] if value == base else run_policy(point, policy, wl)
+                bar.update()
+                return result
+
+            swept = run_sweep(exp, key, values, run)
+        summaries = {p: sweep_summary(key, base, pts) for p, pts in swept.items()}
+        meta["sweep"] = {"key": key, "values": list(values), "slo_target": SLO_TARGET}
+    write_report(out, exp.name, results, meta, summaries)
     for r in results:
-        s = r.summary
+        s = summaries[r.policy]
+        if "max_rps_at_slo" in s:
+            print(f"{r.policy:26s} max rps at SLO: {s['max_rps_at_slo']}")
         p99 = s["ttft_p99_s"]
         print(
             f"{r.policy:26s} done {s['completed']}/{s['arrived']}  TTFT p99 {p99:.3f} s  "

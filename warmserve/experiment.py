@@ -77,6 +77,7 @@ class Experiment:
     control: ControlConfig = field(default_factory=ControlConfig)
     costs: StartupCosts = field(default_factory=StartupCosts)
     latency: LatencyParams = field(default_factory=LatencyParams)
+    sweep: dict[str, list[float]] | None = None  # e.g. {"rps": [0.5, 1, 2]}
     base_dir: Path = Path()
 
     @property
@@ -180,7 +181,7 @@ def _build(cls: Any, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
 
 
 _TOP = {"name", "seed", "cluster", "models", "workload", "slo", "policies", "control", "costs",
-        "latency"}  # fmt: skip
+        "latency", "sweep"}  # fmt: skip
 
 
 def load_experiment(path: Path) -> Experiment:
@@ -214,10 +215,25 @@ def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment")
         control=_build(ControlConfig, raw.get("control"), "control"),
         costs=_build(StartupCosts, raw.get("costs"), "costs"),
         latency=_build(LatencyParams, raw.get("latency"), "latency"),
+        sweep=_parse_sweep(raw.get("sweep")),
         base_dir=base_dir,
     )
     validate(exp)
     return exp
+
+
+def _parse_sweep(raw: Any) -> dict[str, list[float]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise ExperimentError("sweep: expected one key, e.g. {rps: [0.5, 1, 2]}")
+    ((key, values),) = raw.items()
+    if key not in ("rps", "alpha"):
+        raise ExperimentError(f"sweep: cannot sweep {key!r} (rps or alpha)")
+    points = _convert(values, list[float], f"sweep.{key}")
+    if not points or min(points) <= 0:
+        raise ExperimentError(f"sweep.{key}: give at least one positive value")
+    return {key: sorted(set(points))}
 
 
 def validate(exp: Experiment) -> None:

@@ -50,13 +50,22 @@ def _table(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
 
 
 def write_report(
-    out: Path, experiment: str, results: Sequence[PolicyResult], meta: dict[str, Any]
+    out: Path,
+    experiment: str,
+    results: Sequence[PolicyResult],
+    meta: dict[str, Any],
+    summaries: dict[str, dict[str, Any]] | None = None,
 ) -> None:
+    """`summaries` replaces the runs' own summaries (a sweep adds its curve to them)."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"experiment": experiment, **meta, "policies": {r.policy: r.summary for r in results}}
+    summaries = summaries or {r.policy: r.summary for r in results}
+    summary = {"experiment": experiment, **meta, "policies": summaries}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# {experiment}", "", "## All policies", ""]
     lines += _table([(r.policy, r.summary) for r in results])
+    if "sweep" in meta:
+        lines += _sweep_section(meta["sweep"], summaries)
+        _plot_sweep(out, meta["sweep"], summaries)
     for r in results:
         lines += ["", f"## {r.policy}", ""]
         lines += _table([("all", r.summary), *r.summary["per_model"].items()])
@@ -122,4 +131,48 @@ def _plot_memory(path: Path, r: PolicyResult) -> None:
     fig.suptitle(f"{r.policy}: device memory by use", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _sweep_section(sweep: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> list[str]:
+    key = sweep["key"]
+    lines = ["", f"## Sweep over {key}", ""]
+    lines.append(f"| policy | {key} | SLO | TTFT p99 s | done | max {key} at SLO |")
+    lines.append("|---|---|---|---|---|---|")
+    for policy, s in summaries.items():
+        best = s.get("max_rps_at_slo", "–") if key == "rps" else "–"
+        for pt in s["sweep"]:
+            lines.append(
+                f"| {policy} | {pt[key]:g} | {_cell(pt['slo_attainment'], '{:.1%}')} | "
+                f"{_cell(pt['ttft_p99_s'], '{:.3f}')} | {pt['completed']}/{pt['arrived']} | "
+                f"{best if best is not None else 'none'} |"
+            )
+    target = f"{sweep['slo_target']:.0%}"
+    lines += [
+        "",
+        f"Max {key} at SLO: the highest swept value whose SLO attainment is >= {target}. "
+        f"Plot: `sweep_{key}.png`.",
+    ]
+    return lines
+
+
+def _plot_sweep(out: Path, sweep: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> None:
+    key = sweep["key"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy, s in summaries.items():
+        xs = [pt[key] for pt in s["sweep"]]
+        a1.plot(xs, [pt["slo_attainment"] or 0 for pt in s["sweep"]], marker="o", label=policy)
+        a2.plot(xs, [pt["ttft_p99_s"] for pt in s["sweep"]], marker="o", label=policy)
+    a1.axhline(sweep["slo_target"], color="grey", linestyle="--", linewidth=1)
+    a1.set_xlabel(key)
+    a1.set_ylabel("SLO attainment")
+    a2.set_xlabel(key)
+    a2.set_ylabel("TTFT p99 (s, log)")
+    a2.set_yscale("log")
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"sweep_{key}.png", dpi=120)
     plt.close(fig)
