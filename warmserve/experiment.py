@@ -54,6 +54,7 @@ class WorkloadConfig:
     min_output_tokens: int = 3
     max_output_tokens: int = 1023
     drain_s: float = 1800.0  # after the last arrival; requests unfinished by then fail
+    warmup_s: float = 60.0  # the control plane runs this long before the first arrival
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +265,8 @@ def validate(exp: Experiment) -> None:
         if e.copies < 1:
             raise ExperimentError(f"model {e.name!r}: copies must be >= 1")
     w = exp.workload
-    if w.rps <= 0 or w.duration_s <= 0 or w.drain_s < 0:
-        raise ExperimentError("workload: rps and duration_s must be > 0, drain_s >= 0")
+    if w.rps <= 0 or w.duration_s <= 0 or w.drain_s < 0 or w.warmup_s < 0:
+        raise ExperimentError("workload: rps and duration_s must be > 0; drain_s, warmup_s >= 0")
     if w.min_output_tokens < 1 or w.max_output_tokens < w.min_output_tokens:
         raise ExperimentError("workload: need 1 <= min_output_tokens <= max_output_tokens")
     if w.trace not in ("azure-conv", "azure-code") and not w.trace.endswith(".csv"):

@@ -75,6 +75,9 @@ class ClusterSnapshot:
     replicas: tuple[ReplicaView, ...]
     instances: tuple[InstanceView, ...]
     gpus_per_node: int
+    # Per node, for clusters with a host-memory checkpoint cache (ServerlessLLM-style loading):
+    host_cached: tuple[frozenset[str], ...] = ()  # checkpoints in the node's DRAM cache
+    host_busy_until_s: tuple[float, ...] = ()  # when the node's SSD finishes queued reads
 
     @cached_property
     def replicas_by_gpu(self) -> dict[int, list[ReplicaView]]:

@@ -24,6 +24,8 @@ class ControlConfig:
     group_search: Literal["aligned", "exhaustive"] = "aligned"
     # KV reservation: requests of max_model_len tokens an instance always keeps room for.
     kv_floor_requests: int = 1
+    # ServerlessLLM baseline: an idle instance lives this long before scale-down may stop it.
+    keep_alive_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.capacity_per_instance < 1:
@@ -54,3 +56,4 @@ class PolicySpec:
     proactive_prewarm: bool = True  # forecast-driven planner
     smart_placement: bool = True  # evict-aware placement and worker choice (else round robin)
     kv_prewarm: bool = True  # lend idle KV pages of running instances to prewarming
+    host_checkpoint_cache: bool = False  # ServerlessLLM-style SSD -> DRAM cache -> GPU loads

@@ -10,10 +10,11 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from warmserve.control.allocation import choose_start
+from warmserve.control.allocation import StartChoice, choose_start
 from warmserve.control.api import (
     Action,
     ClusterHandle,
+    ClusterSnapshot,
     Dispatch,
     Evict,
     GpuView,
@@ -40,6 +41,7 @@ class _Instance:
     created_s: float
     in_flight: int = 0
     stopping: bool = False
+    last_active_s: float = 0.0  # last dispatch or completion
 
 
 class Controller:
@@ -73,7 +75,7 @@ class Controller:
         self._load[req.model].add(now, +1)
         target = self._route(req.model)
         if target is not None:
-            self._dispatch(req, target, cluster)
+            self._dispatch(req, target, cluster, now)
             return
         self._queues[req.model].append(req)
         self._start(req.model, now, cluster)
@@ -84,13 +86,14 @@ class Controller:
         inst = self._instances[inst_id]
         self._load[inst.model].add(now, -1)
         inst.in_flight -= 1
+        inst.last_active_s = now
         if inst.stopping:
             if inst.in_flight == 0:
                 del self._instances[inst_id]  # the cluster demotes it to a replica
             return
         queue = self._queues[inst.model]
         if queue:
-            self._dispatch(queue.popleft(), inst_id, cluster)
+            self._dispatch(queue.popleft(), inst_id, cluster, now)
 
     def tick(self, now: float, cluster: ClusterHandle) -> None:
         self._close_windows(now)
@@ -120,20 +123,18 @@ class Controller:
         )
         return choose_instance(loads, self.cfg.capacity_per_instance)
 
-    def _dispatch(self, req: RequestInfo, inst_id: InstanceId, cluster: ClusterHandle) -> None:
+    def _dispatch(
+        self, req: RequestInfo, inst_id: InstanceId, cluster: ClusterHandle, now: float
+    ) -> None:
         self._requests_seen += 1
-        self._instances[inst_id].in_flight += 1
+        inst = self._instances[inst_id]
+        inst.in_flight += 1
+        inst.last_active_s = now
         self._request_instance[req.request_id] = inst_id
         cluster.apply([Dispatch(req.request_id, inst_id)])
 
     def _start(self, name: ModelName, now: float, cluster: ClusterHandle) -> bool:
-        model = self.models[name]
-        choice = choose_start(
-            model,
-            cluster.snapshot(),
-            smart=self.policy.smart_placement,
-            use_replicas=self.policy.unified_memory,
-        )
+        choice = self._choose_start(self.models[name], cluster.snapshot(), now)
         if choice is None:
             return False
         inst_id = self._next_instance
@@ -141,11 +142,22 @@ class Controller:
         actions: list[Action] = [Evict(r) for r in choice.evict]
         actions.append(StartInstance(inst_id, name, choice.gpus, choice.path, choice.replica_id))
         cluster.apply(actions)
-        self._instances[inst_id] = _Instance(name, now)
+        self._instances[inst_id] = _Instance(name, now, last_active_s=now)
         queue = self._queues[name]
         while queue and self._instances[inst_id].in_flight < self.cfg.capacity_per_instance:
-            self._dispatch(queue.popleft(), inst_id, cluster)
+            self._dispatch(queue.popleft(), inst_id, cluster, now)
         return True
+
+    def _choose_start(
+        self, model: ServedModel, snap: ClusterSnapshot, now: float
+    ) -> StartChoice | None:
+        return choose_start(
+            model, snap, smart=self.policy.smart_placement, use_replicas=self.policy.unified_memory
+        )
+
+    def _stoppable(self, active: list[ActiveInstance], now: float) -> list[ActiveInstance]:
+        """Instances scale-down may pick from (all; the protect period applies later)."""
+        return active
 
     # ----- periodic policy --------------------------------------------------------------
     def _close_windows(self, now: float) -> None:
@@ -165,7 +177,7 @@ class Controller:
         ]
         delta = scale_delta(self.load(name, now), len(active), self.cfg)
         if delta < 0:
-            stops = pick_to_stop(active, -delta, now, self.cfg)
+            stops = pick_to_stop(self._stoppable(active, now), -delta, now, self.cfg)
             for inst_id in stops:
                 inst = self._instances[inst_id]
                 inst.stopping = True

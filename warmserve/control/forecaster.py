@@ -54,6 +54,7 @@ class SlotHistory:
 
 @dataclass(slots=True)
 class _ModelState:
+    name: str
     history: SlotHistory
     offset_s: float  # time of cycle (day or week) at t = 0 for this model
     errors: deque[tuple[float, float]]  # (avg error, peak error), newest last
@@ -81,7 +82,7 @@ class Forecaster:
             raise ValueError(
                 f"history of {model!r} has {len(hist.avg)} slots, expected {self.num_slots}"
             )
-        state = _ModelState(hist, offset_s, deque(maxlen=self._k), Forecast(0.0, 0.0))
+        state = _ModelState(model, hist, offset_s, deque(maxlen=self._k), Forecast(0.0, 0.0))
         self._models[model] = state
         state.current = self._predict(state, 0)
 
@@ -129,3 +130,26 @@ class Forecaster:
 
     def models(self) -> list[str]:
         return list(self._models)
+
+    def history_mean(self, model: str) -> float | None:
+        """Mean window load over the slots with history (None without any): the daily average."""
+        hist = self._models[model].history
+        seen = hist.count > 0
+        return float(hist.avg[seen].mean()) if seen.any() else None
+
+
+class OracleForecaster(Forecaster):
+    """Knows every window's load ahead of time: an upper bound for forecast-driven prewarming.
+
+    `future[model]` holds the (mean, peak) concurrency of windows 0, 1, ... of the run.
+    """
+
+    def __init__(self, window_s: float, future: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        super().__init__(window_s, 1, "day")
+        self._future = future
+
+    def _predict(self, state: _ModelState, window_index: int) -> Forecast:
+        avg, peak = self._future[state.name]
+        if window_index >= len(avg):
+            return Forecast(0.0, 0.0)
+        return Forecast(float(avg[window_index]), float(peak[window_index]))

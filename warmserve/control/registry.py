@@ -9,6 +9,8 @@ from warmserve.control.api import ControlPlane, ServedModel
 from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecaster
+from warmserve.control.serverless import SERVERLESSLLM, ServerlessLLMController
+from warmserve.control.static import STATIC, StaticController
 
 ControlPlaneFactory = Callable[[ControlConfig, Sequence[ServedModel], Forecaster], ControlPlane]
 
@@ -17,13 +19,14 @@ ControlPlaneFactory = Callable[[ControlConfig, Sequence[ServedModel], Forecaster
 class RegisteredPolicy:
     spec: PolicySpec  # what the cluster must provide (e.g. unified memory)
     build: ControlPlaneFactory
+    needs_future: bool = False  # give it an OracleForecaster (knows the workload ahead)
 
 
-def _warmserve(spec: PolicySpec) -> RegisteredPolicy:
+def _warmserve(spec: PolicySpec, needs_future: bool = False) -> RegisteredPolicy:
     def build(cfg: ControlConfig, models: Sequence[ServedModel], fc: Forecaster) -> ControlPlane:
         return Controller(cfg, spec, models, fc)
 
-    return RegisteredPolicy(spec, build)
+    return RegisteredPolicy(spec, build, needs_future)
 
 
 POLICIES: dict[str, RegisteredPolicy] = {
@@ -42,6 +45,9 @@ POLICIES: dict[str, RegisteredPolicy] = {
         ),
     )
 }
+POLICIES["oracle"] = _warmserve(PolicySpec("oracle"), needs_future=True)
+POLICIES["static"] = RegisteredPolicy(STATIC, StaticController)
+POLICIES["serverlessllm"] = RegisteredPolicy(SERVERLESSLLM, ServerlessLLMController)
 
 
 class UnknownPolicyError(KeyError):

@@ -27,6 +27,7 @@ from warmserve.control.api import (
     StopInstance,
 )
 from warmserve.sim.costs import StartupCosts
+from warmserve.sim.host_cache import NodeCheckpointCache
 from warmserve.sim.instance import SimInstance, SimRequest
 from warmserve.sim.latency import StepTimeModel
 from warmserve.sim.loop import EventLoop
@@ -87,6 +88,7 @@ class SimCluster:
         models: dict[str, SimModel],
         costs: StartupCosts,
         unified_memory: bool,
+        host_caches: list[NodeCheckpointCache] | None,
         on_first_token: Callable[[int, float], None],
         on_finish: Callable[[int, float], None],
     ) -> None:
@@ -99,6 +101,8 @@ class SimCluster:
         self.models = models
         self.costs = costs
         self.unified_memory = unified_memory
+        self.host_caches = host_caches  # None: starts load as a plain engine (vanilla)
+        self.load_tiers: list[str] = []  # "dram" / "ssd" per host-cache load, for metrics
         self.replicas: dict[int, SimReplica] = {}
         self.instances: dict[int, SimInstance] = {}
         self.starts: list[StartRecord] = []
@@ -177,7 +181,7 @@ class SimCluster:
         else:
             rep = None
             self._take_free(a.gpus, pages)
-            self.loop.at(now + m.vanilla_start_s, self._ready, inst)
+            self.loop.at(now + self._cold_start_s(a, m, now), self._ready, inst)
         inst.weights_pages = pages
         if rep is not None:
             rep.owner = a.instance_id
@@ -193,6 +197,15 @@ class SimCluster:
         inst.kv_pages = kv
         self.instances[a.instance_id] = inst
         self.starts.append(StartRecord(now, a.model, a.path))
+
+    def _cold_start_s(self, a: StartInstance, m: SimModel, now: float) -> float:
+        if self.host_caches is None:
+            return m.vanilla_start_s
+        cache = self.host_caches[self.gpus[a.gpus[0]].node_id]
+        total = m.served.shard_bytes * m.served.tp
+        load_s, tier = cache.load_s(a.model, total, m.served.shard_bytes, now)
+        self.load_tiers.append(tier)
+        return self.costs.serverless_engine_init_s + load_s
 
     def _take_free(self, gpus: tuple[int, ...], pages: int) -> None:
         for g in gpus:
@@ -357,7 +370,15 @@ class SimCluster:
             )
             for i in self.instances.values()
         )
-        return ClusterSnapshot(gpus, replicas, instances, self.gpus_per_node)
+        caches = self.host_caches or []
+        return ClusterSnapshot(
+            gpus,
+            replicas,
+            instances,
+            self.gpus_per_node,
+            tuple(frozenset(c.cached) for c in caches),
+            tuple(c.ssd_busy_until_s for c in caches),
+        )
 
     def check_invariants(self) -> None:
         """Pages conserved on every GPU, and every page's owner accounted for."""

@@ -12,8 +12,8 @@ from warmserve.clock import SimClock
 class EventLoop:
     """Same-time events run in the order they were scheduled, so a run is reproducible."""
 
-    def __init__(self) -> None:
-        self.clock = SimClock()
+    def __init__(self, start_s: float = 0.0) -> None:
+        self.clock = SimClock(start_s)
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self.num_events = 0

@@ -9,16 +9,23 @@ from typing import Any
 import numpy as np
 
 from warmserve.control.api import RequestInfo, ServedModel
-from warmserve.control.forecaster import Forecaster
+from warmserve.control.forecaster import Forecaster, OracleForecaster
 from warmserve.control.registry import get_policy
 from warmserve.experiment import Experiment
 from warmserve.hardware import pages_for
 from warmserve.sim.cluster import SimCluster, SimModel
+from warmserve.sim.host_cache import NodeCheckpointCache
 from warmserve.sim.instance import SimRequest
 from warmserve.sim.latency import StepTimeModel
 from warmserve.sim.loop import EventLoop
 from warmserve.sim.metrics import RequestLog, summarize_requests
-from warmserve.sim.workload import AzureSpec, Workload, build_azure, from_trace
+from warmserve.sim.workload import (
+    AzureSpec,
+    Workload,
+    build_azure,
+    concurrency_windows,
+    from_trace,
+)
 from warmserve.traces import load_csv_trace
 from warmserve.types import ModelName
 
@@ -81,6 +88,34 @@ def service_time_fn(model: SimModel) -> Callable[[np.ndarray, np.ndarray], np.nd
     return fn
 
 
+def host_caches(exp: Experiment) -> list[NodeCheckpointCache]:
+    c = exp.costs
+    return [
+        NodeCheckpointCache(
+            c.serverless_dram_cache_bytes,
+            c.serverless_ssd_bandwidth,
+            exp.gpu.host_to_device_bandwidth,
+        )
+        for _ in range(exp.cluster.nodes)
+    ]
+
+
+def ideal_windows(
+    exp: Experiment, models: dict[str, SimModel], wl: Workload
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per model, the (mean, peak) concurrency of each forecast window if every request ran
+    for its isolated service time: what a perfect forecaster would predict."""
+    window = exp.control.forecast_window_s
+    span = (float(wl.arrival_s[-1]) if wl.num_requests else 0.0) + window
+    out = {}
+    for k, name in enumerate(wl.model_names):
+        sel = wl.model_idx == k
+        t = wl.arrival_s[sel]
+        dur = service_time_fn(models[name])(wl.input_tokens[sel], wl.output_tokens[sel])
+        out[name] = concurrency_windows(t, t + dur, span, window)
+    return out
+
+
 def slo_bounds(
     exp: Experiment, models: dict[str, SimModel], wl: Workload
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -116,10 +151,17 @@ def run_policy(
     policy = get_policy(policy_name)
     models = build_models(exp)
     cfg = exp.control
-    loop = EventLoop()
-    forecaster = Forecaster(
-        cfg.forecast_window_s, cfg.forecast_correction_points, cfg.forecast_cycle
-    )
+    # A set-up period before the first arrival: prewarming (and static deployments) start from
+    # an idle cluster, as the reference waits ~60 s after start-up before sending load.
+    loop = EventLoop(start_s=-exp.workload.warmup_s)
+    if policy.needs_future:
+        forecaster: Forecaster = OracleForecaster(
+            cfg.forecast_window_s, ideal_windows(exp, models, wl)
+        )
+    else:
+        forecaster = Forecaster(
+            cfg.forecast_window_s, cfg.forecast_correction_points, cfg.forecast_cycle
+        )
     for name in wl.model_names:
         forecaster.add_model(name, wl.forecast_offsets_s[name], wl.histories[name])
     controller = policy.build(cfg, [m.served for m in models.values()], forecaster)
@@ -143,6 +185,7 @@ def run_policy(
         models,
         exp.costs,
         policy.spec.unified_memory,
+        host_caches(exp) if policy.spec.host_checkpoint_cache else None,
         first_token,
         finished,
     )
@@ -176,7 +219,7 @@ def run_policy(
 
     if wl.num_requests:
         loop.at(float(wl.arrival_s[0]), arrive, 0)
-    loop.at(0.0, tick)
+    loop.at(-exp.workload.warmup_s, tick)
     loop.run(
         end_s, after_event=cluster.check_invariants if check_invariants else None, progress=progress
     )

@@ -1,0 +1,73 @@
+"""`serverlessllm`: reactive autoscaling with ServerlessLLM's start-up mechanisms.
+
+Same load-triggered autoscaler and router as WarmServe, but nothing is prewarmed on GPUs. A
+new instance loads its checkpoint through the host tiers; the server is chosen by estimated
+start-up time (a node whose DRAM already caches the checkpoint first, then the shortest SSD
+queue), and idle instances are kept alive for `keep_alive_s` before scale-down may stop them.
+Live migration of running inferences is not modelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from warmserve.control.allocation import StartChoice
+from warmserve.control.api import ClusterSnapshot, ServedModel
+from warmserve.control.autoscaler import ActiveInstance
+from warmserve.control.config import ControlConfig, PolicySpec
+from warmserve.control.controller import Controller
+from warmserve.control.forecaster import Forecaster
+from warmserve.types import StartPath
+
+SERVERLESSLLM = PolicySpec(
+    "serverlessllm",
+    unified_memory=False,
+    proactive_prewarm=False,
+    smart_placement=False,
+    kv_prewarm=False,
+    host_checkpoint_cache=True,
+)
+
+
+class ServerlessLLMController(Controller):
+    def __init__(
+        self, cfg: ControlConfig, models: Sequence[ServedModel], forecaster: Forecaster
+    ) -> None:
+        super().__init__(cfg, SERVERLESSLLM, models, forecaster)
+
+    def _choose_start(
+        self, model: ServedModel, snap: ClusterSnapshot, now: float
+    ) -> StartChoice | None:
+        gpn = snap.gpus_per_node
+        best: tuple[tuple[bool, float, int], tuple[int, ...]] | None = None
+        for node in range(len(snap.gpus) // gpn):
+            free = [
+                g.gpu_id for g in snap.gpus[node * gpn : (node + 1) * gpn] if g.instance_id is None
+            ]
+            group = _aligned(free, model.tp) or (
+                tuple(free[: model.tp]) if len(free) >= model.tp else None
+            )
+            if group is None:
+                continue
+            cached = bool(snap.host_cached) and model.name in snap.host_cached[node]
+            wait = max(0.0, snap.host_busy_until_s[node] - now) if snap.host_busy_until_s else 0.0
+            key = (not cached, 0.0 if cached else wait, node)
+            if best is None or key < best[0]:
+                best = (key, group)
+        return None if best is None else StartChoice(best[1], StartPath.COLD, None, ())
+
+    def _stoppable(self, active: list[ActiveInstance], now: float) -> list[ActiveInstance]:
+        keep = self.cfg.keep_alive_s
+        return [
+            a
+            for a in active
+            if a.in_flight == 0 and now - self._instances[a.instance_id].last_active_s >= keep
+        ]
+
+
+def _aligned(free: list[int], tp: int) -> tuple[int, ...] | None:
+    fset = set(free)
+    for g in sorted(free):
+        if g % tp == 0 and all(g + k in fset for k in range(tp)):
+            return tuple(range(g, g + tp))
+    return None
