@@ -106,6 +106,8 @@ class StartInstance:
     gpus: tuple[int, ...]
     path: StartPath
     replica_id: ReplicaId | None  # the replica activated (hits); None on a cold start
+    kv_pages: int | None = None  # a fixed KV share per GPU; None: all free pages
+    colocate: bool = False  # share the GPUs with other co-located instances (MuxServe)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from warmserve.control.api import ControlPlane, ServedModel
 from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecaster
+from warmserve.control.muxserve import MUXSERVE, MuxServeController
 from warmserve.control.serverless import SERVERLESSLLM, ServerlessLLMController
 from warmserve.control.static import STATIC, StaticController
 
@@ -48,6 +49,7 @@ POLICIES: dict[str, RegisteredPolicy] = {
 POLICIES["oracle"] = _warmserve(PolicySpec("oracle"), needs_future=True)
 POLICIES["static"] = RegisteredPolicy(STATIC, StaticController)
 POLICIES["serverlessllm"] = RegisteredPolicy(SERVERLESSLLM, ServerlessLLMController)
+POLICIES["muxserve"] = RegisteredPolicy(MUXSERVE, MuxServeController)
 
 
 class UnknownPolicyError(KeyError):

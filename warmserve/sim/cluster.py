@@ -28,7 +28,7 @@ from warmserve.control.api import (
 )
 from warmserve.sim.costs import StartupCosts
 from warmserve.sim.host_cache import NodeCheckpointCache
-from warmserve.sim.instance import SimInstance, SimRequest
+from warmserve.sim.instance import SharedDevice, SimInstance, SimRequest
 from warmserve.sim.latency import StepTimeModel
 from warmserve.sim.loop import EventLoop
 from warmserve.types import InstanceState, StartPath
@@ -51,7 +51,7 @@ class SimGpu:
     prewarm_pages: int = 0
     weights_pages: int = 0
     kv_pages: int = 0
-    instance_id: int | None = None
+    instance_ids: list[int] = field(default_factory=list)  # several only when co-located
     load_queue: deque[int] = field(default_factory=deque)
     loading: int | None = None
     load_token: int = 0
@@ -107,6 +107,7 @@ class SimCluster:
         self.instances: dict[int, SimInstance] = {}
         self.starts: list[StartRecord] = []
         self.requests: dict[int, SimRequest] = {}
+        self._devices: dict[tuple[int, ...], SharedDevice] = {}  # co-located instances' GPUs
         self._on_first_token = on_first_token
         self._on_finish = on_finish
         # Layout (GPUs, replicas, instance set) and usage (KV in use) change at different rates;
@@ -152,7 +153,7 @@ class SimCluster:
         m = self.models[a.model]
         pages = m.served.pages_per_gpu
         for g in a.gpus:
-            assert self.gpus[g].instance_id is None, f"GPU {g} already serves"
+            assert a.colocate or not self.gpus[g].instance_ids, f"GPU {g} already serves"
         inst = SimInstance(
             a.instance_id,
             a.model,
@@ -163,6 +164,7 @@ class SimCluster:
             self._on_first_token,
             self._finished,
             self.touch,
+            self._devices.setdefault(a.gpus, SharedDevice()) if a.colocate else None,
         )
         now = self.loop.now()
         if a.replica_id is not None:
@@ -189,11 +191,14 @@ class SimCluster:
             if rep.is_ready:
                 self.loop.at(now + self._attach_s(), self._ready, inst)
         kv = min(self.gpus[g].free_pages for g in a.gpus)
+        if a.kv_pages is not None:  # a static share (co-located instances split the memory)
+            assert a.kv_pages <= kv, f"KV share {a.kv_pages} > {kv} free pages"
+            kv = a.kv_pages
         for g in a.gpus:
             gpu = self.gpus[g]
             gpu.free_pages -= kv
             gpu.kv_pages += kv
-            gpu.instance_id = a.instance_id
+            gpu.instance_ids.append(a.instance_id)
         inst.kv_pages = kv
         self.instances[a.instance_id] = inst
         self.starts.append(StartRecord(now, a.model, a.path))
@@ -247,7 +252,7 @@ class SimCluster:
             gpu.free_pages += inst.kv_pages
             gpu.kv_pages -= inst.kv_pages
             gpu.weights_pages -= pages
-            gpu.instance_id = None
+            gpu.instance_ids.remove(inst.instance_id)
             if self.unified_memory:
                 gpu.prewarm_pages += pages
             else:
@@ -348,7 +353,13 @@ class SimCluster:
     def _build_snapshot(self, layout_changed: bool) -> ClusterSnapshot:
         if layout_changed or self._snapshot is None:
             gpus = tuple(
-                GpuView(g.gpu_id, g.node_id, g.total_pages, g.free_pages, g.instance_id)
+                GpuView(
+                    g.gpu_id,
+                    g.node_id,
+                    g.total_pages,
+                    g.free_pages,
+                    g.instance_ids[0] if g.instance_ids else None,
+                )
                 for g in self.gpus
             )
             replicas = tuple(
@@ -397,13 +408,12 @@ class SimCluster:
             used = inst.kv_used_pages
             assert 0 <= used <= inst.kv_pages and inst.kv_lent_pages >= 0
             for g in inst.gpus:
-                assert self.gpus[g].instance_id == inst.instance_id
-                assert self.gpus[g].kv_pages == inst.kv_pages
+                assert inst.instance_id in self.gpus[g].instance_ids
         for g in self.gpus:
             assert min(g.free_pages, g.prewarm_pages, g.weights_pages, g.kv_pages) >= 0
             total = g.free_pages + g.prewarm_pages + g.weights_pages + g.kv_pages
             assert total == g.total_pages, f"GPU {g.gpu_id}: {total} pages != {g.total_pages}"
             assert g.prewarm_pages == prewarm[g.gpu_id], f"GPU {g.gpu_id} prewarm books"
             assert g.weights_pages == weights[g.gpu_id], f"GPU {g.gpu_id} weight books"
-            if g.instance_id is None:
-                assert g.kv_pages == 0
+            kv = sum(self.instances[i].kv_pages for i in g.instance_ids)
+            assert g.kv_pages == kv, f"GPU {g.gpu_id}: KV books {g.kv_pages} != {kv}"

@@ -34,6 +34,32 @@ class SimRequest:
         return self.input_tokens + self.output_tokens
 
 
+class SharedDevice:
+    """GPUs that co-located instances share by time (MuxServe-style multiplexing).
+
+    While k of them have work, each step takes k times its solo time (processor sharing). When
+    the number of busy instances changes, the others end their decode run at the next step
+    boundary and go on at the new speed.
+    """
+
+    __slots__ = ("busy",)
+
+    def __init__(self) -> None:
+        self.busy: set[SimInstance] = set()
+
+    @property
+    def slowdown(self) -> int:
+        return max(1, len(self.busy))
+
+    def set_busy(self, inst: SimInstance, busy: bool) -> None:
+        before = len(self.busy)
+        (self.busy.add if busy else self.busy.discard)(inst)
+        if len(self.busy) != before:
+            for other in sorted(self.busy, key=lambda i: i.instance_id):
+                if other is not inst and other._run is not None:
+                    other._cut_run()
+
+
 class SimInstance:
     def __init__(
         self,
@@ -46,6 +72,7 @@ class SimInstance:
         on_first_token: Callable[[int, float], None],
         on_finish: Callable[[SimInstance, SimRequest, float], None],
         on_kv_change: Callable[[], None],
+        device: SharedDevice | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.model = model
@@ -61,6 +88,7 @@ class SimInstance:
         self._on_first_token = on_first_token
         self._on_finish = on_finish
         self._on_kv_change = on_kv_change
+        self._device = device
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.used_tokens = 0
@@ -115,20 +143,28 @@ class SimInstance:
             self._on_kv_change()
             n = sum(r.input_tokens for r in admitted)
             sq = float(sum(r.input_tokens * r.input_tokens for r in admitted))
-            self._busy = True
-            self._loop.at(now + self._steps.prefill(n, sq), self._prefill_done, admitted)
+            self._set_busy(True)
+            slow = self._device.slowdown if self._device else 1
+            self._loop.at(now + slow * self._steps.prefill(n, sq), self._prefill_done, admitted)
             return
         if not self.running:
-            self._busy = False
+            self._set_busy(False)
             return
         batch = len(self.running)
         steps = min(r.output_tokens - r.generated for r in self.running)
         ctx = float(sum(r.input_tokens + r.generated for r in self.running))
+        self._set_busy(True)
         cum = self._steps.decode_run(batch, ctx, steps)
+        if self._device is not None:
+            cum = cum * self._device.slowdown
         self._token += 1
         self._run = (now, cum, self._token)
-        self._busy = True
         self._loop.at(now + float(cum[-1]), self._decode_done, steps, self._token)
+
+    def _set_busy(self, busy: bool) -> None:
+        self._busy = busy
+        if self._device is not None:
+            self._device.set_busy(self, busy)
 
     def _cut_run(self) -> None:
         """End the current decode run at the next step boundary, to admit a new request."""
