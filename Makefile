@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint simulate bench clean
+.PHONY: install test lint simulate bench evaluate clean
 
 install: $(STAMP)
 
@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check warmserve tests benchmarks
-	$(BIN)/ruff format --check warmserve tests benchmarks
+	$(BIN)/ruff check warmserve tests benchmarks scripts
+	$(BIN)/ruff format --check warmserve tests benchmarks scripts
 	$(BIN)/lint-imports
 
 test: lint
@@ -31,3 +31,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) results
+
+evaluate: install
+	$(BIN)/python scripts/evaluate.py

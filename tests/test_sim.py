@@ -130,3 +130,28 @@ def test_no_prewarm_ablation_places_nothing_ahead(small):
     assert r.memory.prewarm[0].sum() == 0
     r = run_policy(exp, "warmserve", wl)
     assert r.memory.prewarm[0].sum() > 0  # forecast-driven replicas from the first tick
+
+
+def test_burstiness_redraws_gaps_keeping_count_and_span():
+    from warmserve.sim.workload import apply_burstiness
+
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 1000, 5000))
+    for cv in (0.5, 1.0, 4.0):
+        b = apply_burstiness(t, cv, 1000.0, np.random.default_rng(1))
+        gaps = np.diff(b)
+        assert len(b) == len(t) and b[-1] <= 1000.0 and np.all(gaps >= 0)
+        assert abs(gaps.std() / gaps.mean() - cv) < 0.15 * cv
+    exp = parse_experiment(small_experiment(burstiness_cv=3.0), Path())
+    base = parse_experiment(small_experiment(), Path())
+    assert make_workload(exp).num_requests == make_workload(base).num_requests
+
+
+def test_stopping_instance_released_once_when_a_step_finishes_several_requests():
+    # Regression: two requests finishing in the same decode run of a draining instance.
+    from warmserve.experiment import load_experiment
+
+    exp = load_experiment(Path(__file__).parent.parent / "experiments" / "paper-azure-conv.yaml")
+    exp = dataclasses.replace(exp, workload=dataclasses.replace(exp.workload, rps=16.0, alpha=0.5))
+    r = run_policy(exp, "vanilla-autoscale", make_workload(exp))
+    assert r.summary["failed"] == 0

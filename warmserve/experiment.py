@@ -55,6 +55,7 @@ class WorkloadConfig:
     max_output_tokens: int = 1023
     drain_s: float = 1800.0  # after the last arrival; requests unfinished by then fail
     warmup_s: float = 60.0  # the control plane runs this long before the first arrival
+    burstiness_cv: float | None = None  # Azure traces: re-draw gaps with this CV (None: keep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +230,8 @@ def _parse_sweep(raw: Any) -> dict[str, list[float]] | None:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise ExperimentError("sweep: expected one key, e.g. {rps: [0.5, 1, 2]}")
     ((key, values),) = raw.items()
-    if key not in ("rps", "alpha"):
-        raise ExperimentError(f"sweep: cannot sweep {key!r} (rps or alpha)")
+    if key not in ("rps", "alpha", "burstiness_cv"):
+        raise ExperimentError(f"sweep: cannot sweep {key!r} (rps, alpha or burstiness_cv)")
     points = _convert(values, list[float], f"sweep.{key}")
     if not points or min(points) <= 0:
         raise ExperimentError(f"sweep.{key}: give at least one positive value")
@@ -267,6 +268,8 @@ def validate(exp: Experiment) -> None:
     w = exp.workload
     if w.rps <= 0 or w.duration_s <= 0 or w.drain_s < 0 or w.warmup_s < 0:
         raise ExperimentError("workload: rps and duration_s must be > 0; drain_s, warmup_s >= 0")
+    if w.burstiness_cv is not None and w.burstiness_cv <= 0:
+        raise ExperimentError("workload.burstiness_cv must be > 0")
     if w.min_output_tokens < 1 or w.max_output_tokens < w.min_output_tokens:
         raise ExperimentError("workload: need 1 <= min_output_tokens <= max_output_tokens")
     if w.trace not in ("azure-conv", "azure-code") and not w.trace.endswith(".csv"):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import io
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,11 +25,15 @@ class TraceError(ValueError):
     pass
 
 
-def _data_text(*parts: str) -> str:
-    ref = resources.files("warmserve.data")
+def _data_path(*parts: str) -> Any:
+    ref: Any = resources.files("warmserve.data")
     for part in parts:
         ref = ref.joinpath(part)
-    with ref.open("rb") as raw, gzip.open(raw, "rt") as text:
+    return ref
+
+
+def _data_text(*parts: str) -> str:
+    with _data_path(*parts).open("rb") as raw, gzip.open(raw, "rt") as text:
         return text.read()
 
 
@@ -103,3 +110,47 @@ def load_csv_trace(path: Path) -> CsvTrace:
         np.array(inp, dtype=np.int64)[order],
         np.array(out, dtype=np.int64)[order],
     )
+
+
+SERVEGEN_WINDOW_S = 600  # rate windows of the ServeGen client traces
+SERVEGEN_LENGTH_WINDOW_S = 21_600  # token-length PMFs per 6 hours
+
+
+@dataclass(frozen=True, slots=True)
+class ServeGenClient:
+    client: str
+    rate: np.ndarray  # requests/s per 10-minute window, from day 0 00:00
+    cv: np.ndarray  # inter-arrival coefficient of variation per window (0: unknown)
+    lengths: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    # 6-h window start -> (input values, input probabilities, output values, probabilities)
+
+
+def servegen_clients(model: str) -> list[ServeGenClient]:
+    """The shipped ServeGen clients of `model`, busiest first (see data/servegen/CLIENTS.txt)."""
+    root = _data_path("servegen")
+    if not root.joinpath(model).is_dir():
+        raise TraceError(f"no ServeGen data for model {model!r} (shipped: m-mid)")
+    lines = root.joinpath("CLIENTS.txt").read_text().splitlines()
+    order = next(ln.split() for ln in lines if ln.strip() and ln.replace(" ", "").isdigit())
+    out = []
+    for client in order:
+        text = _data_text("servegen", model, f"chunk-{client}-trace.csv.gz")
+        rows = [r for r in csv.reader(io.StringIO(text)) if r]
+        rate = np.array([float(r[1]) for r in rows])
+        cv = np.array([float(r[2] or 0.0) for r in rows])
+        lengths = {}
+        ds = root.joinpath(model, f"chunk-{client}-dataset.json.gz")
+        if ds.is_file():
+            with ds.open("rb") as raw, gzip.open(raw, "rt") as f:
+                for start, pmfs in json.load(f).items():
+                    inp = ast.literal_eval(pmfs["input_tokens"])
+                    out_ = ast.literal_eval(pmfs["output_tokens"])
+                    if inp and out_:
+                        lengths[int(start)] = (
+                            np.array(list(inp), dtype=np.int64),
+                            np.array(list(inp.values())) / sum(inp.values()),
+                            np.array(list(out_), dtype=np.int64),
+                            np.array(list(out_.values())) / sum(out_.values()),
+                        )
+        out.append(ServeGenClient(client, rate, cv, lengths))
+    return out

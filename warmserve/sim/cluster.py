@@ -240,7 +240,9 @@ class SimCluster:
     def _finished(self, inst: SimInstance, req: SimRequest, now: float) -> None:
         del self.requests[req.request_id]
         self._on_finish(req.request_id, now)  # may dispatch more work here
-        if inst.state == InstanceState.STOPPING and inst.num_requests == 0:
+        # Several requests can finish in one step: release once, after the first that empties it.
+        released = inst.instance_id not in self.instances
+        if inst.state == InstanceState.STOPPING and inst.num_requests == 0 and not released:
             self._release(inst)
 
     def _release(self, inst: SimInstance) -> None:

@@ -269,6 +269,7 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
         max_input_tokens=w.max_input_tokens,
         min_output_tokens=w.min_output_tokens,
         max_output_tokens=w.max_output_tokens,
+        burstiness_cv=w.burstiness_cv,
     )
     return build_azure(
         spec,

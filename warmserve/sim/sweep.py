@@ -9,7 +9,7 @@ from typing import Any
 from warmserve.experiment import Experiment, ExperimentError
 from warmserve.sim.runner import PolicyResult, make_workload, run_policy
 
-SWEEP_KEYS = ("rps", "alpha")
+SWEEP_KEYS = ("rps", "alpha", "burstiness_cv")
 SLO_TARGET = 0.9  # attainment a rate must reach to count as sustained
 
 

@@ -50,6 +50,23 @@ class AzureSpec:
     max_input_tokens: int
     min_output_tokens: int
     max_output_tokens: int
+    burstiness_cv: float | None = None  # re-draw inter-arrival gaps with this CV
+
+
+def apply_burstiness(
+    t: np.ndarray, cv: float, span_s: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Arrival times with Gamma(1/cv², ·) gaps, rescaled to the same count and time span.
+
+    As the reference's generator does: the trace's rate over the whole replay is kept, its
+    shape within it is replaced by a renewal process of the given coefficient of variation.
+    """
+    if len(t) < 2:
+        return t
+    shape = 1.0 / (cv * cv)
+    gaps = rng.gamma(shape, 1.0 / shape, size=len(t))
+    times = np.cumsum(gaps)
+    return times / times[-1] * (span_s * len(t) / (len(t) + 1))
 
 
 def popularity(num_models: int, alpha: float) -> np.ndarray:
@@ -130,6 +147,8 @@ def build_azure(
         q = spec.rps * p[i] * norm_s / max(int(real), 1)
         rng = np.random.default_rng([seed, i])
         t = thinned_arrivals(week, t0, spec.duration_s, q, rng)
+        if spec.burstiness_cv is not None:
+            t = apply_burstiness(t, spec.burstiness_cv, spec.duration_s, rng)
         inp, out = _lengths(spec.service, len(t), spec, max_model_lens[i], rng)
         arrivals.append(t)
         idxs.append(np.full(len(t), i, dtype=np.int64))
