@@ -85,3 +85,13 @@ def test_gqa_kv_is_replicated_beyond_kv_heads():
     )
     assert 134e6 < smol.num_params < 136e6  # SmolLM2-135M
     assert smol.kv_bytes_per_token_per_gpu(4) == smol.kv_bytes_per_token / 3
+
+
+def test_vectorised_service_time_matches_step_by_step():
+    m = StepTimeModel(MODEL_PRESETS["llama-2-13b"], 2, H100, LatencyParams())
+    inp, out = np.array([10, 500, 1024]), np.array([3, 100, 700])
+    ref = [
+        m.isolated_ttft(int(i)) + (o - 1) * m.isolated_tpot(int(i), int(o))
+        for i, o in zip(inp, out, strict=True)
+    ]
+    np.testing.assert_allclose(m.isolated_service_s(inp, out), ref)

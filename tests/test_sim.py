@@ -155,3 +155,26 @@ def test_stopping_instance_released_once_when_a_step_finishes_several_requests()
     exp = dataclasses.replace(exp, workload=dataclasses.replace(exp.workload, rps=16.0, alpha=0.5))
     r = run_policy(exp, "vanilla-autoscale", make_workload(exp))
     assert r.summary["failed"] == 0
+
+
+def test_servegen_clients_become_deployments():
+    raw = small_experiment()
+    raw["models"] = [
+        {"name": "c60", "preset": "llama-2-7b", "tp": 1, "max_model_len": 2048},
+        {"name": "c36", "preset": "llama-2-7b", "tp": 1, "max_model_len": 2048},
+        {"name": "c73", "preset": "llama-2-13b", "tp": 2, "max_model_len": 2048},
+    ]
+    raw["workload"] = {"trace": "servegen:m-mid", "rps": 4.0, "days": [9], "start_hour": 10,
+                       "duration_s": 600}  # fmt: skip
+    exp = parse_experiment(raw, Path())
+    wl = make_workload(exp)
+    # Scaled to the requested mean rate (bursty clients: within a wide band), busiest first.
+    assert 0.5 * 4.0 * 600 < wl.num_requests < 2.0 * 4.0 * 600
+    counts = np.bincount(wl.model_idx, minlength=3)
+    assert counts[0] > counts[1] > 0
+    assert all(wl.histories[n] is not None for n in wl.model_names)
+    assert wl.input_tokens.max() <= 1024 and wl.output_tokens.min() >= 3
+    again = make_workload(exp)
+    np.testing.assert_array_equal(wl.arrival_s, again.arrival_s)
+    r = run_policy(exp, "warmserve", wl, check_invariants=True)
+    assert r.summary["completed"] + r.summary["failed"] == wl.num_requests

@@ -44,7 +44,7 @@ class ModelEntry:
 
 @dataclass(frozen=True, slots=True)
 class WorkloadConfig:
-    trace: str = "azure-conv"  # azure-conv | azure-code | PATH.csv
+    trace: str = "azure-conv"  # azure-conv | azure-code | servegen:m-mid | PATH.csv
     rps: float = 1.0
     alpha: float = 2.0
     start_hour: float = 0.0
@@ -273,9 +273,13 @@ def validate(exp: Experiment) -> None:
     if w.min_output_tokens < 1 or w.max_output_tokens < w.min_output_tokens:
         raise ExperimentError("workload: need 1 <= min_output_tokens <= max_output_tokens")
     if w.trace not in ("azure-conv", "azure-code") and not w.trace.endswith(".csv"):
-        raise ExperimentError(
-            f"workload.trace: {w.trace!r} is not azure-conv, azure-code or a .csv file"
-        )
+        if not w.trace.startswith("servegen:"):
+            raise ExperimentError(
+                f"workload.trace: {w.trace!r} is not azure-conv, azure-code, servegen:MODEL "
+                "or a .csv file"
+            )
+        if w.days and not 0 <= w.days[0] <= 13:
+            raise ExperimentError("workload.days: a ServeGen replay day must be in 0..13")
     for name, spec, e in exp.served_models():
         if name in seen:
             raise ExperimentError(f"model name {name!r} is used twice")

@@ -67,6 +67,20 @@ class StepTimeModel:
         comp = self._flop_tok * num_tokens + self._attn * sum_sq_tokens / 2.0
         return self._fixed + max(mem, comp) + self._comm_tok * num_tokens
 
+    def isolated_service_s(self, inp: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Per request, prefill alone then one decode step per further token (batch of one),
+        at the context halfway through the output: the request's service time on an idle
+        instance. Vectorised; used for forecast history and ideal windows."""
+        n = inp.astype(np.float64)
+        pre_mem = self._weights + self._kv_tok * n
+        pre_comp = self._flop_tok * n + self._attn * n * n / 2.0
+        prefill = self._fixed + np.maximum(pre_mem, pre_comp) + self._comm_tok * n
+        ctx = n + out / 2.0
+        dec = self._fixed + np.maximum(
+            self._weights + self._kv_tok * ctx, self._flop_tok + self._attn * ctx
+        )
+        return prefill + np.maximum(out - 1, 0) * (dec + self._comm_tok)
+
     def isolated_ttft(self, input_tokens: int) -> float:
         return self.prefill(input_tokens, float(input_tokens) ** 2)
 

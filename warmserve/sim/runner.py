@@ -21,8 +21,10 @@ from warmserve.sim.loop import EventLoop
 from warmserve.sim.metrics import RequestLog, summarize_requests
 from warmserve.sim.workload import (
     AzureSpec,
+    ServeGenSpec,
     Workload,
     build_azure,
+    build_servegen,
     concurrency_windows,
     from_trace,
 )
@@ -76,16 +78,7 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
 
 def service_time_fn(model: SimModel) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Isolated service time per request (prefill + each further token), vectorised."""
-    step = model.step_model
-
-    def fn(inp: np.ndarray, out: np.ndarray) -> np.ndarray:
-        pre = np.array([step.isolated_ttft(int(i)) for i in inp])
-        tpot = np.array(
-            [step.decode(1, float(i) + float(o) / 2) for i, o in zip(inp, out, strict=True)]
-        )
-        return pre + np.maximum(out - 1, 0) * tpot
-
-    return fn
+    return model.step_model.isolated_service_s
 
 
 def host_caches(exp: Experiment) -> list[NodeCheckpointCache]:
@@ -249,6 +242,25 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
     served = exp.served_models()
     names = [n for n, _, _ in served]
     w = exp.workload
+    if w.trace.startswith("servegen:"):
+        sg = ServeGenSpec(
+            model=w.trace.removeprefix("servegen:"),
+            rps=w.rps,
+            day=w.days[0] if w.days else 13,
+            start_hour=w.start_hour,
+            duration_s=w.duration_s,
+            max_input_tokens=w.max_input_tokens,
+            min_output_tokens=w.min_output_tokens,
+            max_output_tokens=w.max_output_tokens,
+        )
+        return build_servegen(
+            sg,
+            names,
+            [s.max_model_len for _, s, _ in served],
+            [service_time_fn(models[n]) for n in names],
+            exp.control.forecast_window_s,
+            exp.seed,
+        )
     if w.trace.endswith(".csv"):
         trace = load_csv_trace(exp.base_dir / w.trace)
         return from_trace(

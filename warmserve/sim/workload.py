@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from warmserve.control.forecaster import SlotHistory, cycle_slots
-from warmserve.traces import BUCKET_S, azure_2023_lengths, azure_week_counts
+from warmserve.traces import (
+    BUCKET_S,
+    SERVEGEN_LENGTH_WINDOW_S,
+    SERVEGEN_WINDOW_S,
+    ServeGenClient,
+    azure_2023_lengths,
+    azure_week_counts,
+    servegen_clients,
+)
 
 ServiceTime = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -218,3 +226,125 @@ def from_trace(
         dict.fromkeys(names),
         dict.fromkeys(names, 0.0),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ServeGenSpec:
+    model: str  # ServeGen model whose clients become deployments, e.g. "m-mid"
+    rps: float  # mean requests/s over all deployments during the replay
+    day: int  # day of the 14 replayed (history: up to 7 earlier days)
+    start_hour: float
+    duration_s: float
+    max_input_tokens: int
+    min_output_tokens: int
+    max_output_tokens: int
+
+
+def _renewal(rate: float, cv: float, span_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Arrivals over [0, span) of a renewal process with Gamma gaps of mean 1/rate and `cv`."""
+    if rate <= 0:
+        return np.zeros(0)
+    cv = cv if cv > 0 else 1.0
+    shape = 1.0 / (cv * cv)
+    chunks, total = [], 0.0
+    batch = max(16, int(2 * rate * span_s))
+    while total < span_s:
+        gaps = rng.gamma(shape, 1.0 / (shape * rate), size=batch)
+        t = total + np.cumsum(gaps)
+        chunks.append(t)
+        total = float(t[-1])
+    t = np.concatenate(chunks)
+    return t[t < span_s]
+
+
+def _servegen_stream(
+    client: ServeGenClient, t0: float, span_s: float, q: float, rng: np.random.Generator
+) -> np.ndarray:
+    """One client's arrivals in [t0, t0 + span), its rates scaled by q, window by window."""
+    w = SERVEGEN_WINDOW_S
+    out = []
+    for k in range(int(t0 // w), int(np.ceil((t0 + span_s) / w))):
+        lo, hi = max(k * w, t0), min((k + 1) * w, t0 + span_s)
+        idx = k % len(client.rate)
+        t = _renewal(client.rate[idx] * q, client.cv[idx], hi - lo, rng)
+        out.append(t + (lo - t0))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _servegen_lengths(
+    clients: Sequence[ServeGenClient],
+    client: ServeGenClient,
+    t_abs: np.ndarray,
+    spec: ServeGenSpec,
+    max_model_len: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths from the client's PMF of each 6-h window; clients without one (missing
+    upstream) borrow the PMF of the first shipped client that has that window."""
+    inp = np.empty(len(t_abs), dtype=np.int64)
+    out = np.empty(len(t_abs), dtype=np.int64)
+    win = (t_abs // SERVEGEN_LENGTH_WINDOW_S).astype(np.int64) * SERVEGEN_LENGTH_WINDOW_S
+    for start in np.unique(win):
+        sel = win == start
+        pmf = client.lengths.get(int(start)) or next(
+            (c.lengths[int(start)] for c in clients if int(start) in c.lengths), None
+        )
+        if pmf is None:
+            raise ValueError(f"ServeGen: no length distribution for window {int(start)}")
+        n = int(sel.sum())
+        inp[sel] = rng.choice(pmf[0], size=n, p=pmf[1])
+        out[sel] = rng.choice(pmf[2], size=n, p=pmf[3])
+    inp = np.clip(inp, 1, min(spec.max_input_tokens, max_model_len - spec.min_output_tokens))
+    out = np.clip(out, spec.min_output_tokens, spec.max_output_tokens)
+    return inp, np.minimum(out, max_model_len - inp)
+
+
+def build_servegen(
+    spec: ServeGenSpec,
+    model_names: Sequence[str],
+    max_model_lens: Sequence[int],
+    service_times: Sequence[ServiceTime],
+    window_s: float,
+    seed: int,
+) -> Workload:
+    """ServeGen: the busiest clients of one model become the deployments, in order.
+
+    Each deployment replays its client's own rate and inter-arrival CV per 10-minute window
+    (Gamma renewal gaps), all rates scaled by one factor so the replay averages `rps`; the
+    popularity skew is the clients' own. History: the same construction on up to 7 earlier
+    days, per 5-minute window of the day.
+    """
+    clients = servegen_clients(spec.model)
+    m = len(model_names)
+    if m > len(clients):
+        raise ValueError(f"ServeGen {spec.model}: {m} models but {len(clients)} clients shipped")
+    use = clients[:m]
+    t0 = spec.day * 86_400 + spec.start_hour * 3600
+    w = SERVEGEN_WINDOW_S
+    ks = np.arange(int(t0 // w), int(np.ceil((t0 + spec.duration_s) / w)))
+    expected = sum(float(c.rate[ks % len(c.rate)].sum()) * w for c in use)
+    q = spec.rps * spec.duration_s / max(expected, 1e-9)
+    num_slots = cycle_slots("day", window_s)
+    arrivals, idxs, inps, outs = [], [], [], []
+    histories: dict[str, SlotHistory | None] = {}
+    for i, (name, client) in enumerate(zip(model_names, use, strict=True)):
+        rng = np.random.default_rng([seed, i])
+        t = _servegen_stream(client, t0, spec.duration_s, q, rng)
+        inp, out = _servegen_lengths(clients, client, t + t0, spec, max_model_lens[i], rng)
+        arrivals.append(t)
+        idxs.append(np.full(len(t), i, dtype=np.int64))
+        inps.append(inp)
+        outs.append(out)
+        hist = SlotHistory.empty(num_slots)
+        for d in range(max(0, spec.day - 7), spec.day):
+            hrng = np.random.default_rng([seed, i, 1000 + d])
+            ht = _servegen_stream(client, d * 86_400, 86_400, q, hrng)
+            hin, hout = _servegen_lengths(
+                clients, client, ht + d * 86_400, spec, max_model_lens[i], hrng
+            )
+            avg, peak = concurrency_windows(ht, ht + service_times[i](hin, hout), 86_400, window_s)
+            for k in range(len(avg)):
+                hist.observe(k, float(avg[k]), float(peak[k]))
+        histories[name] = hist if spec.day > 0 else None
+    offsets = dict.fromkeys(model_names, spec.start_hour * 3600.0)
+    return _merge(tuple(model_names), arrivals, idxs, inps, outs, histories, offsets)
