@@ -5,6 +5,7 @@
 Runs (all on the simulator, seeds fixed):
   headline     the reference setup on Azure Conversation and Coding, every policy, rps 1;
   sweep        the same at rps 2..64: SLO attainment curves and max rps at SLO;
+  servegen     ServeGen m-mid: the 8 busiest clients as deployments, 7 days of history;
   sensitivity  popularity skew (alpha), burstiness (inter-arrival CV), cluster size
                (16 -> 256 GPUs, models and rate scaled with it), model count (4 -> 64 on 16 GPUs);
   cost         control-plane time per tick as the cluster grows.
@@ -35,10 +36,10 @@ from warmserve.sim.sweep import max_rate_at_slo
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "eval"
 ALL = [
-    "warmserve", "warmserve-no-placement", "warmserve-no-prewarm", "warmserve-no-kv-prewarm",
-    "oracle", "serverlessllm", "muxserve", "static", "vanilla-autoscale",
+    "warmserve", "warmserve-plus", "warmserve-no-placement", "warmserve-no-prewarm",
+    "warmserve-no-kv-prewarm", "oracle", "serverlessllm", "muxserve", "static", "vanilla-autoscale",
 ]  # fmt: skip
-SENS_POLICIES = ["warmserve", "serverlessllm", "muxserve", "vanilla-autoscale"]
+SENS_POLICIES = ["warmserve", "warmserve-plus", "serverlessllm", "muxserve", "vanilla-autoscale"]
 SWEEP_RPS = [2, 4, 8, 16, 24, 32, 40, 48, 64]
 SENS_RPS = 16.0
 KEYS = [
@@ -80,7 +81,7 @@ def run_job(job: tuple[str, dict[str, Any], Experiment, list[str]]) -> list[dict
     for policy in policies:
         s = run_policy(exp, policy, wl).summary
         row = {"group": group, **labels, "policy": policy, **{k: s[k] for k in KEYS}}
-        if group == "headline":
+        if group in ("headline", "servegen"):
             row["per_model"] = s["per_model"]
         rows.append(row)
     return rows
@@ -94,6 +95,8 @@ def jobs(quick: bool) -> list[tuple[str, dict[str, Any], Experiment, list[str]]]
         out.append(("headline", {"service": svc}, b, ALL))
         for rps in rates:
             out.append(("sweep", {"service": svc, "rps": rps}, variant(b, rps=float(rps)), ALL))
+    servegen = load_experiment(ROOT / "experiments" / "servegen-m-mid.yaml")
+    out.append(("servegen", {"service": "servegen-m-mid"}, servegen, ALL))
     conv = base("conv")
     for alpha in (0.5, 1.0, 2.0):
         out.append(
@@ -187,6 +190,20 @@ def tables(rows: list[dict[str, Any]], heads: dict[str, Any]) -> str:
             ]
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines += ["", "(SLO attainment / P99 TTFT in s at each rate)", ""]
+    lines += ["### ServeGen m-mid: 8 busiest clients as deployments, day 13, 8 rps", ""]
+    lines += [
+        "| policy | TTFT p50 s | p90 s | p99 s | TPOT mean ms | done | SLO | cold | hits |",
+        "|---" * 9 + "|",
+    ]
+    for r in rows:
+        if r["group"] == "servegen":
+            lines.append(
+                f"| {r['policy']} | {fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p90_s'])} | "
+                f"{fmt(r['ttft_p99_s'])} | {fmt(_ms(r['tpot_mean_s']), '{:.1f}')} | "
+                f"{r['completed']}/{r['arrived']} | {fmt(r['slo_attainment'], '{:.1%}')} | "
+                f"{r['cold_starts']} | {r['prewarm_hits'] + r['inprogress_hits']} |"
+            )
+    lines += [""]
     for group, label in (
         ("alpha", "alpha"),
         ("burstiness", "cv"),

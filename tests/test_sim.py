@@ -178,3 +178,16 @@ def test_servegen_clients_become_deployments():
     np.testing.assert_array_equal(wl.arrival_s, again.arrival_s)
     r = run_policy(exp, "warmserve", wl, check_invariants=True)
     assert r.summary["completed"] + r.summary["failed"] == wl.num_requests
+
+
+def test_lent_kv_comes_back_mid_run_for_a_waiting_request(tmp_path):
+    # The instance idles down to its KV floor (one 2048-token request), then a long request
+    # runs and a second one arrives: the lent pages must come back at once, not when the
+    # first request's 600-token decode run ends.
+    rows = [(1.0, "a", 10, 3), (20.1, "a", 1000, 600), (20.2, "a", 1000, 50)]  # between ticks
+    exp = one_model_experiment(tmp_path, rows)
+    r = run_policy(exp, "warmserve-plus", make_workload(exp), check_invariants=True)
+    ttft = r.log.first_token_s - r.log.arrival_s
+    assert r.summary["cold_starts"] == 1 and r.summary["prewarm_hits"] == 0  # kept alive
+    assert ttft[2] < 0.2, ttft
+    assert r.log.finish_s[2] < r.log.finish_s[1]

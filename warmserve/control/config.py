@@ -24,7 +24,7 @@ class ControlConfig:
     group_search: Literal["aligned", "exhaustive"] = "aligned"
     # KV reservation: requests of max_model_len tokens an instance always keeps room for.
     kv_floor_requests: int = 1
-    # ServerlessLLM baseline: an idle instance lives this long before scale-down may stop it.
+    # warmserve-plus and ServerlessLLM: an idle instance lives this long before scale-down.
     keep_alive_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -57,3 +57,6 @@ class PolicySpec:
     smart_placement: bool = True  # evict-aware placement and worker choice (else round robin)
     kv_prewarm: bool = True  # lend idle KV pages of running instances to prewarming
     host_checkpoint_cache: bool = False  # ServerlessLLM-style SSD -> DRAM cache -> GPU loads
+    # Idle instances live `keep_alive_s` instead of scaling to zero after the short load window,
+    # and are stopped at once (weights stay prewarmed) when another model needs their GPUs.
+    keep_alive: bool = False

@@ -135,6 +135,8 @@ class Controller:
 
     def _start(self, name: ModelName, now: float, cluster: ClusterHandle) -> bool:
         choice = self._choose_start(self.models[name], cluster.snapshot(), now)
+        if choice is None and self.policy.keep_alive:
+            choice = self._reclaim_idle(name, now, cluster)
         if choice is None:
             return False
         inst_id = self._next_instance
@@ -156,8 +158,34 @@ class Controller:
         )
 
     def _stoppable(self, active: list[ActiveInstance], now: float) -> list[ActiveInstance]:
-        """Instances scale-down may pick from (all; the protect period applies later)."""
-        return active
+        """Instances scale-down may pick from; the protect period applies later. With keep-alive,
+        only those idle for `keep_alive_s`."""
+        if not self.policy.keep_alive:
+            return active
+        keep = self.cfg.keep_alive_s
+        return [
+            a
+            for a in active
+            if a.in_flight == 0 and now - self._instances[a.instance_id].last_active_s >= keep
+        ]
+
+    def _reclaim_idle(
+        self, name: ModelName, now: float, cluster: ClusterHandle
+    ) -> StartChoice | None:
+        """Stop idle instances kept alive for other models, longest idle first, until `name`
+        can start. Stopping an idle instance is instant and keeps its weights prewarmed."""
+        idle = sorted(
+            (inst.last_active_s, i)
+            for i, inst in self._instances.items()
+            if inst.in_flight == 0 and not inst.stopping and inst.model != name
+        )
+        for _, inst_id in idle:
+            del self._instances[inst_id]
+            cluster.apply([StopInstance(inst_id)])
+            choice = self._choose_start(self.models[name], cluster.snapshot(), now)
+            if choice is not None:
+                return choice
+        return None
 
     # ----- periodic policy --------------------------------------------------------------
     def _close_windows(self, now: float) -> None:
@@ -204,23 +232,37 @@ class Controller:
         last = self._kv_reviewed
         if last is not None and last[0] is snap.instances and last[1] == self._requests_seen:
             return  # no instance, KV use or in-flight count changed since the last review
-        actions: list[Action] = []
         for view in snap.instances:
-            if view.state != InstanceState.RUNNING:
-                continue
-            model = self.models[view.model]
-            inst = self._instances.get(view.instance_id)
-            in_flight = inst.in_flight if inst else 0
-            target = kv_target_pages(
-                view, model, in_flight, self.cfg.capacity_per_instance, self.cfg.kv_floor_requests
-            )
-            full = view.kv_pages + view.kv_lent_pages
-            actions += kv_actions(view, target, snap, self._replica_scores, max(1, full // 20))
-            if actions:
-                cluster.apply(actions)
+            if view.state == InstanceState.RUNNING and self._review_kv(view, snap, cluster):
                 snap = cluster.snapshot()
-                actions = []
         self._kv_reviewed = (snap.instances, self._requests_seen)
+
+    def _review_kv(self, view: InstanceView, snap: ClusterSnapshot, cluster: ClusterHandle) -> bool:
+        """Lend or reclaim one instance's KV pages; True if anything changed."""
+        inst = self._instances.get(view.instance_id)
+        in_flight = inst.in_flight if inst else 0
+        target = kv_target_pages(
+            view,
+            self.models[view.model],
+            in_flight,
+            self.cfg.capacity_per_instance,
+            self.cfg.kv_floor_requests,
+        )
+        full = view.kv_pages + view.kv_lent_pages
+        actions = kv_actions(view, target, snap, self._replica_scores, max(1, full // 20))
+        if actions:
+            cluster.apply(list(actions))
+        return bool(actions)
+
+    def on_kv_pressure(self, now: float, instance_id: InstanceId, cluster: ClusterHandle) -> None:
+        """An instance has requests waiting for KV while some of its pages are lent: reclaim
+        now rather than at the next tick."""
+        if not (self.policy.unified_memory and self.policy.kv_prewarm):
+            return
+        snap = cluster.snapshot()
+        view = snap.instance_by_id.get(instance_id)
+        if view is not None and view.state == InstanceState.RUNNING:
+            self._review_kv(view, snap, cluster)
 
     def _plan(self, cluster: ClusterHandle) -> None:
         snap = cluster.snapshot()

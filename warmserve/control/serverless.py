@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from warmserve.control.allocation import StartChoice
-from warmserve.control.api import ClusterSnapshot, ServedModel
-from warmserve.control.autoscaler import ActiveInstance
+from warmserve.control.api import ClusterHandle, ClusterSnapshot, ServedModel
 from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecaster
-from warmserve.types import StartPath
+from warmserve.types import ModelName, StartPath
 
 SERVERLESSLLM = PolicySpec(
     "serverlessllm",
@@ -26,10 +25,14 @@ SERVERLESSLLM = PolicySpec(
     smart_placement=False,
     kv_prewarm=False,
     host_checkpoint_cache=True,
+    keep_alive=True,
 )
 
 
 class ServerlessLLMController(Controller):
+    """Keep-alive as in the base controller; no other model can reclaim an idle instance's
+    GPUs (`_reclaim_idle` is a WarmServe addition), so requests wait for free GPUs."""
+
     def __init__(
         self, cfg: ControlConfig, models: Sequence[ServedModel], forecaster: Forecaster
     ) -> None:
@@ -56,13 +59,8 @@ class ServerlessLLMController(Controller):
                 best = (key, group)
         return None if best is None else StartChoice(best[1], StartPath.COLD, None, ())
 
-    def _stoppable(self, active: list[ActiveInstance], now: float) -> list[ActiveInstance]:
-        keep = self.cfg.keep_alive_s
-        return [
-            a
-            for a in active
-            if a.in_flight == 0 and now - self._instances[a.instance_id].last_active_s >= keep
-        ]
+    def _reclaim_idle(self, name: ModelName, now: float, cluster: ClusterHandle) -> None:
+        return None
 
 
 def _aligned(free: list[int], tp: int) -> tuple[int, ...] | None:

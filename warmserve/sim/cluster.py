@@ -108,6 +108,7 @@ class SimCluster:
         self.starts: list[StartRecord] = []
         self.requests: dict[int, SimRequest] = {}
         self._devices: dict[tuple[int, ...], SharedDevice] = {}  # co-located instances' GPUs
+        self.on_kv_pressure: Callable[[int], None] | None = None  # set by the driver
         self._on_first_token = on_first_token
         self._on_finish = on_finish
         # Layout (GPUs, replicas, instance set) and usage (KV in use) change at different rates;
@@ -165,6 +166,7 @@ class SimCluster:
             self._finished,
             self.touch,
             self._devices.setdefault(a.gpus, SharedDevice()) if a.colocate else None,
+            self._kv_pressure,
         )
         now = self.loop.now()
         if a.replica_id is not None:
@@ -211,6 +213,10 @@ class SimCluster:
         load_s, tier = cache.load_s(a.model, total, m.served.shard_bytes, now)
         self.load_tiers.append(tier)
         return self.costs.serverless_engine_init_s + load_s
+
+    def _kv_pressure(self, inst: SimInstance) -> None:
+        if self.on_kv_pressure is not None and inst.instance_id in self.instances:
+            self.on_kv_pressure(inst.instance_id)
 
     def _take_free(self, gpus: tuple[int, ...], pages: int) -> None:
         for g in gpus:

@@ -73,6 +73,7 @@ class SimInstance:
         on_finish: Callable[[SimInstance, SimRequest, float], None],
         on_kv_change: Callable[[], None],
         device: SharedDevice | None = None,
+        on_kv_pressure: Callable[[SimInstance], None] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.model = model
@@ -89,6 +90,8 @@ class SimInstance:
         self._on_finish = on_finish
         self._on_kv_change = on_kv_change
         self._device = device
+        self._on_kv_pressure = on_kv_pressure
+        self._pressure_reported = False
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.used_tokens = 0
@@ -119,17 +122,32 @@ class SimInstance:
             return
         if not self._busy:
             self._step()
-        elif self._run is not None and len(self.waiting) == 1 and self._fits(req):
-            self._cut_run()
+        elif len(self.waiting) == 1:
+            if self._fits(req):
+                if self._run is not None:
+                    self._cut_run()
+            else:
+                self._report_pressure()
 
     def mark_ready(self) -> None:
         self.state = InstanceState.RUNNING
         self._step()
 
     def kv_changed(self) -> None:
-        """KV capacity grew: admit what now fits."""
-        if self.state != InstanceState.STARTING and not self._busy:
+        """KV capacity grew: admit what now fits (mid-run: at the next step boundary)."""
+        self._pressure_reported = False
+        if self.state == InstanceState.STARTING:
+            return
+        if not self._busy:
             self._step()
+        elif self._run is not None and self.waiting and self._fits(self.waiting[0]):
+            self._cut_run()
+
+    def _report_pressure(self) -> None:
+        """Requests wait for KV while pages are lent: ask for them back (once per stall)."""
+        if self.kv_lent_pages > 0 and self._on_kv_pressure and not self._pressure_reported:
+            self._pressure_reported = True
+            self._loop.at(self._loop.now(), self._on_kv_pressure, self)
 
     # ----- stepping ---------------------------------------------------------------------
     def _step(self) -> None:
@@ -139,6 +157,8 @@ class SimInstance:
             req = self.waiting.popleft()
             self.used_tokens += req.kv_tokens
             admitted.append(req)
+        if self.waiting:
+            self._report_pressure()
         if admitted:
             self._on_kv_change()
             n = sum(r.input_tokens for r in admitted)

@@ -182,6 +182,7 @@ def run_policy(
         first_token,
         finished,
     )
+    cluster.on_kv_pressure = lambda inst_id: controller.on_kv_pressure(loop.now(), inst_id, cluster)
     names = wl.model_names
 
     def arrive(k: int) -> None:
