@@ -41,6 +41,12 @@ ALL = [
 ]  # fmt: skip
 SENS_POLICIES = ["warmserve", "warmserve-plus", "serverlessllm", "muxserve", "vanilla-autoscale"]
 SWEEP_RPS = [2, 4, 8, 16, 24, 32, 40, 48, 64]
+MIXED8_RPS = [1, 2, 4, 8, 16, 32]  # 8 models of mixed size on 16 GPUs: memory is contended
+MIXED8_POLICIES = ["warmserve", "warmserve-plus", "serverlessllm", "muxserve", "static",
+                   "vanilla-autoscale"]  # fmt: skip
+ABLATION = ["warmserve", "warmserve-no-placement", "warmserve-no-prewarm",
+            "warmserve-no-kv-prewarm", "oracle", "warmserve-plus", "vanilla-autoscale"]  # fmt: skip
+SWEEPS = ("conv", "code", "conv-8models")
 SENS_RPS = 16.0
 KEYS = [
     "arrived", "completed", "failed", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
@@ -95,6 +101,12 @@ def jobs(quick: bool) -> list[tuple[str, dict[str, Any], Experiment, list[str]]]
         out.append(("headline", {"service": svc}, b, ALL))
         for rps in rates:
             out.append(("sweep", {"service": svc, "rps": rps}, variant(b, rps=float(rps)), ALL))
+    for rps in MIXED8_RPS[:3] if quick else MIXED8_RPS:
+        exp = variant(base("conv"), models=8, rps=float(rps))
+        out.append(("sweep", {"service": "conv-8models", "rps": rps}, exp, MIXED8_POLICIES))
+    for count in (8, 16) if quick else (8, 16, 32):
+        exp = variant(base("conv"), models=count, rps=SENS_RPS)
+        out.append(("ablation", {"models": count}, exp, ABLATION))
     servegen = load_experiment(ROOT / "experiments" / "servegen-m-mid.yaml")
     out.append(("servegen", {"service": "servegen-m-mid"}, servegen, ALL))
     conv = base("conv")
@@ -123,27 +135,52 @@ def sweep_rows(rows: list[dict[str, Any]], svc: str) -> dict[str, list[dict[str,
     return {p: sorted(v, key=lambda r: r["rps"]) for p, v in by.items()}
 
 
+def _scenarios(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Runs grouped by workload: label -> policy -> row."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        labels = {k: r[k] for k in ("service", "rps", "alpha", "cv", "gpus", "models") if k in r}
+        out.setdefault(f"{r['group']} {labels}", {})[r["policy"]] = r
+    return out
+
+
 def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for svc in ("conv", "code"):
+    out: dict[str, Any] = {"ttft_p99_vs_serverlessllm": {}, "max_rps_at_slo": {}}
+    scen = _scenarios(rows)
+    for policy in ("warmserve", "warmserve-plus"):
+        ratios = sorted(
+            (
+                (runs["serverlessllm"]["ttft_p99_s"] / runs[policy]["ttft_p99_s"], name)
+                for name, runs in scen.items()
+                if policy in runs and "serverlessllm" in runs
+            ),
+            reverse=True,
+        )
+        ref = {svc: scen[f"headline {{'service': '{svc}'}}"] for svc in ("conv", "code")}
+
+        def tail(svc: str, other: str, policy: str = policy, ref: Any = ref) -> float:
+            return float(ref[svc][other]["ttft_p99_s"] / ref[svc][policy]["ttft_p99_s"])
+
+        out["ttft_p99_vs_serverlessllm"][policy] = {
+            "reference_setup_conv": tail("conv", "serverlessllm"),
+            "reference_setup_code": tail("code", "serverlessllm"),
+            "max": ratios[0][0],
+            "max_at": ratios[0][1],
+            "min": ratios[-1][0],
+            "min_at": ratios[-1][1],
+            "vs_vanilla_reference_conv": tail("conv", "vanilla-autoscale"),
+        }
+    for svc in SWEEPS:
         sw = sweep_rows(rows, svc)
-        max_rps = {
+        best = {
             p: max_rate_at_slo([(r["rps"], r["slo_attainment"]) for r in v]) for p, v in sw.items()
         }
-        ratios = [
-            (r_s["ttft_p99_s"] / r_w["ttft_p99_s"], r_w["rps"])
-            for r_w, r_s in zip(sw["warmserve"], sw["serverlessllm"], strict=True)
-        ]
-        head = {r["policy"]: r for r in rows if r["group"] == "headline" and r["service"] == svc}
-        w, m = max_rps["warmserve"], max_rps["muxserve"]
-        out[svc] = {
-            "max_rps_at_slo": max_rps,
-            "p99_ttft_ratio_vs_serverlessllm_at_rps1": head["serverlessllm"]["ttft_p99_s"]
-            / head["warmserve"]["ttft_p99_s"],
-            "p99_ttft_ratio_vs_serverlessllm_max": max(ratios),
-            "p99_ttft_ratio_vs_vanilla_at_rps1": head["vanilla-autoscale"]["ttft_p99_s"]
-            / head["warmserve"]["ttft_p99_s"],
-            "max_rps_ratio_vs_muxserve": (w / m) if w and m else None,
+        m = best.get("muxserve")
+        w, wp = best.get("warmserve"), best.get("warmserve-plus")
+        out["max_rps_at_slo"][svc] = {
+            "by_policy": best,
+            "warmserve_over_muxserve": w / m if w and m else None,
+            "warmserve_plus_over_muxserve": wp / m if wp and m else None,
         }
     return out
 
@@ -158,38 +195,60 @@ def fmt(x: Any, spec: str = "{:.3f}") -> str:
 
 def tables(rows: list[dict[str, Any]], heads: dict[str, Any]) -> str:
     lines = ["<!-- generated by scripts/evaluate.py; do not edit -->", ""]
-    for svc in ("conv", "code"):
-        h = heads[svc]
-        lines += [
-            f"### Azure {'Conversation' if svc == 'conv' else 'Coding'}: reference setup, rps 1",
-            "",
-        ]
+    for svc in SWEEPS:
+        h = heads["max_rps_at_slo"][svc]["by_policy"]
+        title = {"conv": "Azure Conversation", "code": "Azure Coding",
+                 "conv-8models": "Azure Conversation, 8 models of mixed size"}[svc]  # fmt: skip
+        lines += [f"### {title}", ""]
         lines += [
             "| policy | TTFT p50 s | p90 s | p99 s | TPOT mean ms | done | SLO | cold | hits "
             "| max rps at SLO |",
             "|---" * 10 + "|",
         ]
-        for r in rows:
+        for r in rows if svc in ("conv", "code") else []:
             if r["group"] == "headline" and r["service"] == svc:
                 lines.append(
                     f"| {r['policy']} | {fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p90_s'])} | "
                     f"{fmt(r['ttft_p99_s'])} | {fmt(_ms(r['tpot_mean_s']), '{:.1f}')} | "
                     f"{r['completed']}/{r['arrived']} | {fmt(r['slo_attainment'], '{:.1%}')} | "
                     f"{r['cold_starts']} | {r['prewarm_hits'] + r['inprogress_hits']} | "
-                    f"{fmt(h['max_rps_at_slo'].get(r['policy']), '{:g}')} |"
+                    f"{fmt(h.get(r['policy']), '{:g}')} |"
                 )
-        lines += [""]
+        rates = MIXED8_RPS if svc == "conv-8models" else SWEEP_RPS
         lines += [
-            "| policy | " + " | ".join(f"rps {x}" for x in SWEEP_RPS) + " |",
-            "|---" * (len(SWEEP_RPS) + 1) + "|",
+            "",
+            "Rate sweep (SLO attainment / P99 TTFT in s; last column: max rps at SLO):",
+            "",
+        ]
+        lines += [
+            "| policy | " + " | ".join(f"rps {x}" for x in rates) + " | max |",
+            "|---" * (len(rates) + 2) + "|",
         ]
         for p, v in sweep_rows(rows, svc).items():
             cells = [
                 f"{fmt(r['slo_attainment'], '{:.0%}')} / {fmt(r['ttft_p99_s'], '{:.2f}')}"
                 for r in v
             ]
-            lines.append(f"| {p} | " + " | ".join(cells) + " |")
-        lines += ["", "(SLO attainment / P99 TTFT in s at each rate)", ""]
+            lines.append(f"| {p} | " + " | ".join(cells) + f" | {fmt(h.get(p), '{:g}')} |")
+        lines += [""]
+    lines += ["### Ablations: 8, 16, 32 models of mixed size on 16 GPUs, 16 rps", ""]
+    counts = sorted({r["models"] for r in rows if r["group"] == "ablation"})
+    lines += [
+        "| policy | " + " | ".join(f"{c} models: SLO / p90 / p99 TTFT s" for c in counts) + " |",
+        "|---" * (len(counts) + 1) + "|",
+    ]
+    for p in ABLATION:
+        cells = []
+        for c in counts:
+            r = next(
+                r
+                for r in rows
+                if r["group"] == "ablation" and r["models"] == c and r["policy"] == p
+            )
+            slo, p90 = fmt(r["slo_attainment"], "{:.1%}"), fmt(r["ttft_p90_s"], "{:.2f}")
+            cells.append(f"{slo} / {p90} / {fmt(r['ttft_p99_s'], '{:.2f}')}")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += [""]
     lines += ["### ServeGen m-mid: 8 busiest clients as deployments, day 13, 8 rps", ""]
     lines += [
         "| policy | TTFT p50 s | p90 s | p99 s | TPOT mean ms | done | SLO | cold | hits |",
@@ -232,18 +291,18 @@ def tables(rows: list[dict[str, Any]], heads: dict[str, Any]) -> str:
 
 
 def plots(rows: list[dict[str, Any]]) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for col, svc in enumerate(("conv", "code")):
+    fig, axes = plt.subplots(2, 3, figsize=(16, 7.5))
+    for col, svc in enumerate(SWEEPS):
         for p, v in sweep_rows(rows, svc).items():
             xs = [r["rps"] for r in v]
-            style = "-" if not p.startswith("warmserve-") else ":"
+            style = ":" if p.startswith("warmserve-no") or p == "oracle" else "-"
             axes[0][col].plot(
                 xs, [r["slo_attainment"] for r in v], style, marker="o", ms=3, label=p
             )
             axes[1][col].plot(xs, [r["ttft_p99_s"] for r in v], style, marker="o", ms=3, label=p)
         axes[0][col].axhline(0.9, color="grey", ls="--", lw=1)
-        axes[0][col].set_title(f"Azure {svc}: SLO attainment")
-        axes[1][col].set_title(f"Azure {svc}: P99 TTFT (s, log)")
+        axes[0][col].set_title(f"{svc}: SLO attainment")
+        axes[1][col].set_title(f"{svc}: P99 TTFT (s, log)")
         axes[1][col].set_yscale("log")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xlabel("requests/s")
