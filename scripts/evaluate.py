@@ -53,6 +53,9 @@ KEYS = [
     "tpot_mean_s", "tpot_p99_s", "throughput_rps", "slo_attainment", "cold_starts",
     "prewarm_hits", "inprogress_hits", "forecast_peak_rel_error",
 ]  # fmt: skip
+# One colour per policy in every plot.
+COLOURS = dict(zip(ALL, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                         "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"], strict=True))  # fmt: skip
 MIXED = [("llama-2-7b", 1), ("llama-2-7b", 1), ("llama-2-13b", 2), ("llama-2-70b", 4)]
 
 
@@ -296,10 +299,9 @@ def plots(rows: list[dict[str, Any]]) -> None:
         for p, v in sweep_rows(rows, svc).items():
             xs = [r["rps"] for r in v]
             style = ":" if p.startswith("warmserve-no") or p == "oracle" else "-"
-            axes[0][col].plot(
-                xs, [r["slo_attainment"] for r in v], style, marker="o", ms=3, label=p
-            )
-            axes[1][col].plot(xs, [r["ttft_p99_s"] for r in v], style, marker="o", ms=3, label=p)
+            kw = {"marker": "o", "ms": 3, "label": p, "color": COLOURS[p]}
+            axes[0][col].plot(xs, [r["slo_attainment"] for r in v], style, **kw)
+            axes[1][col].plot(xs, [r["ttft_p99_s"] for r in v], style, **kw)
         axes[0][col].axhline(0.9, color="grey", ls="--", lw=1)
         axes[0][col].set_title(f"{svc}: SLO attainment")
         axes[1][col].set_title(f"{svc}: P99 TTFT (s, log)")
@@ -325,7 +327,7 @@ def plots(rows: list[dict[str, Any]]) -> None:
                 for r in sel
                 if r["policy"] == p
             )
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p, color=COLOURS[p])
         ax.set_yscale("log")
         ax.set_xlabel(label + (" (0 = trace)" if group == "burstiness" else ""))
         ax.set_title(f"P99 TTFT vs {group}")
@@ -382,8 +384,17 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="fewer points (a smoke run, not for the doc)"
     )
+    ap.add_argument(
+        "--replot", action="store_true", help="redo tables and plots from docs/eval/results.json"
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        saved = json.loads((OUT / "results.json").read_text())
+        heads = headline(saved["runs"])
+        (OUT / "tables.md").write_text(tables(saved["runs"], heads))
+        plots(saved["runs"])
+        return
     todo = jobs(args.quick)
     rows: list[dict[str, Any]] = []
     with (
