@@ -105,9 +105,6 @@ class Controller:
             self._plan(cluster)
 
     # ----- queries ----------------------------------------------------------------------
-    def queue_length(self, model: ModelName) -> int:
-        return len(self._queues[model])
-
     def load(self, model: ModelName, now: float) -> float:
         return self._load[model].mean(now, self.cfg.scale_window_s)
 

@@ -76,11 +76,6 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
     return out
 
 
-def service_time_fn(model: SimModel) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Isolated service time per request (prefill + each further token), vectorised."""
-    return model.step_model.isolated_service_s
-
-
 def host_caches(exp: Experiment) -> list[NodeCheckpointCache]:
     c = exp.costs
     return [
@@ -104,7 +99,9 @@ def ideal_windows(
     for k, name in enumerate(wl.model_names):
         sel = wl.model_idx == k
         t = wl.arrival_s[sel]
-        dur = service_time_fn(models[name])(wl.input_tokens[sel], wl.output_tokens[sel])
+        dur = models[name].step_model.isolated_service_s(
+            wl.input_tokens[sel], wl.output_tokens[sel]
+        )
         out[name] = concurrency_windows(t, t + dur, span, window)
     return out
 
@@ -242,6 +239,9 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
     models = models or build_models(exp)
     served = exp.served_models()
     names = [n for n, _, _ in served]
+    lens = [s.max_model_len for _, s, _ in served]
+    # Each request's isolated service time: how forecast history turns arrivals into load.
+    times = [models[n].step_model.isolated_service_s for n in names]
     w = exp.workload
     if w.trace.startswith("servegen:"):
         sg = ServeGenSpec(
@@ -254,14 +254,7 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
             min_output_tokens=w.min_output_tokens,
             max_output_tokens=w.max_output_tokens,
         )
-        return build_servegen(
-            sg,
-            names,
-            [s.max_model_len for _, s, _ in served],
-            [service_time_fn(models[n]) for n in names],
-            exp.control.forecast_window_s,
-            exp.seed,
-        )
+        return build_servegen(sg, names, lens, times, exp.control.forecast_window_s, exp.seed)
     if w.trace.endswith(".csv"):
         trace = load_csv_trace(exp.base_dir / w.trace)
         return from_trace(
@@ -284,12 +277,5 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
         max_output_tokens=w.max_output_tokens,
         burstiness_cv=w.burstiness_cv,
     )
-    return build_azure(
-        spec,
-        names,
-        [s.max_model_len for _, s, _ in served],
-        [service_time_fn(models[n]) for n in names],
-        exp.control.forecast_window_s,
-        exp.control.forecast_cycle,
-        exp.seed,
-    )
+    window, cycle = exp.control.forecast_window_s, exp.control.forecast_cycle
+    return build_azure(spec, names, lens, times, window, cycle, exp.seed)
