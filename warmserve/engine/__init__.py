@@ -1,0 +1,1 @@
+"""A compact paged-KV LLM engine (Llama family). Block bookkeeping here is torch-free."""

@@ -1,0 +1,165 @@
+"""Llama-family decoder over a paged KV cache (Llama, SmolLM2, Mistral; Qwen2 with qkv bias).
+
+Parameters are plain tensors taken from an HF state dict (they may be views into a memory
+pool slot). The KV cache is one tensor per K and V, `[layers, blocks, block_size, kv_heads,
+head_dim]`; a sequence's tokens live in the blocks of its block table, in order. A forward
+step takes any mix of sequences, each with some new tokens starting at some position: prefill
+is many new tokens, decode is one. Linear layers run over all new tokens at once; attention
+runs per sequence over its gathered blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any]) -> LlamaShape:
+        heads = int(cfg["num_attention_heads"])
+        scaling = cfg.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise NotImplementedError(f"RoPE scaling {scaling!r} is not supported yet")
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SeqInput:
+    """One sequence's part of a step: new tokens from `start` on, and its block table."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_table: Sequence[int]
+
+
+class PagedKVCache:
+    def __init__(
+        self, shape: LlamaShape, num_blocks: int, block_size: int, dtype: torch.dtype
+    ) -> None:
+        size = (shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
+        self.block_size = block_size
+        self.k = torch.zeros(size, dtype=dtype)
+        self.v = torch.zeros(size, dtype=dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PagedLlama:
+    def __init__(self, shape: LlamaShape, params: Mapping[str, torch.Tensor]) -> None:
+        self.shape = shape
+        p = dict(params)
+        self.embed = p["model.embed_tokens.weight"]
+        self.norm = p["model.norm.weight"]
+        self.lm_head = self.embed if shape.tie_word_embeddings else p["lm_head.weight"]
+        self.layers = []
+        for i in range(shape.num_layers):
+            prefix = f"model.layers.{i}."
+            self.layers.append(
+                {k.removeprefix(prefix): v for k, v in p.items() if k.startswith(prefix)}
+            )
+        inv = 1.0 / (
+            shape.rope_theta ** (torch.arange(0, shape.head_dim, 2).float() / shape.head_dim)
+        )
+        self._inv_freq = inv
+
+    def _rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self._inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, seqs: Sequence[SeqInput], cache: PagedKVCache) -> torch.Tensor:
+        """Logits of the last new token of each sequence, `[len(seqs), vocab]`."""
+        s = self.shape
+        bs = cache.block_size
+        ids = torch.tensor([t for q in seqs for t in q.token_ids], dtype=torch.long)
+        positions = torch.tensor(
+            [q.start + j for q in seqs for j in range(len(q.token_ids))], dtype=torch.long
+        )
+        # Where each new token's K/V goes: (block, offset) from its sequence's block table.
+        slots_b = torch.tensor(
+            [q.block_table[(q.start + j) // bs] for q in seqs for j in range(len(q.token_ids))]
+        )
+        slots_o = positions % bs
+        x = self.embed[ids]
+        cos, sin = self._rope(positions, x.dtype)
+        bounds = torch.tensor([0] + [len(q.token_ids) for q in seqs]).cumsum(0).tolist()
+        rep = s.num_heads // s.num_kv_heads
+        for li, w in enumerate(self.layers):
+            h = _rms_norm(x, w["input_layernorm.weight"], s.rms_norm_eps)
+            q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
+            k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
+            v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+            q = q.view(-1, s.num_heads, s.head_dim)
+            k = k.view(-1, s.num_kv_heads, s.head_dim)
+            v = v.view(-1, s.num_kv_heads, s.head_dim)
+            q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+            cache.k[li, slots_b, slots_o] = k.to(cache.k.dtype)
+            cache.v[li, slots_b, slots_o] = v.to(cache.v.dtype)
+            out = torch.empty_like(q)
+            for n, seq in enumerate(seqs):
+                lo, hi = bounds[n], bounds[n + 1]
+                total = seq.start + (hi - lo)
+                blocks = torch.tensor(list(seq.block_table[: -(-total // bs)]))
+                kk = cache.k[li, blocks].reshape(-1, s.num_kv_heads, s.head_dim)[:total]
+                vv = cache.v[li, blocks].reshape(-1, s.num_kv_heads, s.head_dim)[:total]
+                kk = kk.to(q.dtype).repeat_interleave(rep, dim=1).transpose(0, 1)
+                vv = vv.to(q.dtype).repeat_interleave(rep, dim=1).transpose(0, 1)
+                qq = q[lo:hi].transpose(0, 1)
+                # Causal over the whole context: query j (absolute start + j) sees keys <= it.
+                qpos = torch.arange(seq.start, total)[:, None]
+                mask = torch.arange(total)[None, :] <= qpos
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
+                out[lo:hi] = o.transpose(0, 1)
+            x = x + F.linear(
+                out.reshape(-1, s.num_heads * s.head_dim), w["self_attn.o_proj.weight"]
+            )
+            h = _rms_norm(x, w["post_attention_layernorm.weight"], s.rms_norm_eps)
+            gate = F.linear(h, w["mlp.gate_proj.weight"])
+            up = F.linear(h, w["mlp.up_proj.weight"])
+            x = x + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
+        last = torch.tensor(bounds[1:]) - 1
+        h = _rms_norm(x[last], self.norm, s.rms_norm_eps)
+        return F.linear(h, self.lm_head)
