@@ -70,6 +70,28 @@ class PagedKVCache:
         self.k = torch.zeros(size, dtype=dtype)
         self.v = torch.zeros(size, dtype=dtype)
 
+    @classmethod
+    def from_buffer(
+        cls,
+        shape: LlamaShape,
+        buf: torch.Tensor,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+    ) -> PagedKVCache:
+        """K and V as views of a uint8 buffer (e.g. a pool slot): no allocation, no copy."""
+        cache = cls.__new__(cls)
+        cache.block_size = block_size
+        size = (shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
+        n = 1
+        for d in size:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        assert buf.numel() >= 2 * nbytes, "buffer too small for the KV cache"
+        cache.k = buf[:nbytes].view(dtype).view(size)
+        cache.v = buf[nbytes : 2 * nbytes].view(dtype).view(size)
+        return cache
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype

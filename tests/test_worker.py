@@ -1,0 +1,59 @@
+"""Worker operations end to end on CPU: prewarm several models, activate, serve, switch."""
+
+import pytest
+from test_engine import PROMPTS, hf_greedy
+from test_engine_golden import tiny_model
+
+from warmserve.engine.request import SamplingParams
+from warmserve.worker.pages import CpuPages
+from warmserve.worker.pool import PagePool
+from warmserve.worker.worker import UniversalWorker
+
+
+@pytest.fixture
+def models(tmp_path):
+    out = {}
+    for kind in ("llama", "qwen2"):
+        model = tiny_model(kind)
+        model.save_pretrained(tmp_path / kind)
+        out[kind] = (model, tmp_path / kind)
+    return out
+
+
+def in_slot(tensor, slot, pool):
+    lo = slot.addr
+    hi = lo + len(slot.pages) * pool.page_bytes
+    return lo <= tensor.data_ptr() < hi
+
+
+def test_prewarm_activate_serve_deactivate_switch(models):
+    pool = PagePool(CpuPages(8))  # 8 pages of 2 MiB
+    worker = UniversalWorker(pool, block_size=8)
+    (llama, llama_dir), (qwen, qwen_dir) = models["llama"], models["qwen2"]
+    worker.prewarm("a", llama_dir)
+    worker.prewarm("b", qwen_dir)
+    pool.check()
+    st = worker.status()
+    assert st.prewarmed == ("a", "b") and st.pages == {"free": 6, "weights": 2, "kv": 0, "lent": 0}
+    a = worker.resident["a"]
+    assert all(in_slot(t, a.slot, pool) for t in a.params.values())  # weights live in the slot
+
+    engine = worker.activate("a")  # b is evicted: its page becomes a's KV, no copy
+    pool.check()
+    st = worker.status()
+    assert (
+        st.serving == "a" and st.prewarmed == () and st.pages["kv"] == 7 and st.pages["free"] == 0
+    )
+    assert in_slot(engine.cache.k, worker._kv_slot, pool)
+    params = SamplingParams(max_tokens=8)
+    assert engine.generate(PROMPTS, params) == [hf_greedy(llama, p, 8) for p in PROMPTS]
+
+    worker.deactivate()  # KV dropped, weights stay prewarmed
+    pool.check()
+    assert worker.status().prewarmed == ("a",) and worker.status().pages["free"] == 7
+    worker.prewarm("b", qwen_dir)
+    engine = worker.activate("b")
+    pool.check()
+    assert engine.generate(PROMPTS, params) == [hf_greedy(qwen, p, 8) for p in PROMPTS]
+    assert sum(worker.status().pages.values()) == 8
+    pool.close()
