@@ -1,4 +1,4 @@
-"""`warmserve` command line: `simulate` now; `serve` and `bench` build on the same control plane."""
+"""`warmserve` command line: `simulate` and `models prepare`; `serve` and `bench` come next."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from warmserve.control.registry import POLICIES
 from warmserve.experiment import Experiment, ExperimentError, load_experiment
+from warmserve.models import ModelPrepError
 from warmserve.traces import TraceError
 
 
@@ -32,7 +33,21 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="check page conservation after every event (slow)"
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    models = sub.add_parser("models", help="prepare the packaged real models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="convert SmolLM2-135M-Instruct once into an HF folder")
+    prep.add_argument("--dir", type=Path, help="cache folder (default ~/.cache/warmserve/models)")
     return p
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    from warmserve.models import prepare_smollm2
+
+    with tqdm(total=3, desc="SmolLM2-135M-Instruct", unit="step") as bar:
+        path = prepare_smollm2(args.dir, lambda name: (bar.set_postfix_str(name), bar.update()))
+        bar.update(bar.total - bar.n)
+    print(path)
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -120,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
-    except (ExperimentError, TraceError) as e:
+        if args.command == "models":
+            return _models_prepare(args)
+    except (ExperimentError, TraceError, ModelPrepError) as e:
         print(f"warmserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
