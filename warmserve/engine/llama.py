@@ -130,6 +130,40 @@ class PagedLlama:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    @staticmethod
+    def _decode_meta(seqs: Sequence[SeqInput], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded block tables `[B, max_blocks]` and a key mask `[B, max_blocks * bs]`."""
+        lens = [q.start + 1 for q in seqs]
+        width = max(-(-n // bs) for n in lens)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, q in enumerate(seqs):
+            used = list(q.block_table[: -(-lens[i] // bs)])
+            tables[i, : len(used)] = torch.tensor(used)
+        mask = torch.arange(width * bs)[None, :] < torch.tensor(lens)[:, None]
+        return tables, mask
+
+    def _decode_attention(
+        self,
+        q: torch.Tensor,
+        cache: PagedKVCache,
+        layer: int,
+        meta: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        assert meta is not None
+        tables, mask = meta
+        s = self.shape
+        b = q.shape[0]
+        kk = cache.k[layer][tables].reshape(b, -1, s.num_kv_heads, s.head_dim).to(q.dtype)
+        vv = cache.v[layer][tables].reshape(b, -1, s.num_kv_heads, s.head_dim).to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            q[:, :, None, :],  # [B, heads, 1, head_dim]
+            kk.transpose(1, 2),
+            vv.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            enable_gqa=True,
+        )
+        return o[:, :, 0, :]
+
     @torch.inference_mode()
     def forward(self, seqs: Sequence[SeqInput], cache: PagedKVCache) -> torch.Tensor:
         """Logits of the last new token of each sequence, `[len(seqs), vocab]`."""
@@ -148,6 +182,10 @@ class PagedLlama:
         cos, sin = self._rope(positions, x.dtype)
         bounds = torch.tensor([0] + [len(q.token_ids) for q in seqs]).cumsum(0).tolist()
         rep = s.num_heads // s.num_kv_heads
+        decode = [n for n, q in enumerate(seqs) if len(q.token_ids) == 1]
+        multi = [n for n, q in enumerate(seqs) if len(q.token_ids) != 1]
+        decode_rows = torch.tensor([bounds[n] for n in decode], dtype=torch.long)
+        dec_meta = self._decode_meta([seqs[n] for n in decode], bs) if decode else None
         for li, w in enumerate(self.layers):
             h = _rms_norm(x, w["input_layernorm.weight"], s.rms_norm_eps)
             q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
@@ -161,7 +199,10 @@ class PagedLlama:
             cache.k[li, slots_b, slots_o] = k.to(cache.k.dtype)
             cache.v[li, slots_b, slots_o] = v.to(cache.v.dtype)
             out = torch.empty_like(q)
-            for n, seq in enumerate(seqs):
+            if decode:  # all one-token sequences in one attention call
+                out[decode_rows] = self._decode_attention(q[decode_rows], cache, li, dec_meta)
+            for n in multi:
+                seq = seqs[n]
                 lo, hi = bounds[n], bounds[n + 1]
                 total = seq.start + (hi - lo)
                 blocks = torch.tensor(list(seq.block_table[: -(-total // bs)]))
