@@ -54,6 +54,7 @@ class PagePool:
         self._next_slot = 0
         self._queue = ThreadPoolExecutor(1, "pool-map") if asynchronous else None
         self._last: Future[None] | None = None
+        self.bytes_copied = 0  # bytes written by weight loads (activation must add none)
 
     # ----- books ------------------------------------------------------------------------
     def counts(self) -> dict[PageUse, int]:

@@ -48,6 +48,7 @@ def load_into_slot(pool: PagePool, slot: Slot, files: list[Path]) -> dict[str, t
                 t = f.get_tensor(name)
                 view = whole[off : off + nbytes].view(t.dtype).view(t.shape)
                 view.copy_(t)
+                pool.bytes_copied += nbytes  # the pool's only copying path: loading weights
                 out[name] = view
     return out
 
