@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_output import write_json
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from warmserve.engine.request import SamplingParams
@@ -125,11 +126,7 @@ def main() -> None:
                 measure("random-llama-1GB", big, smol, pages=1024)]  # fmt: skip
     for r in rows:
         print(json.dumps(r))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"benchmark": "activation", "results": rows}, indent=2) + "\n"
-        )
+    write_json(args.json, {"benchmark": "activation", "results": rows})
 
 
 if __name__ == "__main__":

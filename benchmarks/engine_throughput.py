@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_output import write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from warmserve.engine.engine import Engine
@@ -94,11 +95,8 @@ def main() -> None:
                    "transformers_tok_s": round(t, 1), "ratio": round(w / t, 2)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct",
-               "tokens_per_request": args.tokens, "results": rows}  # fmt: skip
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, {"benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct",
+                           "tokens_per_request": args.tokens, "results": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

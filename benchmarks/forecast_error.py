@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from bench_output import write_json
 
 from warmserve.control.forecaster import Forecaster
 from warmserve.hardware import GPU_PRESETS
@@ -78,11 +79,7 @@ def main() -> None:
             row = {"service": service, "rate_rps": rate, **score(avg, peak)}
             rows.append(row)
             print(json.dumps(row))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"benchmark": "forecast_error", "results": rows}, indent=2) + "\n"
-        )
+    write_json(args.json, {"benchmark": "forecast_error", "results": rows})
 
 
 if __name__ == "__main__":

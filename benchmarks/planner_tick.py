@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from bench_output import write_json
 from helpers import apply_plan
 
 from warmserve.control.api import ClusterSnapshot, GpuView, ServedModel
@@ -132,9 +133,7 @@ def main() -> None:
         ),
     }
     print(json.dumps(row, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"benchmark": "planner_tick", **row}, indent=2) + "\n")
+    write_json(args.json, {"benchmark": "planner_tick", **row})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import platform
 import time
 from pathlib import Path
 
+from bench_output import write_json
 from tqdm import tqdm
 
 from warmserve.experiment import load_experiment
@@ -78,9 +79,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "results": results,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -248,7 +248,7 @@ class Controller:
         full = view.kv_pages + view.kv_lent_pages
         actions = kv_actions(view, target, snap, self._replica_scores, max(1, full // 20))
         if actions:
-            cluster.apply(list(actions))
+            cluster.apply(actions)
         return bool(actions)
 
     def on_kv_pressure(self, now: float, instance_id: InstanceId, cluster: ClusterHandle) -> None:
