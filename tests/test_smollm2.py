@@ -9,12 +9,11 @@ from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama, SeqInput
 from warmserve.engine.request import SamplingParams
 from warmserve.engine.scheduler import Scheduler
-from warmserve.models import prepare_smollm2
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    path = prepare_smollm2(tmp_path_factory.mktemp("models"))
+def smol(smollm2_dir):
+    path = smollm2_dir
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok

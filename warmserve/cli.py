@@ -1,4 +1,4 @@
-"""`warmserve` command line: `simulate` and `models prepare`; `serve` and `bench` come next."""
+"""`warmserve` command line: `serve`, `bench`, `simulate` and `models prepare`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from warmserve.bench import BenchError
 from warmserve.control.registry import POLICIES
 from warmserve.experiment import Experiment, ExperimentError, load_experiment
 from warmserve.models import ModelPrepError
@@ -33,18 +34,116 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="check page conservation after every event (slow)"
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible multi-model server")
+    serve.add_argument("config", type=Path, nargs="?",
+                       help="serve YAML file (default: the embedded one, see README)")  # fmt: skip
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument("--print-default-config", action="store_true",
+                       help="print the embedded default configuration and exit")  # fmt: skip
+    bench = sub.add_parser("bench", help="replay a real trace against an OpenAI-compatible server")
+    bench.add_argument("--endpoint", default="http://127.0.0.1:8000", help="server base URL")
+    bench.add_argument("--trace", default="azure-conv",
+                       help="azure-conv, azure-code, servegen:MODEL (e.g. servegen:m-mid) or a "
+                            "CSV file (timestamp_s,model,input_tokens,output_tokens)")  # fmt: skip
+    bench.add_argument("--models", required=True, help="comma-separated served model names")
+    bench.add_argument("--rps", type=float, default=1.0, help="mean rate in trace time")
+    bench.add_argument("--time-scale", type=float, default=1.0,
+                       help="replay this many times faster than the trace")  # fmt: skip
+    bench.add_argument("--duration", type=float, default=60.0, help="trace seconds to replay")
+    bench.add_argument("--start-hour", type=float, default=12.0, help="trace time of day")
+    bench.add_argument("--max-input-tokens", type=int, default=512)
+    bench.add_argument("--max-output-tokens", type=int, default=128)
+    bench.add_argument("--max-requests", type=int, default=10_000, help="a hard cap")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    bench.add_argument(
+        "--no-ignore-eos",
+        action="store_true",
+        help="do not ask the server to generate exactly the trace's output length",
+    )
+    bench.add_argument("--slo-ttft", type=float, default=5.0, help="TTFT bound for SLO (s)")
+    bench.add_argument("--slo-tpot", type=float, default=0.5, help="TPOT bound for SLO (s)")
+    bench.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
+    bench.add_argument("--out", type=Path, help="write summary.json and ttft_cdf.png here")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
     models = sub.add_parser("models", help="prepare the packaged real models")
     msub = models.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert SmolLM2-135M-Instruct once into an HF folder")
     prep.add_argument("--dir", type=Path, help="cache folder (default ~/.cache/warmserve/models)")
+    prep.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
+                      help="weights dtype (float32, the default, is what serve uses)")  # fmt: skip
     return p
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from warmserve.bench import BenchConfig, run_bench, table
+
+    cfg = BenchConfig(
+        endpoint=args.endpoint,
+        trace=args.trace,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        rps=args.rps,
+        time_scale=args.time_scale,
+        duration_s=args.duration,
+        start_hour=args.start_hour,
+        max_input_tokens=args.max_input_tokens,
+        max_output_tokens=args.max_output_tokens,
+        max_requests=args.max_requests,
+        seed=args.seed,
+        api_key=args.api_key,
+        ignore_eos=not args.no_ignore_eos,
+        request_timeout_s=args.timeout,
+        slo_ttft_s=args.slo_ttft,
+        slo_tpot_s=args.slo_tpot,
+    )
+    summary = run_bench(cfg, args.out, args.quiet)
+    print(table(summary))
+    if summary["errors"]:
+        print(f"{summary['failed']} failed; first error: {summary['errors'][0]}")
+    if args.out:
+        print(f"wrote {args.out}/summary.json and ttft_cdf.png")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from warmserve.serve_config import (
+        DEFAULT_YAML,
+        PACKAGED,
+        default_config,
+        load_serve_config,
+        with_overrides,
+    )
+
+    if args.print_default_config:
+        print(DEFAULT_YAML.strip())
+        return 0
+    cfg = load_serve_config(args.config) if args.config else default_config()
+    cfg = with_overrides(cfg, args.host, args.port)
+    from warmserve.server import run_server
+
+    def prepare() -> Path:
+        from warmserve.models import prepare_smollm2
+
+        with tqdm(total=3, desc="SmolLM2-135M-Instruct (first run)", unit="step") as bar:
+            path = prepare_smollm2(
+                None, lambda name: (bar.set_postfix_str(name), bar.update()), dtype="float32"
+            )
+            bar.update(bar.total - bar.n)
+        return path
+
+    needs = any(m.path == PACKAGED for m in cfg.models)
+    run_server(cfg, prepare if needs else None)
+    return 0
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
     from warmserve.models import prepare_smollm2
 
     with tqdm(total=3, desc="SmolLM2-135M-Instruct", unit="step") as bar:
-        path = prepare_smollm2(args.dir, lambda name: (bar.set_postfix_str(name), bar.update()))
+        path = prepare_smollm2(
+            args.dir, lambda name: (bar.set_postfix_str(name), bar.update()), dtype=args.dtype
+        )
         bar.update(bar.total - bar.n)
     print(path)
     return 0
@@ -137,7 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "models":
             return _models_prepare(args)
-    except (ExperimentError, TraceError, ModelPrepError) as e:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "bench":
+            return _bench(args)
+    except (ExperimentError, TraceError, ModelPrepError, BenchError) as e:
         print(f"warmserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -38,3 +38,13 @@ class WallClock:
 
     def now(self) -> float:
         return time.monotonic() - self._origin
+
+
+def seconds_into_day() -> float:
+    """UTC time of day now, in seconds: where a live forecaster's daily slots start."""
+    return time.time() % 86_400.0
+
+
+def unix_time() -> int:
+    """Seconds since the epoch, for timestamps in API responses (`created`)."""
+    return int(time.time())

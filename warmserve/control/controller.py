@@ -95,6 +95,31 @@ class Controller:
         if queue:
             self._dispatch(queue.popleft(), inst_id, cluster, now)
 
+    def cancel_queued(self, now: float, request_id: RequestId) -> bool:
+        """Drop a request still waiting for an instance (its client went away). False if it
+        was dispatched (then it ends through `on_request_done`) or is unknown."""
+        for name, queue in self._queues.items():
+            for req in queue:
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    self._load[name].add(now, -1)
+                    return True
+        return False
+
+    def on_instance_failed(
+        self, now: float, instance_id: InstanceId, cluster: ClusterHandle
+    ) -> list[RequestId]:
+        """An instance died with its worker: forget it; the requests it held, for the driver
+        to retry (through `on_request`) or fail."""
+        inst = self._instances.pop(instance_id, None)
+        lost = [r for r, i in self._request_instance.items() if i == instance_id]
+        for rid in lost:
+            del self._request_instance[rid]
+            if inst is not None:
+                self._load[inst.model].add(now, -1)
+        self._last_planned = None
+        return lost
+
     def tick(self, now: float, cluster: ClusterHandle) -> None:
         self._close_windows(now)
         for name in self.models:

@@ -54,11 +54,17 @@ class Engine:
         self._gens.pop(request_id, None)
 
     def step(self) -> list[Request]:
+        """One engine step; the requests it finished."""
+        return self.step_tokens()[1]
+
+    def step_tokens(self) -> tuple[dict[int, int], list[Request]]:
+        """One engine step: the token sampled for each request that sampled, and the requests
+        it finished (a finished request's last token is among the sampled ones)."""
         out = self.scheduler.schedule()
         if not out.seqs:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with requests pending")
-            return []
+            return {}, []
         logits = self.model.forward(
             [SeqInput(s.token_ids, s.start, s.block_table) for s in out.seqs], self.cache
         )
@@ -70,7 +76,7 @@ class Engine:
         finished = self.scheduler.update(out, sampled, self.eos_token_id)
         for req in finished:
             self._gens.pop(req.request_id, None)
-        return finished
+        return sampled, finished
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion together (continuous batching); outputs in prompt order."""

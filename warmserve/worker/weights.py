@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from warmserve.worker.layout import TensorPlace, weights_layout
 from warmserve.worker.pool import PagePool, Slot
 
-ALIGN = 256  # tensor offsets inside a slot, for any element size
+
+class LoadCancelled(RuntimeError):
+    pass
 
 
 def slot_view(slot: Slot, num_bytes: int) -> torch.Tensor:
@@ -19,41 +23,38 @@ def slot_view(slot: Slot, num_bytes: int) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8, count=num_bytes)
 
 
-def load_into_slot(pool: PagePool, slot: Slot, files: list[Path]) -> dict[str, torch.Tensor]:
-    """Copy every tensor of the safetensors files into the slot once; return views of it.
+def copy_into_slot(
+    pool: PagePool,
+    slot: Slot,
+    layout: list[TensorPlace],
+    num_pages: int,
+    cancel: threading.Event | None = None,
+) -> dict[str, torch.Tensor]:
+    """Copy every tensor once into a slot already grown by `num_pages`; return views of it.
 
-    The slot grows by exactly the pages needed; copying a tensor waits only until the pages
-    under it are mapped, so loading overlaps the (queued) mapping of later pages.
+    Copying a tensor waits only until the pages under it are mapped, so loading overlaps the
+    (queued) mapping of later pages. `cancel` is checked between tensors.
     """
-    layout: list[tuple[Path, str, int, int]] = []  # file, name, offset, bytes
-    offset = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                sl = f.get_slice(name)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                nbytes = numel * torch.empty((), dtype=_dtype(sl.get_dtype())).element_size()
-                layout.append((path, name, offset, nbytes))
-                offset = -(-(offset + nbytes) // ALIGN) * ALIGN
-    pages = max(1, -(-offset // pool.page_bytes))
-    pool.grow(slot, pages)
-    whole = slot_view(slot, pages * pool.page_bytes)
+    whole = slot_view(slot, num_pages * pool.page_bytes)
     out: dict[str, torch.Tensor] = {}
-    for path in dict.fromkeys(p for p, _, _, _ in layout):
+    for path in dict.fromkeys(t.file for t in layout):
         with safe_open(str(path), framework="pt") as f:
-            for _, name, off, nbytes in (x for x in layout if x[0] == path):
-                pool.wait_mapped(slot, -(-(off + nbytes) // pool.page_bytes))
-                t = f.get_tensor(name)
-                view = whole[off : off + nbytes].view(t.dtype).view(t.shape)
+            for place in (t for t in layout if t.file == path):
+                if cancel is not None and cancel.is_set():
+                    raise LoadCancelled(place.name)
+                pool.wait_mapped(slot, -(-(place.offset + place.nbytes) // pool.page_bytes))
+                t = f.get_tensor(place.name)
+                view = whole[place.offset : place.offset + place.nbytes].view(t.dtype)
+                view = view.view(t.shape)
                 view.copy_(t)
-                pool.bytes_copied += nbytes  # the pool's only copying path: loading weights
-                out[name] = view
+                pool.bytes_copied += place.nbytes  # the pool's only copying path
+                out[place.name] = view
     return out
 
 
-def _dtype(name: str) -> torch.dtype:
-    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32}  # fmt: skip
-    return table[name]
+def load_into_slot(pool: PagePool, slot: Slot, files: list[Path]) -> dict[str, torch.Tensor]:
+    """Grow the slot by exactly the pages needed and copy the checkpoint into it."""
+    layout, total = weights_layout(files)
+    pages = max(1, -(-total // pool.page_bytes))
+    pool.grow(slot, pages)
+    return copy_into_slot(pool, slot, layout, pages)

@@ -1,14 +1,20 @@
 """The universal worker: several models' weights resident in one pool, one of them serving.
 
-`prewarm` loads a model's weights into a slot. `activate` makes one model the serving
-instance: the other prewarmed models are evicted and their pages become the KV cache of the
-new instance by remapping, with no copy of weights or KV. `deactivate` drops the KV and keeps
-the weights prewarmed.
+`prewarm` loads a model's weights into a slot, on a background thread if asked, while the
+serving engine keeps stepping. `activate` makes one model the serving instance: the other
+prewarmed models are evicted and their pages become the KV cache of the new instance by
+remapping, with no copy of weights or KV. `deactivate` drops the KV and keeps the weights
+prewarmed. Pool books are touched under one lock (the loader thread and the caller share
+them); tensor copies and engine steps run outside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +24,13 @@ from warmserve.engine.engine import Engine
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama
 from warmserve.engine.scheduler import Scheduler
+from warmserve.worker.layout import checkpoint_files, weights_layout
 from warmserve.worker.pool import PagePool, PageUse, Slot
-from warmserve.worker.weights import load_into_slot, slot_view
+from warmserve.worker.weights import LoadCancelled, copy_into_slot, slot_view
+
+
+class WorkerError(RuntimeError):
+    pass
 
 
 @dataclass(slots=True)
@@ -35,8 +46,10 @@ class Resident:
 class WorkerStatus:
     pages: dict[str, int]  # by use
     prewarmed: tuple[str, ...]
+    loading: tuple[str, ...]
     serving: str | None
     kv_blocks: int
+    kv_used_blocks: int
     in_flight: int
 
 
@@ -48,62 +61,155 @@ class UniversalWorker:
         self.serving: str | None = None
         self.engine: Engine | None = None
         self._kv_slot: Slot | None = None
+        self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(1, "prewarm")
+        self._loading: dict[str, tuple[Future[float], threading.Event]] = {}
 
-    def prewarm(self, name: str, model_dir: Path) -> None:
-        cfg = json.loads((model_dir / "config.json").read_text())
-        slot = self.pool.new_slot(PageUse.WEIGHTS)
-        params = load_into_slot(self.pool, slot, sorted(model_dir.glob("*.safetensors")))
-        eos = cfg.get("eos_token_id")
-        self.resident[name] = Resident(
-            name,
-            LlamaShape.from_hf_config(cfg),
-            slot,
-            params,
-            eos if isinstance(eos, int) else None,
-        )
+    # ----- weights ----------------------------------------------------------------------
+    def prewarm(self, name: str, model_dir: Path, *, background: bool = False) -> Future[float]:
+        """Load `name` into a slot; the future gives the load's seconds (or its error)."""
+        with self._lock:
+            if name in self.resident or name in self._loading:
+                raise WorkerError(f"model {name!r} is already resident")
+            cancel = threading.Event()
+            fut = self._loader.submit(self._load, name, model_dir, cancel)
+            self._loading[name] = (fut, cancel)
+        if not background:
+            fut.result()
+        return fut
+
+    def _load(self, name: str, model_dir: Path, cancel: threading.Event) -> float:
+        t0 = time.perf_counter()
+        try:
+            cfg = json.loads((model_dir / "config.json").read_text())
+            shape = LlamaShape.from_hf_config(cfg)
+            layout, total = weights_layout(checkpoint_files(model_dir))
+            pages = max(1, -(-total // self.pool.page_bytes))
+            with self._lock:
+                slot = self.pool.new_slot(PageUse.WEIGHTS)
+                try:
+                    self.pool.grow(slot, pages)
+                except Exception:
+                    self.pool.free_slot(slot)
+                    raise
+            try:
+                params = copy_into_slot(self.pool, slot, layout, pages, cancel)
+            except BaseException:
+                with self._lock:
+                    self.pool.free_slot(slot)
+                raise
+            eos = cfg.get("eos_token_id")
+            with self._lock:
+                self.resident[name] = Resident(
+                    name, shape, slot, params, eos if isinstance(eos, int) else None
+                )
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+        return time.perf_counter() - t0
+
+    def wait_loads(self) -> None:
+        """Wait for every load in progress (cancelled ones included)."""
+        with self._lock:
+            futures = [f for f, _ in self._loading.values()]
+        for f in futures:
+            with contextlib.suppress(Exception):  # its own caller sees the error
+                f.result()
+
+    def cancel_loads(self, keep: str | None = None) -> None:
+        """Cancel every load in progress except `keep`'s (they stop between tensors)."""
+        with self._lock:
+            for name, (_, cancel) in self._loading.items():
+                if name != keep:
+                    cancel.set()
 
     def evict(self, name: str) -> None:
-        assert name != self.serving, "deactivate before evicting the serving model"
-        self.pool.free_slot(self.resident.pop(name).slot)
+        """Drop a prewarmed model's weights; a load in progress is cancelled."""
+        if name == self.serving:
+            raise WorkerError("deactivate before evicting the serving model")
+        with self._lock:
+            loading = self._loading.get(name)
+            if loading is not None:
+                loading[1].set()
+        if loading is not None:
+            try:
+                loading[0].result()
+            except LoadCancelled:
+                return
+        with self._lock:
+            res = self.resident.pop(name, None)
+            if res is None:
+                raise WorkerError(f"model {name!r} is not resident")
+            self.pool.free_slot(res.slot)
 
-    def activate(self, name: str) -> Engine:
-        """Serve `name`: evict every other prewarmed model, KV over all the pages then free."""
-        assert self.serving is None, "deactivate first"
-        model = self.resident[name]
+    # ----- serving ----------------------------------------------------------------------
+    def activate(self, name: str, kv_dtype: torch.dtype | None = None) -> Engine:
+        """Serve `name`: evict every other prewarmed model, KV over all the pages then free.
+
+        Waits for loads in progress first (its own, and cancelled ones freeing pages)."""
+        if self.serving is not None:
+            raise WorkerError(f"already serving {self.serving!r}; deactivate first")
+        self.wait_loads()
+        if name not in self.resident:
+            raise WorkerError(f"model {name!r} is not resident")
         for other in [n for n in self.resident if n != name]:
             self.evict(other)
+        model = self.resident[name]
         s = model.shape
-        block_bytes = 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * 4
-        kv = self.pool.new_slot(PageUse.KV)
-        free_pages = self.pool.counts()[PageUse.FREE]
-        self.pool.grow(kv, free_pages)
+        dtype = kv_dtype or next(iter(model.params.values())).dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        item = torch.empty((), dtype=dtype).element_size()
+        block_bytes = 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * item
+        with self._lock:
+            kv = self.pool.new_slot(PageUse.KV)
+            free_pages = self.pool.counts()[PageUse.FREE]
+            num_blocks = free_pages * self.pool.page_bytes // block_bytes
+            if num_blocks < 1:
+                self.pool.free_slot(kv)
+                raise WorkerError(f"no room for KV: {free_pages} free pages")
+            self.pool.grow(kv, free_pages)
         self.pool.wait_mapped(kv, free_pages)
-        num_blocks = free_pages * self.pool.page_bytes // block_bytes
-        if num_blocks < 1:
-            self.pool.free_slot(kv)
-            raise RuntimeError(f"no room for KV: {free_pages} free pages")
         cache = PagedKVCache.from_buffer(s, slot_view(kv, free_pages * self.pool.page_bytes),
-                                         num_blocks, self.block_size, torch.float32)  # fmt: skip
+                                         num_blocks, self.block_size, dtype)  # fmt: skip
         sched = Scheduler(BlockAllocator(num_blocks, self.block_size))
         self.engine = Engine(PagedLlama(s, model.params), cache, sched, model.eos_token_id)
         self._kv_slot, self.serving = kv, name
         return self.engine
 
-    def deactivate(self) -> None:
-        """Drop the KV cache; the weights stay prewarmed."""
-        assert self._kv_slot is not None and self.engine is not None
+    def deactivate(self, keep_weights: bool = True) -> None:
+        """Drop the KV cache (aborting what runs); the weights stay prewarmed if asked."""
+        if self._kv_slot is None or self.engine is None or self.serving is None:
+            raise WorkerError("not serving")
         for rid in list(self.engine.scheduler.requests):
             self.engine.abort(rid)
+        name = self.serving
         self.engine = None
-        self.pool.free_slot(self._kv_slot)
+        with self._lock:
+            self.pool.free_slot(self._kv_slot)
         self._kv_slot, self.serving = None, None
+        if not keep_weights:
+            self.evict(name)
 
     def status(self) -> WorkerStatus:
         eng = self.engine
+        with self._lock:
+            pages = {u.name.lower(): n for u, n in self.pool.counts().items()}
+            loading = tuple(self._loading)
+            prewarmed = tuple(n for n in self.resident if n != self.serving)
+        alloc = eng.scheduler.alloc if eng else None
         return WorkerStatus(
-            pages={u.name.lower(): n for u, n in self.pool.counts().items()},
-            prewarmed=tuple(n for n in self.resident if n != self.serving),
+            pages=pages,
+            prewarmed=prewarmed,
+            loading=loading,
             serving=self.serving,
-            kv_blocks=eng.scheduler.alloc.num_blocks if eng else 0,
+            kv_blocks=alloc.num_blocks if alloc else 0,
+            kv_used_blocks=alloc.num_blocks - alloc.num_free if alloc else 0,
             in_flight=len(eng.scheduler.requests) if eng else 0,
         )
+
+    def close(self) -> None:
+        with self._lock:
+            for _, cancel in self._loading.values():
+                cancel.set()
+        self._loader.shutdown(wait=True)

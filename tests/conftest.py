@@ -1,0 +1,34 @@
+"""Shared fixtures: the real SmolLM2 model (converted once per session) and a tiny random model
+that shares its tokenizer, for fast end-to-end tests."""
+
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from warmserve.models import prepare_smollm2
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct in fp32, prepared from the packaged GGUF (about 40 s)."""
+    return prepare_smollm2(tmp_path_factory.mktemp("models"), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random 2-layer Llama with SmolLM2's vocabulary, tokenizer and chat template."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, path / name)
+    return path

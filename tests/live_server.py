@@ -1,0 +1,76 @@
+"""A real `warmserve serve` stack (runtime, worker processes, FastAPI app, uvicorn) on a
+loopback port, run in a thread of the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import uvicorn
+
+from warmserve.serve_config import parse_serve_config
+from warmserve.server import Server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, raw_config: dict[str, Any], base_dir) -> None:
+        self.port = free_port()
+        cfg = parse_serve_config({**raw_config, "listen": {"port": self.port}}, base_dir)
+        self.server = Server(cfg)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._uv = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1",
+                                                 port=self.port, log_level="warning"))  # fmt: skip
+        self._thread = threading.Thread(target=self._uv.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.perf_counter() + 120
+        while not self._uv.started:
+            if not self._thread.is_alive() or time.perf_counter() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._uv.should_exit = True
+        self._thread.join(60)
+
+    # ----- helpers ----------------------------------------------------------------------
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30, **kw)
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=60, **kw)
+
+    def admin(self) -> dict[str, Any]:
+        return self.get("/admin/cluster").json()
+
+    def states(self) -> dict[str, str]:
+        return {m["id"]: m["state"] for m in self.get("/v1/models").json()["data"]}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample in /metrics (0 if absent)."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as rendered
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            key, _, value = line.rpartition(" ")
+            if (key == name and not want) or key == f"{name}{{{want}}}":
+                return float(value)
+        return 0.0
+
+    def wait_for(self, cond, timeout_s: float = 30.0, what: str = "condition") -> None:
+        deadline = time.perf_counter() + timeout_s
+        while not cond():
+            if time.perf_counter() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.05)

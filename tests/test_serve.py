@@ -1,0 +1,278 @@
+"""`warmserve serve` end to end: the real runtime, worker processes and HTTP, through the
+official `openai` client (and raw HTTP where a client would refuse to send the input)."""
+
+import json
+import os
+import signal
+import threading
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from live_server import LiveServer, free_port
+
+from warmserve.gateway.app import build_app
+
+CONTROL = {"capacity_per_instance": 4, "scale_window_s": 1.0, "protect_period_s": 1.0,
+           "tick_s": 0.1}  # fmt: skip
+
+
+def config(tiny_dir, smollm2_dir, **extra):
+    return {
+        "workers": {"count": 2, "pool_mib": 640, "threads": 1},
+        "models": [
+            {"name": "tiny-a", "path": str(tiny_dir)},
+            {"name": "tiny-b", "path": str(tiny_dir)},
+            {"name": "tiny-c", "path": str(tiny_dir)},
+            {"name": "smollm2", "path": str(smollm2_dir), "max_model_len": 1024},
+        ],
+        "control": CONTROL,
+        "limits": {"max_request_bytes": 65536, "shutdown_grace_s": 5},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def live(tiny_dir, smollm2_dir, tmp_path_factory):
+    with LiveServer(config(tiny_dir, smollm2_dir), tmp_path_factory.mktemp("serve")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_every_model_with_its_state(live, client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"tiny-a", "tiny-b", "tiny-c", "smollm2"}
+    states = live.states()
+    assert set(states.values()) <= {"serving", "starting", "prewarmed", "loading", "cold"}
+    assert live.get("/health").json() == {"status": "ok"}
+
+
+def test_smollm2_chat_streaming_equals_non_streaming(live, client):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    full = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12,
+                                          temperature=0)  # fmt: skip
+    text = full.choices[0].message.content
+    assert "Paris" in text
+    assert full.usage.completion_tokens >= 1 and full.usage.prompt_tokens > 10
+    assert full.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12,
+                                            temperature=0, stream=True)  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_completions_stream_usage_length_and_stop(client):
+    stream = client.completions.create(model="tiny-a", prompt="hello there", max_tokens=7,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                       stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 7 and chunks[-1].choices == []
+    assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == "length"
+    text = "".join(c.choices[0].text for c in chunks[:-1])
+    assert text
+    # A stop string cut out of the same greedy text: the output ends right before it.
+    words = text.split()
+    stop = words[len(words) // 2] if len(words) > 1 else text[2:4]
+    out = client.completions.create(
+        model="tiny-a",
+        prompt="hello there",
+        max_tokens=7,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == text[: text.index(stop)]
+
+
+def test_seeded_sampling_repeats(client):
+    kw = {"model": "tiny-b", "prompt": "a b c", "max_tokens": 8, "temperature": 1.0,
+          "top_p": 0.9, "seed": 1234, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    assert client.completions.create(**kw).choices[0].text == (
+        client.completions.create(**kw).choices[0].text
+    )
+
+
+def test_concurrent_requests_across_models(client):
+    results, errors = {}, []
+
+    def one(k: int) -> None:
+        model = ("tiny-a", "tiny-b", "tiny-c")[k % 3]
+        try:
+            r = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": f"hi {k}"}], max_tokens=6,
+                temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+            results[k] = (model, r.usage.completion_tokens)
+        except Exception as e:  # collected: the assertion below reports it
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert sorted(results) == list(range(9)) and all(n == 6 for _, n in results.values())
+
+
+def test_burst_activates_a_prewarmed_replica(live, client):
+    client.completions.create(model="tiny-c", prompt="warm up", max_tokens=2)
+    # Scale-down keeps the weights: the model is prewarmed once its instance stops.
+    live.wait_for(lambda: live.states()["tiny-c"] == "prewarmed", 30, "tiny-c prewarmed")
+    hits = live.metric("warmserve:instance_starts_total", model_name="tiny-c", path="prewarm_hit")
+    done = []
+    threads = [threading.Thread(target=lambda: done.append(client.completions.create(
+        model="tiny-c", prompt="burst", max_tokens=4).choices[0].finish_reason))
+        for _ in range(6)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(done) == 6
+    after = live.metric("warmserve:instance_starts_total", model_name="tiny-c", path="prewarm_hit")
+    assert after >= hits + 1
+    assert live.metric("warmserve:activation_seconds_count", model_name="tiny-c") >= 1
+
+
+def test_bad_input_gets_openai_errors_and_serving_goes_on(live, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-a", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-a", prompt="x", max_tokens=10_000)  # > context
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny-a", prompt="word " * 600, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-a", prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-a", prompt="x", temperature=-1)
+    raw = [
+        (b"{not json", 400),
+        (json.dumps({"model": "tiny-a", "prompt": "x", "max_tokens": "many"}).encode(), 400),
+        (json.dumps({"model": "tiny-a", "messages": "hello"}).encode(), 400),
+        (json.dumps({"prompt": "x"}).encode(), 400),
+        (json.dumps({"model": "tiny-a", "prompt": [10**9]}).encode(), 400),
+        (json.dumps({"model": "tiny-a", "prompt": "x" * 70_000}).encode(), 413),
+    ]
+    for body, status in raw:
+        path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+        r = live.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, (body[:60], r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"]
+    r = live.get("/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    ok = client.completions.create(model="tiny-a", prompt="still there?", max_tokens=3)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_client_disconnect_aborts_and_frees_kv(live):
+    body = {"model": "tiny-b", "prompt": "go on", "max_tokens": 400, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        inst = [i for i in live.admin()["instances"] if i["model"] == "tiny-b"]
+        assert inst and inst[0]["requests"] == 1
+
+    # The connection is closed mid-stream: the request ends and its KV blocks are freed.
+    def freed() -> bool:
+        insts = [i for i in live.admin()["instances"] if i["model"] == "tiny-b"]
+        return all(i["requests"] == 0 and i["kv_used_blocks"] == 0 for i in insts)
+
+    live.wait_for(freed, 20, "the aborted request's KV to be freed")
+    assert live.metric("warmserve:request_success_total", model_name="tiny-b",
+                       finished_reason="length") >= 0  # fmt: skip
+
+
+def test_killed_worker_fails_streaming_request_and_model_comes_back(live, client):
+    stream = client.completions.create(model="tiny-a", prompt="long", max_tokens=450,
+                                       stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    it = iter(stream)
+    next(it)
+    next(it)
+    (inst,) = [i for i in live.admin()["instances"] if i["model"] == "tiny-a"]
+    wid = inst["worker"]
+    pid = live.server.runtime._workers[wid].process.pid
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in it:
+            pass
+    live.wait_for(lambda: live.metric("warmserve:worker_restarts_total", worker=str(wid)) >= 1,
+                  20, "the restart to be counted")  # fmt: skip
+    out = client.completions.create(model="tiny-a", prompt="again", max_tokens=3)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    live.wait_for(lambda: all(w["alive"] for w in live.admin()["workers"]), 60,
+                  "the worker to come back")  # fmt: skip
+    assert live.metric("warmserve:worker_up", worker=str(wid)) == 1
+
+
+def test_metrics_expose_latency_queue_and_pool(live, client):
+    client.completions.create(model="tiny-a", prompt="metrics", max_tokens=3)
+    text = live.get("/metrics").text
+    for name in ("warmserve:time_to_first_token_seconds_bucket",
+                 "warmserve:time_per_output_token_seconds_bucket",
+                 "warmserve:num_requests_waiting", "warmserve:num_instances",
+                 "warmserve:instance_starts_total", "warmserve:pool_pages",
+                 "warmserve:generation_tokens_total"):  # fmt: skip
+        assert name in text, name
+    assert live.metric("warmserve:time_to_first_token_seconds_count", model_name="tiny-a") >= 1
+    total = sum(live.metric("warmserve:pool_pages", worker="0", use=u)
+                for u in ("free", "weights", "kv"))  # fmt: skip
+    assert total == 320  # 640 MiB of 2 MiB pages, every page in exactly one use
+    view = live.admin()
+    assert {"workers", "instances", "replicas", "models"} <= set(view)
+    assert set(view["models"]["tiny-a"]) >= {"state", "load", "forecast_avg", "forecast_peak"}
+
+
+def test_api_keys_guard_the_api_and_admin(live):
+    app = build_app(live.server.serving, live.server.runtime.metrics.render, ["s3cret"], 65536)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                       lifespan="off"))  # fmt: skip
+    t = threading.Thread(target=uv.run, daemon=True)
+    t.start()
+    try:
+        live.wait_for(lambda: uv.started, 20, "the keyed app")
+        base = f"http://127.0.0.1:{port}"
+        bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="tiny-a", prompt="k", max_tokens=2).choices
+        assert httpx.get(base + "/admin/cluster").status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(base + "/admin/cluster", headers=auth).status_code == 200
+        assert httpx.get(base + "/health").status_code == 200
+    finally:
+        uv.should_exit = True
+        t.join(30)
+
+
+def test_bench_replays_a_scaled_trace(live, tmp_path):
+    from warmserve.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(endpoint=live.url, trace="azure-conv", models=("tiny-a", "tiny-b"),
+                      rps=1.0, time_scale=4.0, duration_s=40.0, max_input_tokens=64,
+                      max_output_tokens=8, max_requests=40)  # fmt: skip
+    summary = run_bench(cfg, tmp_path, quiet=True)
+    assert summary["arrived"] >= 5 and summary["completed"] == summary["arrived"]
+    assert summary["ttft_p99_s"] is not None and summary["tpot_mean_s"] is not None
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    s = doc["policies"]["endpoint"]
+    for key in ("arrived", "completed", "failed", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s",
+                "throughput_rps", "slo_attainment", "per_model"):  # fmt: skip
+        assert key in s
+    assert set(s["per_model"]) == {"tiny-a", "tiny-b"}
+    assert (tmp_path / "ttft_cdf.png").stat().st_size > 0

@@ -1,0 +1,1 @@
+"""The serving runtime: worker processes, and the cluster handle the controller drives."""

@@ -1,0 +1,545 @@
+"""The serving runtime: the control plane driven by the wall clock over real worker processes.
+
+The same `Controller` the simulator drives decides every start, stop, prewarm and dispatch;
+here its `ClusterHandle` is `RuntimeCluster`, whose actions become commands to worker
+processes. Everything runs on the asyncio loop's thread: worker events arrive through
+`call_soon_threadsafe` from one reader thread per worker, so policy state needs no locks.
+Requests with no instance wait in the controller's per-model queue and are dispatched by the
+controller when one starts; nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing as mp
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from warmserve.clock import Clock, WallClock, seconds_into_day
+from warmserve.control.api import RequestInfo, ServedModel
+from warmserve.control.controller import Controller
+from warmserve.control.forecaster import Forecaster, SlotHistory, cycle_slots
+from warmserve.control.registry import get_policy
+from warmserve.engine.request import SamplingParams
+from warmserve.runtime import messages as m
+from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
+from warmserve.runtime.metrics import ServeMetrics
+from warmserve.runtime.requests import (
+    Overloaded,
+    RuntimeRequest,
+    ShuttingDown,
+    StreamError,
+    TokenDelta,
+)
+from warmserve.runtime.worker_main import worker_main
+from warmserve.serve_config import ServeConfig
+from warmserve.traces import load_csv_trace
+from warmserve.types import InstanceState, ModelName
+from warmserve.worker.layout import checkpoint_files, weights_layout
+
+log = logging.getLogger("warmserve.runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeModel:
+    name: str
+    model_dir: Path
+    max_model_len: int
+    kv_bytes_per_token: int
+
+
+class WorkerProcess:
+    """The server's side of one worker process: its pipe and a reader thread."""
+
+    def __init__(
+        self,
+        worker_id: int,
+        incarnation: int,
+        cfg: ServeConfig,
+        on_event: Callable[[int, int, m.Event], None],
+        on_exit: Callable[[int, int], None],
+    ) -> None:
+        self.worker_id = worker_id
+        self.incarnation = incarnation
+        ctx = mp.get_context("spawn")  # no fork of a threaded, torch-loaded server
+        self.conn, child = ctx.Pipe()
+        w = cfg.workers
+        self.process = ctx.Process(
+            target=worker_main,
+            args=(child, w.num_pages, w.page_bytes, w.torch_threads()),
+            name=f"warmserve-worker-{worker_id}",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self._send_lock = threading.Lock()
+        self._reader = threading.Thread(
+            target=self._read,
+            args=(self.conn, on_event, on_exit),
+            daemon=True,
+            name=f"worker-{worker_id}-reader",
+        )
+        self._reader.start()
+
+    def _read(
+        self,
+        conn: Connection,
+        on_event: Callable[[int, int, m.Event], None],
+        on_exit: Callable[[int, int], None],
+    ) -> None:
+        while True:
+            try:
+                event = conn.recv()
+            except (EOFError, OSError):
+                on_exit(self.worker_id, self.incarnation)
+                return
+            on_event(self.worker_id, self.incarnation, event)
+
+    def send(self, cmd: m.Command) -> None:
+        # On a broken pipe the reader sees the death and the runtime recovers.
+        with self._send_lock, contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(cmd)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+
+    def stop(self, timeout_s: float) -> None:
+        self.send(m.Shutdown())
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+class ServingRuntime:
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        models: list[RuntimeModel],
+        clock: Clock | None = None,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.models = {rm.name: rm for rm in models}
+        self.clock = clock or WallClock()
+        self.metrics = metrics or ServeMetrics()
+        self.policy = get_policy(cfg.policy)
+        spec = self.policy.spec
+        if spec.kv_prewarm:
+            # Lending KV pages of a serving worker needs a page-aligned KV layout the engine
+            # does not have yet; the runtime runs the policy without that one technique.
+            spec = dataclasses.replace(spec, kv_prewarm=False)
+        self.spec = spec
+        page_bytes = cfg.workers.page_bytes
+        files: dict[str, ModelFiles] = {}
+        served: list[ServedModel] = []
+        for rm in models:
+            _, total = weights_layout(checkpoint_files(rm.model_dir))
+            pages = max(1, -(-total // page_bytes))
+            files[rm.name] = ModelFiles(rm.name, str(rm.model_dir), pages)
+            served.append(
+                ServedModel(
+                    ModelName(rm.name),
+                    1,
+                    pages,
+                    total,
+                    float(rm.kv_bytes_per_token),
+                    rm.max_model_len,
+                )
+            )
+            if pages >= cfg.workers.num_pages:
+                raise ValueError(
+                    f"model {rm.name!r} needs {pages} pages of {cfg.workers.page_mib} MiB; a "
+                    f"worker pool has {cfg.workers.num_pages} (raise workers.pool_mib)"
+                )
+        self.cluster = RuntimeCluster(
+            cfg.workers.count, files, spec.unified_memory, self._send, self._dispatch
+        )
+        ctl = cfg.control
+        self.forecaster = Forecaster(
+            ctl.forecast_window_s, ctl.forecast_correction_points, ctl.forecast_cycle
+        )
+        histories = self._seed_histories()
+        offset = seconds_into_day()
+        for rm in models:
+            self.forecaster.add_model(rm.name, offset, histories.get(rm.name))
+        built = self.policy.build(ctl, served, self.forecaster)
+        assert isinstance(built, Controller)
+        built.policy = spec  # the technique switches the runtime can honour (see above)
+        self.controller: Controller = built
+        self.requests: dict[int, RuntimeRequest] = {}
+        self._workers: list[WorkerProcess | None] = [None] * cfg.workers.count
+        self._incarnation = [0] * cfg.workers.count
+        self._ready: list[asyncio.Future[None] | None] = [None] * cfg.workers.count
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+        self._next_id = 0
+        self._accepting = False
+        self._closing = False
+        self._all_done: asyncio.Event | None = None
+
+    # ----- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._all_done = asyncio.Event()
+        self._all_done.set()
+        for wid in range(self.cfg.workers.count):
+            self._spawn(wid)
+        waits = [f for f in self._ready if f is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), self.cfg.workers.startup_timeout_s)
+        except TimeoutError:
+            await self.shutdown(0)
+            raise RuntimeError("workers did not start in time") from None
+        self._accepting = True
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="control-tick")
+
+    def _spawn(self, wid: int) -> None:
+        assert self._loop is not None
+        self._incarnation[wid] += 1
+        self._ready[wid] = self._loop.create_future()
+        self._workers[wid] = WorkerProcess(
+            wid, self._incarnation[wid], self.cfg, self._event_threadsafe, self._exit_threadsafe
+        )
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight requests finish for `grace_s`, fail the rest, stop
+        the workers."""
+        self._accepting = False
+        if self._all_done is not None and self.requests and grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_done.wait(), grace_s)
+        self._closing = True
+        for req in list(self.requests.values()):
+            self._fail(req, StreamError(503, "the server is shutting down"), "shutdown")
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+        workers = [w for w in self._workers if w is not None]
+        await asyncio.gather(*(asyncio.to_thread(w.stop, 10.0) for w in workers))
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # ----- requests ---------------------------------------------------------------------
+    def submit(self, model: str, prompt_ids: list[int], params: SamplingParams) -> RuntimeRequest:
+        if not self._accepting:
+            raise ShuttingDown("the server is not accepting requests")
+        queued = sum(
+            1 for r in self.requests.values() if r.model == model and r.instance_id is None
+        )
+        if queued >= self.cfg.limits.max_queued_requests:
+            raise Overloaded(f"model {model!r} has {queued} requests queued; try again later")
+        now = self.clock.now()
+        rid = self._next_id
+        self._next_id += 1
+        req = RuntimeRequest(rid, model, tuple(prompt_ids), params, now)
+        self.requests[rid] = req
+        assert self._all_done is not None
+        self._all_done.clear()
+        self.metrics.prompt_tokens.labels(model).inc(len(prompt_ids))
+        self.controller.on_request(now, self._info(req), self.cluster)
+        self._refresh_gauges()
+        return req
+
+    def _info(self, req: RuntimeRequest) -> RequestInfo:
+        return RequestInfo(
+            req.request_id,
+            ModelName(req.model),
+            req.arrival_s,
+            len(req.prompt_ids),
+            req.params.max_tokens,
+        )
+
+    def abort(self, request_id: int) -> None:
+        """The client went away (or a stop string matched): free the request's KV now."""
+        req = self.requests.get(request_id)
+        if req is None or req.done:
+            return
+        if req.instance_id is None:
+            self.controller.cancel_queued(self.clock.now(), request_id)
+            self._close(req)
+        else:
+            self._send(req.worker_id, m.AbortRequest(request_id))
+            self._finish(req, "abort")
+
+    def _dispatch(self, request_id: int, instance_id: int) -> None:
+        req = self.requests[request_id]
+        wid = self.cluster.instances[instance_id].worker_id
+        req.instance_id, req.worker_id = instance_id, wid
+        self._send(wid, m.AddRequest(request_id, req.prompt_ids, req.params))
+
+    def _send(self, wid: int | None, cmd: m.Command) -> None:
+        w = self._workers[wid] if wid is not None else None
+        if w is not None:
+            w.send(cmd)
+
+    def _finish(self, req: RuntimeRequest, reason: str) -> None:
+        now = self.clock.now()
+        inst_id = req.instance_id
+        self._close(req)
+        if reason != "abort":
+            self.metrics.request_success.labels(req.model, reason).inc()
+            self.metrics.e2e.labels(req.model).observe(now - req.arrival_s)
+            if req.generated > 1 and req.first_token_s is not None:
+                tpot = (now - req.first_token_s) / (req.generated - 1)
+                self.metrics.tpot.labels(req.model).observe(tpot)
+        if inst_id is not None:
+            self.controller.on_request_done(now, req.request_id, self.cluster)
+            self.cluster.request_done(req.request_id, inst_id)
+
+    def _fail(self, req: RuntimeRequest, err: StreamError, reason: str) -> None:
+        req.queue.put_nowait(err)
+        self.metrics.request_failure.labels(req.model, reason).inc()
+        if req.instance_id is not None and req.instance_id in self.cluster.instances:
+            self._send(req.worker_id, m.AbortRequest(req.request_id))
+            self._finish(req, "abort")
+        else:
+            if req.instance_id is None:
+                self.controller.cancel_queued(self.clock.now(), req.request_id)
+            self._close(req)
+
+    def _close(self, req: RuntimeRequest) -> None:
+        req.done = True
+        self.requests.pop(req.request_id, None)
+        if not self.requests and self._all_done is not None:
+            self._all_done.set()
+
+    # ----- worker events (on the loop thread) -------------------------------------------
+    def _event_threadsafe(self, wid: int, inc: int, event: m.Event) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_event, wid, inc, event)
+
+    def _exit_threadsafe(self, wid: int, inc: int) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_exit, wid, inc)
+
+    def _on_event(self, wid: int, inc: int, ev: m.Event) -> None:
+        if inc != self._incarnation[wid] or self._closing:
+            return  # from a worker process that has since been replaced
+        if isinstance(ev, m.TokenBatch):
+            self._on_tokens(ev)
+            self.cluster.mark_kv_used(wid, ev.kv_used_blocks)
+        elif isinstance(ev, m.Ready):
+            self.cluster.worker_ready(wid, ev.num_pages)
+            self.metrics.worker_up.labels(str(wid)).set(1)
+            fut = self._ready[wid]
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            self._after_layout_change()
+        elif isinstance(ev, m.Loaded):
+            self.cluster.mark_loaded(wid, ev.token)
+        elif isinstance(ev, m.Activated):
+            inst = self.cluster.mark_running(wid, ev.kv_blocks)
+            if inst is not None:
+                self.metrics.activation.labels(inst.model).observe(ev.seconds)
+        elif isinstance(ev, m.RequestFailed):
+            req = self.requests.get(ev.request_id)
+            if req is not None:
+                self._fail(
+                    req,
+                    StreamError(503, f"the worker refused the request: {ev.message}"),
+                    "worker_refused",
+                )
+        elif isinstance(ev, m.CommandFailed):
+            # The worker's state no longer matches the books: replace the process.
+            log.error("worker %d: %s failed: %s; restarting it", wid, ev.command, ev.message)
+            w = self._workers[wid]
+            if w is not None:
+                w.kill()
+        self._refresh_gauges()
+
+    def _on_tokens(self, ev: m.TokenBatch) -> None:
+        now = self.clock.now()
+        for rid, tokens, reason in ev.items:
+            req = self.requests.get(rid)
+            if req is None or req.done:
+                continue  # aborted: the worker had already sampled this step
+            if req.first_token_s is None:
+                req.first_token_s = now
+                self.metrics.ttft.labels(req.model).observe(now - req.arrival_s)
+            req.generated += len(tokens)
+            self.metrics.generation_tokens.labels(req.model).inc(len(tokens))
+            req.queue.put_nowait(TokenDelta(tokens, reason))
+            if reason is not None:
+                self._finish(req, reason)
+
+    def _on_exit(self, wid: int, inc: int) -> None:
+        if inc != self._incarnation[wid] or self._closing:
+            return
+        fut = self._ready[wid]
+        if fut is not None and not fut.done():
+            fut.set_exception(RuntimeError(f"worker {wid} exited during start-up"))
+            return
+        log.error("worker %d died; failing over its requests and restarting it", wid)
+        self.metrics.worker_up.labels(str(wid)).set(0)
+        self.metrics.worker_restarts.labels(str(wid)).inc()
+        now = self.clock.now()
+        lost = self.cluster.worker_lost(wid)
+        if lost is not None:
+            for rid in self.controller.on_instance_failed(now, lost, self.cluster):
+                req = self.requests.get(rid)
+                if req is None:
+                    continue
+                if req.generated == 0 and not req.retried:
+                    # Nothing reached the client: run it again on another instance.
+                    req.retried, req.instance_id, req.worker_id = True, None, None
+                    self.controller.on_request(now, self._info(req), self.cluster)
+                else:
+                    req.instance_id = None
+                    self._fail(
+                        req, StreamError(502, "the worker serving this request died"), "worker_died"
+                    )
+        self._spawn(wid)
+        self._refresh_gauges()
+
+    def _after_layout_change(self) -> None:
+        """A device came (back): let queued requests start without waiting for a tick."""
+        self.controller.tick(self.clock.now(), self.cluster)
+
+    # ----- control loop -----------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        period = self.cfg.control.tick_s
+        while True:
+            try:
+                self.controller.tick(self.clock.now(), self.cluster)
+                self._refresh_gauges()
+            except Exception:  # a policy bug must not stop the control loop silently
+                log.exception("control tick failed")
+            await asyncio.sleep(period)
+
+    # ----- views ------------------------------------------------------------------------
+    def model_state(self, name: str) -> str:
+        """serving | starting | prewarmed | loading | cold."""
+        states = {i.state for i in self.cluster.instances.values() if i.model == name}
+        if InstanceState.RUNNING in states:
+            return "serving"
+        if InstanceState.STARTING in states:
+            return "starting"
+        reps = [r for r in self.cluster.replicas.values() if r.model == name and r.owner is None]
+        if any(r.ready for r in reps):
+            return "prewarmed"
+        return "loading" if reps else "cold"
+
+    def _refresh_gauges(self) -> None:
+        mt = self.metrics
+        for name in self.models:
+            reqs = [r for r in self.requests.values() if r.model == name]
+            waiting = sum(1 for r in reqs if r.instance_id is None)
+            mt.waiting.labels(name).set(waiting)
+            mt.running.labels(name).set(len(reqs) - waiting)
+            mt.instances.labels(name).set(
+                sum(1 for i in self.cluster.instances.values() if i.model == name)
+            )
+            mt.prewarmed.labels(name).set(
+                sum(
+                    1 for r in self.cluster.replicas.values() if r.model == name and r.owner is None
+                )
+            )
+        for model, path in self.cluster.starts:
+            mt.instance_starts.labels(model, str(path)).inc()
+        self.cluster.starts.clear()
+        for dev in self.cluster.devices:
+            weights = sum(
+                r.pages for r in self.cluster.replicas.values() if r.worker_id == dev.worker_id
+            )
+            kv = sum(
+                i.kv_pages for i in self.cluster.instances.values() if i.worker_id == dev.worker_id
+            )
+            for use, n in (("free", dev.free_pages), ("weights", weights), ("kv", kv)):
+                mt.pool_pages.labels(str(dev.worker_id), use).set(n)
+
+    def admin_view(self) -> dict[str, Any]:
+        now = self.clock.now()
+        fc = self.controller.forecasts()
+        return {
+            "now_s": now,
+            "policy": self.spec.name,
+            "workers": [
+                {
+                    "worker": d.worker_id,
+                    "alive": d.alive,
+                    "pages_total": d.total_pages,
+                    "pages_free": d.free_pages,
+                    "instance": d.instance_id,
+                }
+                for d in self.cluster.devices
+            ],
+            "instances": [
+                {
+                    "instance": i.instance_id,
+                    "model": i.model,
+                    "worker": i.worker_id,
+                    "state": str(i.state),
+                    "start_path": str(i.path),
+                    "kv_pages": i.kv_pages,
+                    "kv_blocks": i.kv_blocks,
+                    "kv_used_blocks": i.kv_used_blocks,
+                    "requests": len(i.requests),
+                }
+                for i in self.cluster.instances.values()
+            ],
+            "replicas": [
+                {
+                    "replica": r.replica_id,
+                    "model": r.model,
+                    "worker": r.worker_id,
+                    "pages": r.pages,
+                    "ready": r.ready,
+                    "serving": r.owner is not None,
+                }
+                for r in self.cluster.replicas.values()
+            ],
+            "models": {
+                name: {
+                    "state": self.model_state(name),
+                    "load": self.controller.load(ModelName(name), now),
+                    "forecast_avg": fc[name].avg,
+                    "forecast_peak": fc[name].peak,
+                    "queued": sum(
+                        1
+                        for r in self.requests.values()
+                        if r.model == name and r.instance_id is None
+                    ),
+                }
+                for name in self.models
+            },
+        }
+
+    # ----- forecast history -------------------------------------------------------------
+    def _seed_histories(self) -> dict[str, SlotHistory]:
+        fc = self.cfg.forecast
+        if fc.history is None:
+            return {}
+        from warmserve.sim.workload import concurrency_windows
+
+        trace = load_csv_trace(self.cfg.base_dir / fc.history)
+        ctl = self.cfg.control
+        slots = cycle_slots(ctl.forecast_cycle, ctl.forecast_window_s)
+        span = slots * ctl.forecast_window_s
+        out: dict[str, SlotHistory] = {}
+        names = np.array(trace.model)
+        for name in self.models:
+            sel = names == name
+            if not sel.any():
+                continue
+            t = trace.arrival_s[sel] % span
+            ends = t + trace.output_tokens[sel] * fc.service_s_per_token
+            avg, peak = concurrency_windows(t, ends, span, ctl.forecast_window_s)
+            hist = SlotHistory.empty(slots)
+            for w in range(len(avg)):
+                hist.observe(w, float(avg[w]), float(peak[w]))
+            out[name] = hist
+        return out

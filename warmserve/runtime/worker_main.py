@@ -1,0 +1,172 @@
+"""One universal worker in its own process: commands in, token batches out.
+
+The loop runs engine steps while there is work and blocks on the pipe (or on a finished
+background load) when there is none: no sleeps, no polling. Loads run on the worker's loader
+thread, so prewarming never stalls the serving engine; a command that needs a load finished
+(`Activate`, `Evict` of a loading model) waits for it in order, as on the reference's
+per-GPU queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import torch
+
+from warmserve.engine.engine import Engine
+from warmserve.runtime import messages as m
+from warmserve.worker.pages import CpuPages
+from warmserve.worker.pool import PagePool
+from warmserve.worker.weights import LoadCancelled
+from warmserve.worker.worker import UniversalWorker, WorkerError
+
+
+def worker_main(conn: Connection, num_pages: int, page_bytes: int, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server shuts workers down in order
+    torch.set_num_threads(max(1, threads))
+    pool = PagePool(CpuPages(num_pages, page_bytes))
+    worker = UniversalWorker(pool)
+    loop = _Loop(conn, worker)
+    conn.send(m.Ready(num_pages, page_bytes))
+    try:
+        loop.run()
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the server went away: exit quietly
+    finally:
+        worker.close()
+        pool.close()
+
+
+class _Loop:
+    def __init__(self, conn: Connection, worker: UniversalWorker) -> None:
+        self.conn = conn
+        self.worker = worker
+        self.engine: Engine | None = None
+        self.pending: deque[m.Command] = deque()
+        self.to_engine: dict[int, int] = {}  # runtime request id -> engine request id
+        self.from_engine: dict[int, int] = {}
+        self._send_lock = threading.Lock()  # the loader thread reports loads too
+        # A background load wakes the loop through this pipe when it ends.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+
+    def run(self) -> None:
+        while True:
+            busy = self.engine is not None and self.engine.scheduler.has_work()
+            ready = wait([self.conn, self._wake_r], timeout=0 if busy else None)
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            if self.conn in ready:
+                while self.conn.poll():
+                    self.pending.append(self.conn.recv())
+            if not self._drain_commands():
+                return
+            if self.engine is not None and self.engine.scheduler.has_work():
+                self._step()
+
+    def send(self, event: m.Event) -> None:
+        with self._send_lock:
+            self.conn.send(event)
+
+    # ----- commands ---------------------------------------------------------------------
+    def _drain_commands(self) -> bool:
+        """Run queued commands in order; stop at one that must wait for a load. False: exit."""
+        while self.pending:
+            cmd = self.pending[0]
+            if isinstance(cmd, m.Activate) and self._must_wait(cmd.name):
+                return True
+            self.pending.popleft()
+            if isinstance(cmd, m.Shutdown):
+                return False
+            try:
+                self._run(cmd)
+            except Exception as e:  # a command's failure is reported, the worker lives on
+                if isinstance(cmd, m.AddRequest):
+                    self.send(m.RequestFailed(cmd.request_id, str(e)))
+                else:
+                    detail = str(e) if isinstance(e, WorkerError) else traceback.format_exc(-1)
+                    self.send(m.CommandFailed(type(cmd).__name__, detail.strip()))
+        return True
+
+    def _must_wait(self, name: str) -> bool:
+        """Activation waits for every load (its own, and cancelled ones freeing pages)."""
+        loading = self.worker.status().loading
+        if not loading:
+            return False
+        self.worker.cancel_loads(keep=name)  # an activation evicts the others: cancel now
+        return True
+
+    def _run(self, cmd: m.Command) -> None:
+        w = self.worker
+        if isinstance(cmd, m.Prewarm):
+            fut = w.prewarm(cmd.name, Path(cmd.model_dir), background=True)
+            fut.add_done_callback(lambda f, c=cmd: self._loaded(c, f))
+        elif isinstance(cmd, m.Evict):
+            w.evict(cmd.name)
+        elif isinstance(cmd, m.Activate):
+            if cmd.name not in w.resident:
+                w.prewarm(cmd.name, Path(cmd.model_dir))  # a cold start: load on the spot
+            t0 = time.perf_counter()
+            self.engine = w.activate(cmd.name)
+            self.to_engine.clear()
+            self.from_engine.clear()
+            blocks = self.engine.scheduler.alloc.num_blocks
+            self.send(m.Activated(cmd.name, blocks, time.perf_counter() - t0))
+        elif isinstance(cmd, m.Deactivate):
+            w.deactivate(cmd.keep_weights)
+            self.engine = None
+            self.to_engine.clear()
+            self.from_engine.clear()
+        elif isinstance(cmd, m.AddRequest):
+            if self.engine is None:
+                raise WorkerError("no model is active on this worker")
+            eid = self.engine.add(cmd.prompt_ids, cmd.params)
+            self.to_engine[cmd.request_id] = eid
+            self.from_engine[eid] = cmd.request_id
+        elif isinstance(cmd, m.AbortRequest):
+            eid = self.to_engine.pop(cmd.request_id, None)
+            if eid is not None and self.engine is not None:
+                self.engine.abort(eid)
+                del self.from_engine[eid]
+                alloc = self.engine.scheduler.alloc  # report the KV the abort freed
+                self.send(m.TokenBatch((), alloc.num_blocks - alloc.num_free))
+
+    def _loaded(self, cmd: m.Prewarm, fut) -> None:  # on the loader thread
+        try:
+            seconds = fut.result()
+        except LoadCancelled:
+            pass  # evicted while loading: never reported as loaded
+        except Exception as e:
+            self.send(m.CommandFailed("Prewarm", f"loading {cmd.name}: {e}"))
+        else:
+            self.send(m.Loaded(cmd.name, cmd.token, seconds))
+        os.write(self._wake_w, b"x")
+
+    # ----- engine -----------------------------------------------------------------------
+    def _step(self) -> None:
+        eng = self.engine
+        assert eng is not None
+        sampled, finished = eng.step_tokens()
+        done = {r.request_id: str(r.finish_reason) for r in finished}
+        items = []
+        for eid, tok in sampled.items():
+            rid = self.from_engine.get(eid)
+            if rid is None:
+                continue
+            reason = done.get(eid)
+            items.append((rid, (tok,), reason))
+            if reason is not None:
+                del self.from_engine[eid]
+                del self.to_engine[rid]
+        if items:
+            alloc = eng.scheduler.alloc
+            self.send(m.TokenBatch(tuple(items), alloc.num_blocks - alloc.num_free))

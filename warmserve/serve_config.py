@@ -1,0 +1,221 @@
+"""`warmserve serve` configuration: YAML in, validated frozen dataclasses out.
+
+With no file, the embedded default serves three virtual copies of the packaged SmolLM2-135M
+on two CPU workers at 127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from warmserve.control.config import ControlConfig
+from warmserve.control.registry import POLICIES
+from warmserve.experiment import ExperimentError, build_section, convert_value
+
+PACKAGED = "smollm2"  # a model path naming the packaged SmolLM2-135M-Instruct
+
+
+class ServeConfigError(ExperimentError):
+    """A problem with the serve configuration, phrased for a one-line CLI error."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    count: int = 2
+    device: Literal["cpu", "cuda"] = "cpu"
+    pool_mib: int = 1536  # the page pool of each worker
+    page_mib: int = 2
+    threads: int = 0  # torch threads per worker; 0: the CPUs divided among the workers
+    startup_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError("count must be >= 1")
+        if self.page_mib < 1 or self.pool_mib < self.page_mib:
+            raise ValueError("need page_mib >= 1 and pool_mib >= page_mib")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
+
+    @property
+    def num_pages(self) -> int:
+        return self.pool_mib // self.page_mib
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_mib << 20
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.count)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    path: str = PACKAGED  # an HF directory (config.json + *.safetensors + tokenizer), or "smollm2"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    tp: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_request_bytes: int = 1 << 20  # HTTP bodies above this get 413
+    default_max_tokens: int = 256  # when a request gives none
+    max_queued_requests: int = 1024  # per model: beyond, 429 rather than an unbounded queue
+    shutdown_grace_s: float = 30.0  # in-flight requests get this long on SIGINT/SIGTERM
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "default_max_tokens", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastConfig:
+    # A CSV trace (timestamp_s,model,input_tokens,output_tokens; times of day in seconds) whose
+    # load seeds each model's slot history; live traffic keeps it up to date.
+    history: str | None = None
+    service_s_per_token: float = 0.05  # turns a history request into a busy interval
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    workers: WorkerConfig = field(default_factory=WorkerConfig)
+    models: list[ModelConfig] = field(default_factory=list)
+    policy: str = "warmserve"
+    control: ControlConfig = field(default_factory=ControlConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    api_keys: list[str] = field(default_factory=list)
+    base_dir: Path = Path()
+
+    def model_path(self, m: ModelConfig, prepared: Path | None) -> Path:
+        if m.path == PACKAGED:
+            assert prepared is not None
+            return prepared
+        return (self.base_dir / m.path).resolve()
+
+
+DEFAULT_YAML = """
+listen: {host: 127.0.0.1, port: 8000}
+workers: {count: 2, device: cpu, pool_mib: 1536}
+models:
+  - {name: smollm2-a, path: smollm2, max_model_len: 2048}
+  - {name: smollm2-b, path: smollm2, max_model_len: 2048}
+  - {name: smollm2-c, path: smollm2, max_model_len: 2048}
+policy: warmserve
+control:
+  capacity_per_instance: 8   # a CPU worker batches far fewer requests than an H100
+  forecast_window_s: 300
+"""
+
+_TOP = {"listen", "workers", "models", "policy", "control", "limits", "forecast", "api_keys"}
+
+
+def default_config() -> ServeConfig:
+    return parse_serve_config(yaml.safe_load(DEFAULT_YAML), Path())
+
+
+def load_serve_config(path: Path) -> ServeConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ServeConfigError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ServeConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_serve_config(raw, path.parent)
+
+
+def parse_serve_config(raw: Any, base_dir: Path) -> ServeConfig:
+    if not isinstance(raw, dict):
+        raise ServeConfigError("the serve configuration must be a YAML mapping")
+    unknown = sorted(set(raw) - _TOP)
+    if unknown:
+        raise ServeConfigError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP))})")
+    models = raw.get("models")
+    if not models or not isinstance(models, list):
+        raise ServeConfigError("models: give a list of at least one model")
+    try:
+        cfg = ServeConfig(
+            listen=build_section(ListenConfig, raw.get("listen"), "listen"),
+            workers=build_section(WorkerConfig, raw.get("workers"), "workers"),
+            models=[build_section(ModelConfig, m, f"models[{k}]") for k, m in enumerate(models)],
+            policy=convert_value(raw.get("policy", "warmserve"), str, "policy"),
+            control=build_section(ControlConfig, raw.get("control"), "control"),
+            limits=build_section(LimitsConfig, raw.get("limits"), "limits"),
+            forecast=build_section(ForecastConfig, raw.get("forecast"), "forecast"),
+            api_keys=convert_value(raw.get("api_keys", []), list[str], "api_keys"),
+            base_dir=base_dir,
+        )
+    except ExperimentError as e:
+        raise ServeConfigError(str(e)) from None
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: ServeConfig) -> None:
+    names = [m.name for m in cfg.models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ServeConfigError(f"models: name {dup[0]!r} appears twice")
+    for k, m in enumerate(cfg.models):
+        if not m.name or any(c.isspace() for c in m.name):
+            raise ServeConfigError(f"models[{k}].name: {m.name!r} is empty or has spaces")
+        if m.tp != 1:
+            raise ServeConfigError(
+                f"models[{k}].tp: the serving runtime runs TP = 1 only ({m.tp} given); "
+                "tensor parallelism is simulated by 'warmserve simulate'"
+            )
+        if m.max_model_len is not None and m.max_model_len < 2:
+            raise ServeConfigError(f"models[{k}].max_model_len must be >= 2")
+        if m.path != PACKAGED:
+            path = cfg.base_dir / m.path
+            if not (path / "config.json").is_file():
+                raise ServeConfigError(f"models[{k}].path: no config.json in {path}")
+            if not any(path.glob("*.safetensors")):
+                raise ServeConfigError(f"models[{k}].path: no *.safetensors in {path}")
+    if cfg.policy not in POLICIES:
+        raise ServeConfigError(f"unknown policy {cfg.policy!r} (known: {', '.join(POLICIES)})")
+    spec = POLICIES[cfg.policy].spec
+    if spec.host_checkpoint_cache or cfg.policy in ("muxserve", "oracle"):
+        raise ServeConfigError(
+            f"policy {cfg.policy!r} runs in the simulator only; serve takes warmserve, "
+            "warmserve-plus, warmserve-no-placement, warmserve-no-prewarm, "
+            "warmserve-no-kv-prewarm, vanilla-autoscale or static"
+        )
+    if cfg.workers.device == "cuda":
+        raise ServeConfigError(
+            "workers.device: the CUDA page pool is not implemented yet; use device: cpu"
+        )
+    if cfg.forecast.history is not None and not (cfg.base_dir / cfg.forecast.history).is_file():
+        raise ServeConfigError(f"forecast.history: no file {cfg.base_dir / cfg.forecast.history}")
+
+
+def with_overrides(cfg: ServeConfig, host: str | None, port: int | None) -> ServeConfig:
+    listen = cfg.listen
+    if host is not None:
+        listen = dataclasses.replace(listen, host=host)
+    if port is not None:
+        if not 0 <= port < 65536:
+            raise ServeConfigError(f"--port {port} is not a TCP port")
+        listen = dataclasses.replace(listen, port=port)
+    return dataclasses.replace(cfg, listen=listen)
+
+
+def model_max_len(model_dir: Path, configured: int | None) -> int:
+    hf = json.loads((model_dir / "config.json").read_text())
+    native = int(hf.get("max_position_embeddings") or 2048)
+    return min(native, configured) if configured else native

@@ -1,0 +1,99 @@
+"""`warmserve serve`: models prepared, worker processes up, the gateway listening."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from warmserve.clock import unix_time
+from warmserve.gateway.app import build_app
+from warmserve.gateway.serving import ModelCard, OpenAIServing
+from warmserve.runtime.runtime import RuntimeModel, ServingRuntime
+from warmserve.serve_config import PACKAGED, ServeConfig, ServeConfigError, model_max_len
+
+log = logging.getLogger("warmserve.server")
+
+
+def resolve_models(
+    cfg: ServeConfig, prepare: Callable[[], Path] | None = None
+) -> tuple[list[RuntimeModel], list[ModelCard]]:
+    """Each served model's folder, context length, KV size and tokenizer."""
+    from transformers import AutoTokenizer
+
+    prepared: Path | None = None
+    if any(m.path == PACKAGED for m in cfg.models):
+        if prepare is None:
+            from warmserve.models import prepare_smollm2
+
+            def prepare() -> Path:
+                return prepare_smollm2(dtype="float32")
+
+        prepared = prepare()
+    runtime_models, cards = [], []
+    tokenizers: dict[Path, object] = {}
+    now = unix_time()
+    for m in cfg.models:
+        path = cfg.model_path(m, prepared)
+        hf = json.loads((path / "config.json").read_text())
+        try:
+            heads = int(hf["num_attention_heads"])
+            head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+            kv_heads = int(hf.get("num_key_value_heads") or heads)
+            layers = int(hf["num_hidden_layers"])
+        except (KeyError, ValueError) as e:
+            raise ServeConfigError(f"model {m.name!r}: {path}/config.json lacks {e}") from None
+        item = 2 if str(hf.get("torch_dtype", hf.get("dtype", "float32"))) in (
+            "bfloat16", "float16") else 4  # fmt: skip
+        max_len = model_max_len(path, m.max_model_len)
+        if path not in tokenizers:
+            try:
+                tokenizers[path] = AutoTokenizer.from_pretrained(path)
+            except Exception as e:
+                raise ServeConfigError(
+                    f"model {m.name!r}: cannot load its tokenizer: {e}"
+                ) from None
+        runtime_models.append(
+            RuntimeModel(m.name, path, max_len, 2 * layers * kv_heads * head_dim * item)
+        )
+        cards.append(ModelCard(m.name, tokenizers[path], max_len, now))
+    return runtime_models, cards
+
+
+class Server:
+    """The runtime and the ASGI app, wired; `uvicorn` or a test drives `app`."""
+
+    def __init__(self, cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
+        self.cfg = cfg
+        models, cards = resolve_models(cfg, prepare)
+        try:
+            self.runtime = ServingRuntime(cfg, models)
+        except ValueError as e:
+            raise ServeConfigError(str(e)) from None
+        self.serving = OpenAIServing(self.runtime, cards, cfg.limits.default_max_tokens)
+        self.app = build_app(
+            self.serving,
+            self.runtime.metrics.render,
+            cfg.api_keys,
+            cfg.limits.max_request_bytes,
+            on_startup=self.runtime.start,
+            on_shutdown=lambda: self.runtime.shutdown(0),
+        )
+
+
+def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
+    import uvicorn
+
+    server = Server(cfg, prepare)
+    config = uvicorn.Config(
+        server.app,
+        host=cfg.listen.host,
+        port=cfg.listen.port,
+        log_level="info",
+        # SIGINT/SIGTERM: stop accepting, give in-flight requests this long, then the
+        # lifespan shutdown fails what is left and stops the workers.
+        timeout_graceful_shutdown=int(cfg.limits.shutdown_grace_s),
+        access_log=False,
+    )
+    uvicorn.Server(config).run()

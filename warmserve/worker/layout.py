@@ -1,0 +1,66 @@
+"""Where each tensor of a safetensors checkpoint lands in a weights slot; torch-free.
+
+Read from the files' JSON headers only, so the serving runtime can book a model's pages
+before any worker loads it, and the worker lays the slot out the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+ALIGN = 256  # tensor offsets inside a slot, for any element size
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPlace:
+    file: Path
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # in the slot
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def weights_layout(files: list[Path]) -> tuple[list[TensorPlace], int]:
+    """Every tensor's place, in file order, and the bytes the slot needs."""
+    out: list[TensorPlace] = []
+    offset = 0
+    for path in files:
+        for name, info in read_header(path).items():
+            dtype = info["dtype"]
+            if dtype not in _ITEM_BYTES:
+                raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+            shape = tuple(int(d) for d in info["shape"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * _ITEM_BYTES[dtype]
+            out.append(TensorPlace(path, name, dtype, shape, offset, nbytes))
+            offset = -(-(offset + nbytes) // ALIGN) * ALIGN
+    return out, offset
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    return files
+
+
+def weight_pages(model_dir: Path, page_bytes: int) -> int:
+    """Pages a model's weights take in a slot."""
+    _, total = weights_layout(checkpoint_files(model_dir))
+    return max(1, -(-total // page_bytes))
