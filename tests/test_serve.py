@@ -276,3 +276,30 @@ def test_bench_replays_a_scaled_trace(live, tmp_path):
         assert key in s
     assert set(s["per_model"]) == {"tiny-a", "tiny-b"}
     assert (tmp_path / "ttft_cdf.png").stat().st_size > 0
+
+
+def test_worker_death_before_any_token_retries_elsewhere(live, client):
+    """A request whose worker dies before its first token runs again, invisibly."""
+    result = {}
+
+    def call() -> None:
+        try:
+            r = client.completions.create(model="smollm2", prompt="tell me " * 450, max_tokens=3)
+            result["ok"] = r.choices[0].finish_reason
+        except Exception as e:  # reported by the assertion below
+            result["err"] = repr(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+
+    def dispatched():
+        insts = [i for i in live.admin()["instances"] if i["model"] == "smollm2"]
+        return [i for i in insts if i["requests"] == 1]
+
+    live.wait_for(lambda: bool(dispatched()), 30, "the long prompt to be dispatched")
+    wid = dispatched()[0]["worker"]
+    os.kill(live.server.runtime._workers[wid].process.pid, signal.SIGKILL)
+    t.join(180)
+    assert result.get("ok") in ("stop", "length"), result
+    assert live.metric("warmserve:request_failure_total", model_name="smollm2",
+                       reason="worker_died") == 0  # fmt: skip

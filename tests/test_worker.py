@@ -57,3 +57,34 @@ def test_prewarm_activate_serve_deactivate_switch(models):
     assert engine.generate(PROMPTS, params) == [hf_greedy(qwen, p, 8) for p in PROMPTS]
     assert sum(worker.status().pages.values()) == 8
     pool.close()
+
+
+def test_background_prewarm_overlaps_serving_and_evict_cancels(models):
+    pool = PagePool(CpuPages(8))
+    worker = UniversalWorker(pool, block_size=8)
+    (llama, llama_dir), (_, qwen_dir) = models["llama"], models["qwen2"]
+    worker.prewarm("a", llama_dir)
+    engine = worker.activate("a")
+    worker.deactivate()  # a stays prewarmed; 7 free pages
+    engine = worker.activate("a")
+    worker.deactivate()
+    fut = worker.prewarm("b", qwen_dir, background=True)
+    # The serving engine keeps going while b loads on the loader thread.
+    engine = worker.activate("a")  # waits for b's load, then evicts b (its page becomes KV)
+    assert fut.done() and "b" not in worker.resident
+    assert engine.generate(PROMPTS, SamplingParams(max_tokens=4)) == [
+        hf_greedy(llama, p, 4) for p in PROMPTS
+    ]
+    worker.deactivate()
+    # A load evicted while in flight is cancelled between tensors and frees its pages.
+    fut = worker.prewarm("b", qwen_dir, background=True)
+    worker.evict("b")
+    worker.wait_loads()
+    pool.drain()
+    pool.check()
+    assert "b" not in worker.resident and worker.status().loading == ()
+    assert worker.status().pages["weights"] == 1 and worker.status().pages["free"] == 7
+    with pytest.raises(Exception, match="already resident"):
+        worker.prewarm("a", llama_dir)
+    worker.close()
+    pool.close()

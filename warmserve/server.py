@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -85,6 +86,18 @@ class Server:
 def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
     import uvicorn
 
+    class _Uvicorn(uvicorn.Server):
+        """uvicorn re-raises SIGINT/SIGTERM after a graceful shutdown, so the process would
+        die by the signal; a shutdown we completed on request exits with status 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()  # the parent re-raises what is left here
+
     server = Server(cfg, prepare)
     config = uvicorn.Config(
         server.app,
@@ -96,4 +109,4 @@ def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> N
         timeout_graceful_shutdown=int(cfg.limits.shutdown_grace_s),
         access_log=False,
     )
-    uvicorn.Server(config).run()
+    _Uvicorn(config).run()

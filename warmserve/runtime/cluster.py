@@ -8,6 +8,7 @@ worker's device is out of the snapshot until its replacement reports ready.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,8 +25,16 @@ from warmserve.control.api import (
     StartInstance,
     StopInstance,
 )
+from warmserve.control.config import PolicySpec
 from warmserve.runtime import messages as m
 from warmserve.types import InstanceId, InstanceState, ReplicaId, RequestId, StartPath
+
+
+def serving_spec(spec: PolicySpec) -> PolicySpec:
+    """The policy as the runtime can honour it: lending KV pages of a serving worker needs a
+    page-aligned KV layout the engine does not have yet, so that one technique is off."""
+    return dataclasses.replace(spec, kv_prewarm=False)
+
 
 DEAD = -1  # GpuView.instance_id of a device that is down: nothing is placed on it
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import multiprocessing as mp
 import threading
@@ -31,7 +30,7 @@ from warmserve.control.forecaster import Forecaster, SlotHistory, cycle_slots
 from warmserve.control.registry import get_policy
 from warmserve.engine.request import SamplingParams
 from warmserve.runtime import messages as m
-from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
+from warmserve.runtime.cluster import ModelFiles, RuntimeCluster, serving_spec
 from warmserve.runtime.metrics import ServeMetrics
 from warmserve.runtime.requests import (
     Overloaded,
@@ -134,12 +133,7 @@ class ServingRuntime:
         self.clock = clock or WallClock()
         self.metrics = metrics or ServeMetrics()
         self.policy = get_policy(cfg.policy)
-        spec = self.policy.spec
-        if spec.kv_prewarm:
-            # Lending KV pages of a serving worker needs a page-aligned KV layout the engine
-            # does not have yet; the runtime runs the policy without that one technique.
-            spec = dataclasses.replace(spec, kv_prewarm=False)
-        self.spec = spec
+        self.spec = spec = serving_spec(self.policy.spec)
         page_bytes = cfg.workers.page_bytes
         files: dict[str, ModelFiles] = {}
         served: list[ServedModel] = []
