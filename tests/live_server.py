@@ -1,18 +1,16 @@
 """A real `warmserve serve` stack (runtime, worker processes, FastAPI app, uvicorn) on a
-loopback port, run in a thread of the test process."""
+loopback port, run in a thread of the test process, plus helpers to inspect it over HTTP."""
 
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from typing import Any
 
 import httpx
-import uvicorn
 
 from warmserve.serve_config import parse_serve_config
-from warmserve.server import Server
+from warmserve.server import BackgroundServer
 
 
 def free_port() -> int:
@@ -21,30 +19,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LiveServer:
+class LiveServer(BackgroundServer):
     def __init__(self, raw_config: dict[str, Any], base_dir) -> None:
-        self.port = free_port()
-        cfg = parse_serve_config({**raw_config, "listen": {"port": self.port}}, base_dir)
-        self.server = Server(cfg)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._uv = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1",
-                                                 port=self.port, log_level="warning"))  # fmt: skip
-        self._thread = threading.Thread(target=self._uv.run, daemon=True)
+        cfg = parse_serve_config({**raw_config, "listen": {"port": free_port()}}, base_dir)
+        super().__init__(cfg)
 
-    def __enter__(self) -> LiveServer:
-        self._thread.start()
-        deadline = time.perf_counter() + 120
-        while not self._uv.started:
-            if not self._thread.is_alive() or time.perf_counter() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._uv.should_exit = True
-        self._thread.join(60)
-
-    # ----- helpers ----------------------------------------------------------------------
     def get(self, path: str, **kw: Any) -> httpx.Response:
         return httpx.get(self.url + path, timeout=30, **kw)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,3 +111,35 @@ def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> N
         access_log=False,
     )
     _Uvicorn(config).run()
+
+
+class BackgroundServer:
+    """A whole server (runtime, workers, app) on a uvicorn thread of this process, for
+    benchmarks and tests: `with BackgroundServer(cfg) as s: ... s.url ...`."""
+
+    def __init__(self, cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
+        import threading
+
+        import uvicorn
+
+        self.server = Server(cfg, prepare)
+        self.url = f"http://{cfg.listen.host}:{cfg.listen.port}"
+        self._uv = uvicorn.Server(
+            uvicorn.Config(
+                self.server.app, host=cfg.listen.host, port=cfg.listen.port, log_level="warning"
+            )
+        )
+        self._thread = threading.Thread(target=self._uv.run, daemon=True, name="uvicorn")
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.perf_counter() + self.server.cfg.workers.startup_timeout_s + 30
+        while not self._uv.started:
+            if not self._thread.is_alive() or time.perf_counter() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._uv.should_exit = True
+        self._thread.join(120)
