@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint simulate bench evaluate clean
+.PHONY: install test lint serve simulate bench evaluate clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The default server: 3 virtual copies of SmolLM2-135M on 2 CPU workers at 127.0.0.1:8000.
+# The model is converted once (about 40 s) on the first run.
+serve: install
+	$(BIN)/warmserve serve
 
 simulate: install
 	$(BIN)/warmserve simulate experiments/paper-azure-conv.yaml --out results/paper-azure-conv
