@@ -14,7 +14,7 @@ from warmserve.control.config import ControlConfig
 from warmserve.control.forecaster import Forecaster, SlotHistory, cycle_slots
 from warmserve.control.registry import POLICIES
 from warmserve.runtime import messages as m
-from warmserve.runtime.cluster import ModelFiles, RuntimeCluster, serving_spec
+from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
 from warmserve.types import InstanceState, ModelName
 
 PAGES = {"a": 30, "b": 30, "c": 45}
@@ -26,13 +26,17 @@ class FakeWorker:
         self.resident: set[str] = set()
         self.serving: str | None = None
         self.requests: set[int] = set()
+        self.kv = 0  # pages mapped in the KV slot
         self.pending: list[m.Command] = []
 
     def run(self, cmd: m.Command) -> None:
+        self._run(cmd)
+        assert sum(PAGES[n] for n in self.resident) + self.kv <= TOTAL, "pages over-committed"
+
+    def _run(self, cmd: m.Command) -> None:
         if isinstance(cmd, m.Prewarm):
             assert cmd.name not in self.resident
             self.resident.add(cmd.name)
-            assert sum(PAGES[n] for n in self.resident) <= TOTAL
         elif isinstance(cmd, m.Evict):
             assert cmd.name in self.resident and cmd.name != self.serving
             self.resident.remove(cmd.name)
@@ -40,11 +44,16 @@ class FakeWorker:
             assert self.serving is None
             self.resident = {cmd.name}  # loads it if cold; evicts the others
             self.serving = cmd.name
+            self.kv = TOTAL - PAGES[cmd.name]  # KV over every free page
         elif isinstance(cmd, m.Deactivate):
             assert self.serving is not None and not self.requests
             if not cmd.keep_weights:
                 self.resident.discard(self.serving)
             self.serving = None
+            self.kv = 0
+        elif isinstance(cmd, m.SetKvPages):
+            assert self.serving is not None and cmd.pages >= 1
+            self.kv = cmd.pages
         elif isinstance(cmd, m.AddRequest):
             assert self.serving is not None
             self.requests.add(cmd.request_id)
@@ -61,12 +70,13 @@ class RuntimeBooks(RuleBasedStateMachine):
         self.instance_of: dict[int, int] = {}
         self.next_rid = 0
         self.prewarms = 0
+        self.lends = 0
         self.setup(self.policy)
 
     def setup(self, policy: str) -> None:
         files = {n: ModelFiles(n, f"/models/{n}", p) for n, p in PAGES.items()}
         served = [ServedModel(ModelName(n), 1, p, p << 21, 1e4, 2048) for n, p in PAGES.items()]
-        spec = serving_spec(POLICIES[policy].spec)
+        spec = POLICIES[policy].spec
         self.cluster = RuntimeCluster(
             2, files, spec.unified_memory, self.send, self.dispatched
         )  # fmt: skip
@@ -77,12 +87,12 @@ class RuntimeBooks(RuleBasedStateMachine):
             hist.avg[:], hist.peak[:], hist.count[:] = 0.5, 1.5, 1
             fc.add_model(n, 0.0, hist)
         self.ctl = POLICIES[policy].build(cfg, served, fc)
-        self.ctl.policy = spec
         for w in range(2):
             self.cluster.worker_ready(w, TOTAL)
 
     def send(self, wid: int, cmd: m.Command) -> None:
         self.prewarms += isinstance(cmd, m.Prewarm)
+        self.lends += isinstance(cmd, m.SetKvPages)
         self.workers[wid].pending.append(cmd)
 
     def dispatched(self, rid: int, inst: int) -> None:
@@ -123,7 +133,7 @@ class RuntimeBooks(RuleBasedStateMachine):
                 if isinstance(cmd, m.Prewarm):
                     self.cluster.mark_loaded(wid, cmd.token)
                 elif isinstance(cmd, m.Activate):
-                    self.cluster.mark_running(wid, 64)
+                    self.cluster.mark_running(wid, 64, 1 << 21, 1 << 21)
 
     @rule(wid=st.sampled_from([0, 1]))
     def kill(self, wid: int) -> None:
@@ -157,6 +167,7 @@ class RuntimeBooks(RuleBasedStateMachine):
             assert w.resident == expect, (wid, w.resident, expect)
             if inst is not None:
                 assert inst.state == InstanceState.RUNNING or inst.requests
+                assert w.kv == inst.kv_pages
 
     @invariant()
     def dispatched_requests_sit_on_their_model(self) -> None:
@@ -170,6 +181,7 @@ class WarmServeBooks(RuntimeBooks):
 
     def teardown(self) -> None:
         PREWARMS.append(self.prewarms)
+        LENDS.append(self.lends)
 
 
 class VanillaBooks(RuntimeBooks):
@@ -177,6 +189,7 @@ class VanillaBooks(RuntimeBooks):
 
 
 PREWARMS: list[int] = []
+LENDS: list[int] = []
 SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestWarmServeBooks = WarmServeBooks.TestCase
 TestWarmServeBooks.settings = SETTINGS
@@ -184,6 +197,7 @@ TestVanillaBooks = VanillaBooks.TestCase
 TestVanillaBooks.settings = SETTINGS
 
 
-def test_the_machine_exercises_prewarming():
+def test_the_machine_exercises_prewarming_and_kv_lending():
     TestWarmServeBooks().runTest()
     assert sum(PREWARMS) > 0  # the planner's Prewarm path ran, not only cold starts
+    assert sum(LENDS) > 0  # and KV pages were lent or reclaimed

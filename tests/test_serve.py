@@ -303,3 +303,38 @@ def test_worker_death_before_any_token_retries_elsewhere(live, client):
     assert result.get("ok") in ("stop", "length"), result
     assert live.metric("warmserve:request_failure_total", model_name="smollm2",
                        reason="worker_died") == 0  # fmt: skip
+
+
+def test_idle_kv_pages_are_lent_to_prewarm_a_forecast_model(tiny_dir, smollm2_dir, tmp_path):
+    """One worker serves SmolLM2; the forecast says tiny-b is busy all day. The instance lends
+    the KV pages it does not need, and tiny-b is prewarmed into them while SmolLM2 serves."""
+    rows = ["timestamp_s,model,input_tokens,output_tokens"]
+    rows += [f"{t},tiny-b,16,100" for t in range(0, 86_400, 10)]
+    (tmp_path / "history.csv").write_text("\n".join(rows) + "\n")
+    raw = {
+        "workers": {"count": 1, "pool_mib": 640, "threads": 1},
+        "models": [
+            {"name": "smollm2", "path": str(smollm2_dir), "max_model_len": 512},
+            {"name": "tiny-b", "path": str(tiny_dir)},
+        ],
+        "control": {**CONTROL, "scale_window_s": 30.0, "protect_period_s": 30.0},
+        "forecast": {"history": "history.csv"},
+    }
+    with LiveServer(raw, tmp_path) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        out = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                        max_tokens=4, temperature=0)  # fmt: skip
+        assert out.choices[0].text
+
+        def lent_and_prewarmed() -> bool:
+            view = srv.admin()
+            inst = [i for i in view["instances"] if i["model"] == "smollm2"]
+            reps = [r for r in view["replicas"] if r["model"] == "tiny-b" and r["ready"]]
+            return bool(inst and inst[0]["kv_lent_pages"] > 0 and reps)
+
+        srv.wait_for(lent_and_prewarmed, 30, "KV pages lent and tiny-b prewarmed in them")
+        assert srv.metric("warmserve:kv_lent_pages", worker="0") > 0
+        # The shrunken instance still serves, and gives the same greedy answer.
+        again = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                          max_tokens=4, temperature=0)  # fmt: skip
+        assert again.choices[0].text == out.choices[0].text

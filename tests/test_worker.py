@@ -6,7 +6,7 @@ from test_engine_golden import tiny_model
 
 from warmserve.engine.request import SamplingParams
 from warmserve.worker.pages import CpuPages
-from warmserve.worker.pool import PagePool
+from warmserve.worker.pool import PagePool, PageUse
 from warmserve.worker.worker import UniversalWorker
 
 
@@ -86,5 +86,63 @@ def test_background_prewarm_overlaps_serving_and_evict_cancels(models):
     assert worker.status().pages["weights"] == 1 and worker.status().pages["free"] == 7
     with pytest.raises(Exception, match="already resident"):
         worker.prewarm("a", llama_dir)
+    worker.close()
+    pool.close()
+
+
+def test_lend_kv_pages_to_a_prewarm_then_reclaim_them_while_serving(models):
+    pool = PagePool(CpuPages(12))
+    worker = UniversalWorker(pool, block_size=8)
+    (llama, llama_dir), (_, qwen_dir) = models["llama"], models["qwen2"]
+    worker.prewarm("a", llama_dir)
+    engine = worker.activate("a")
+    alloc = engine.scheduler.alloc
+    full_blocks = alloc.num_blocks
+    want = [hf_greedy(llama, p, 6) for p in PROMPTS]
+    # A running sequence's blocks sit at the low end, so the tail can be lent meanwhile.
+    engine.add(PROMPTS[0], SamplingParams(max_tokens=6))
+    engine.step()
+    held = next(iter(engine.scheduler.requests.values())).block_table
+    assert held and max(held) < 4  # blocks are handed out lowest first
+    assert worker.lend_kv(10)  # the held blocks sit on the first page: lent at once
+    while engine.scheduler.has_work():
+        engine.step()
+    pool.check()
+    assert pool.counts()[PageUse.LENT] == 10 and worker.kv_pages == 1
+    assert alloc.num_blocks < full_blocks
+    # A prewarm borrows the lent pages; the shrunken instance still serves exactly.
+    worker.prewarm("b", qwen_dir)
+    b_bytes = sum(t.numel() * t.element_size() for t in worker.resident["b"].params.values())
+    pool.check()
+    assert pool.counts()[PageUse.WEIGHTS] == 2 and pool.counts()[PageUse.LENT] == 9
+    assert engine.generate(PROMPTS[:1], SamplingParams(max_tokens=6)) == want[:1]
+    # Reclaim: the borrower goes first, then the pages map back and the blocks return.
+    worker.evict("b")
+    worker.reclaim_kv(10)
+    pool.check()
+    assert worker.kv_pages == 11 and alloc.num_blocks == full_blocks
+    assert pool.counts()[PageUse.LENT] == 0
+    assert engine.generate(PROMPTS, SamplingParams(max_tokens=6)) == want
+    a_bytes = sum(t.numel() * t.element_size() for t in worker.resident["a"].params.values())
+    assert pool.bytes_copied == a_bytes + b_bytes  # lending and reclaiming copied nothing
+    worker.close()
+    pool.close()
+
+
+def test_lend_waits_while_tail_blocks_are_held(models):
+    pool = PagePool(CpuPages(6))
+    worker = UniversalWorker(pool, block_size=8)
+    _, llama_dir = models["llama"]
+    worker.prewarm("a", llama_dir)
+    engine = worker.activate("a")
+    alloc = engine.scheduler.alloc
+    blocks = alloc.allocate(alloc.num_blocks)  # every block held, the tail included
+    assert not worker.lend_kv(2)  # the tail's blocks leave use but are still held
+    assert alloc.num_free == 0 and pool.counts()[PageUse.LENT] == 0
+    alloc.free(blocks)
+    assert worker.lend_kv(2)
+    pool.check()
+    assert pool.counts()[PageUse.LENT] == 2
+    alloc.check()
     worker.close()
     pool.close()

@@ -62,13 +62,33 @@ class SeqInput:
 
 
 class PagedKVCache:
+    """Block-major storage: `[blocks, layers, 2 (K, V), block_size, kv_heads, head_dim]`.
+
+    A block's K and V for every layer are contiguous, so the last pages of the buffer hold only
+    the highest-numbered blocks: a worker can lend its KV slot's tail pages once those blocks
+    are free. `k` and `v` are `[layers, blocks, ...]` views of the same storage.
+    """
+
     def __init__(
         self, shape: LlamaShape, num_blocks: int, block_size: int, dtype: torch.dtype
     ) -> None:
-        size = (shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
+        self._attach(torch.zeros(self.size(shape, num_blocks, block_size), dtype=dtype),
+                     block_size)  # fmt: skip
+
+    @staticmethod
+    def size(shape: LlamaShape, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, shape.num_layers, 2, block_size, shape.num_kv_heads, shape.head_dim)
+
+    @staticmethod
+    def block_bytes(shape: LlamaShape, block_size: int, dtype: torch.dtype) -> int:
+        item = torch.empty((), dtype=dtype).element_size()
+        return shape.num_layers * 2 * block_size * shape.num_kv_heads * shape.head_dim * item
+
+    def _attach(self, storage: torch.Tensor, block_size: int) -> None:
         self.block_size = block_size
-        self.k = torch.zeros(size, dtype=dtype)
-        self.v = torch.zeros(size, dtype=dtype)
+        self.storage = storage
+        self.k = storage[:, :, 0].transpose(0, 1)
+        self.v = storage[:, :, 1].transpose(0, 1)
 
     @classmethod
     def from_buffer(
@@ -80,16 +100,11 @@ class PagedKVCache:
         dtype: torch.dtype,
     ) -> PagedKVCache:
         """K and V as views of a uint8 buffer (e.g. a pool slot): no allocation, no copy."""
+        nbytes = num_blocks * cls.block_bytes(shape, block_size, dtype)
+        assert buf.numel() >= nbytes, "buffer too small for the KV cache"
         cache = cls.__new__(cls)
-        cache.block_size = block_size
-        size = (shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
-        n = 1
-        for d in size:
-            n *= d
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
-        assert buf.numel() >= 2 * nbytes, "buffer too small for the KV cache"
-        cache.k = buf[:nbytes].view(dtype).view(size)
-        cache.v = buf[nbytes : 2 * nbytes].view(dtype).view(size)
+        cache._attach(buf[:nbytes].view(dtype).view(cls.size(shape, num_blocks, block_size)),
+                      block_size)  # fmt: skip
         return cache
 
 

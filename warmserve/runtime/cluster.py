@@ -8,7 +8,6 @@ worker's device is out of the snapshot until its replacement reports ready.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,16 +24,8 @@ from warmserve.control.api import (
     StartInstance,
     StopInstance,
 )
-from warmserve.control.config import PolicySpec
 from warmserve.runtime import messages as m
 from warmserve.types import InstanceId, InstanceState, ReplicaId, RequestId, StartPath
-
-
-def serving_spec(spec: PolicySpec) -> PolicySpec:
-    """The policy as the runtime can honour it: lending KV pages of a serving worker needs a
-    page-aligned KV layout the engine does not have yet, so that one technique is off."""
-    return dataclasses.replace(spec, kv_prewarm=False)
-
 
 DEAD = -1  # GpuView.instance_id of a device that is down: nothing is placed on it
 
@@ -67,11 +58,14 @@ class InstanceBook:
     path: StartPath
     replica_id: ReplicaId | None
     weight_pages: int
-    kv_pages: int
+    kv_pages: int  # mapped in its KV slot (per the books)
+    kv_lent_pages: int = 0
     state: InstanceState = InstanceState.STARTING
     requests: set[RequestId] = field(default_factory=set)
     kv_blocks: int = 0
     kv_used_blocks: int = 0
+    block_bytes: int = 0
+    page_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +117,7 @@ class RuntimeCluster:
                 i.state,
                 i.kv_pages,
                 self._kv_used_pages(i),
-                0,
+                i.kv_lent_pages,
             )
             for i in self.instances.values()
         )
@@ -146,7 +140,7 @@ class RuntimeCluster:
             elif isinstance(a, Evict):
                 self._evict(a.replica_id)
             elif isinstance(a, SetKvPages):
-                raise NotImplementedError("lending KV pages of a serving worker")
+                self._set_kv(a.instance_id, a.kv_pages)
             else:  # pragma: no cover - the Action union is closed
                 raise TypeError(f"unknown action {a!r}")
             self._version += 1
@@ -213,6 +207,19 @@ class RuntimeCluster:
             dev.free_pages += inst.weight_pages
         self._send(inst.worker_id, m.Deactivate(keep_weights=self.unified_memory))
 
+    def _set_kv(self, inst_id: InstanceId, kv_pages: int) -> None:
+        """Lend (the difference becomes free pages for prewarming) or reclaim KV pages."""
+        inst = self.instances[inst_id]
+        delta = kv_pages - inst.kv_pages
+        dev = self.devices[inst.worker_id]
+        assert inst.kv_lent_pages - delta >= 0, "cannot reclaim more than was lent"
+        assert dev.free_pages >= delta, f"worker {inst.worker_id}: no free pages to reclaim"
+        assert kv_pages >= 1, "an instance keeps at least one KV page"
+        dev.free_pages -= delta
+        inst.kv_pages = kv_pages
+        inst.kv_lent_pages -= delta
+        self._send(inst.worker_id, m.SetKvPages(kv_pages))
+
     def _prewarm(self, a: Prewarm) -> None:
         (wid,) = a.gpus
         dev = self.devices[wid]
@@ -249,7 +256,9 @@ class RuntimeCluster:
                 self._version += 1
                 return
 
-    def mark_running(self, wid: int, kv_blocks: int) -> InstanceBook | None:
+    def mark_running(
+        self, wid: int, kv_blocks: int, block_bytes: int = 0, page_bytes: int = 0
+    ) -> InstanceBook | None:
         inst_id = self.devices[wid].instance_id
         inst = self.instances.get(inst_id) if inst_id is not None else None
         if inst is None:
@@ -258,14 +267,17 @@ class RuntimeCluster:
             self.replicas[inst.replica_id].ready = True
         if inst.state == InstanceState.STARTING:
             inst.state = InstanceState.RUNNING
-        inst.kv_blocks = kv_blocks
+        inst.kv_blocks, inst.block_bytes, inst.page_bytes = kv_blocks, block_bytes, page_bytes
         self._version += 1
         return inst
 
-    def mark_kv_used(self, wid: int, used_blocks: int) -> None:
+    def mark_kv_used(self, wid: int, used_blocks: int) -> InstanceBook | None:
         inst_id = self.devices[wid].instance_id
-        if inst_id is not None and inst_id in self.instances:
-            self.instances[inst_id].kv_used_blocks = used_blocks
+        inst = self.instances.get(inst_id) if inst_id is not None else None
+        if inst is not None and inst.kv_used_blocks != used_blocks:
+            inst.kv_used_blocks = used_blocks
+            self._version += 1
+        return inst
 
     def worker_lost(self, wid: int) -> InstanceId | None:
         """Forget everything on a dead worker; the instance it ran, if any."""
@@ -280,9 +292,9 @@ class RuntimeCluster:
         return lost
 
     def _kv_used_pages(self, inst: InstanceBook) -> int:
-        if inst.kv_blocks == 0:
+        if not inst.page_bytes:
             return 0
-        return -(-inst.kv_used_blocks * inst.kv_pages // inst.kv_blocks)
+        return min(inst.kv_pages, -(-inst.kv_used_blocks * inst.block_bytes // inst.page_bytes))
 
     # ----- checks -----------------------------------------------------------------------
     def check(self) -> None:

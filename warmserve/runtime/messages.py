@@ -36,6 +36,13 @@ class Deactivate:
 
 
 @dataclass(frozen=True, slots=True)
+class SetKvPages:
+    """Lend (fewer) or reclaim (more) KV pages so that `pages` stay mapped in the KV slot."""
+
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
 class AddRequest:
     request_id: int
     prompt_ids: tuple[int, ...]
@@ -52,7 +59,9 @@ class Shutdown:
     pass
 
 
-Command = Prewarm | Evict | Activate | Deactivate | AddRequest | AbortRequest | Shutdown
+Command = (
+    Prewarm | Evict | Activate | Deactivate | SetKvPages | AddRequest | AbortRequest | Shutdown
+)
 
 
 # ----- worker -> runtime ----------------------------------------------------------------
@@ -73,6 +82,7 @@ class Loaded:
 class Activated:
     name: str
     kv_blocks: int
+    block_bytes: int
     seconds: float  # activation alone (a cold start's load is not included)
 
 
@@ -82,6 +92,7 @@ class TokenBatch:
 
     items: tuple[tuple[int, tuple[int, ...], str | None], ...]
     kv_used_blocks: int
+    waiting: int = 0  # requests queued in the engine (e.g. for KV blocks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,6 +100,12 @@ class ServeMetrics:
         self.pool_pages = Gauge(
             "warmserve:pool_pages", "Worker pool pages by use", ["worker", "use"], registry=r
         )
+        self.kv_lent_pages = Gauge(
+            "warmserve:kv_lent_pages",
+            "KV pages a serving instance lent to prewarming (counted as free or weights)",
+            ["worker"],
+            registry=r,
+        )
         self.worker_up = Gauge(
             "warmserve:worker_up", "1 while the worker process is ready", ["worker"], registry=r
         )

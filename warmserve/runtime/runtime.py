@@ -30,7 +30,7 @@ from warmserve.control.forecaster import Forecaster, SlotHistory, cycle_slots
 from warmserve.control.registry import get_policy
 from warmserve.engine.request import SamplingParams
 from warmserve.runtime import messages as m
-from warmserve.runtime.cluster import ModelFiles, RuntimeCluster, serving_spec
+from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
 from warmserve.runtime.metrics import ServeMetrics
 from warmserve.runtime.requests import (
     Overloaded,
@@ -133,7 +133,7 @@ class ServingRuntime:
         self.clock = clock or WallClock()
         self.metrics = metrics or ServeMetrics()
         self.policy = get_policy(cfg.policy)
-        self.spec = spec = serving_spec(self.policy.spec)
+        self.spec = spec = self.policy.spec
         page_bytes = cfg.workers.page_bytes
         files: dict[str, ModelFiles] = {}
         served: list[ServedModel] = []
@@ -169,7 +169,6 @@ class ServingRuntime:
             self.forecaster.add_model(rm.name, offset, histories.get(rm.name))
         built = self.policy.build(ctl, served, self.forecaster)
         assert isinstance(built, Controller)
-        built.policy = spec  # the technique switches the runtime can honour (see above)
         self.controller: Controller = built
         self.requests: dict[int, RuntimeRequest] = {}
         self._workers: list[WorkerProcess | None] = [None] * cfg.workers.count
@@ -325,7 +324,10 @@ class ServingRuntime:
             return  # from a worker process that has since been replaced
         if isinstance(ev, m.TokenBatch):
             self._on_tokens(ev)
-            self.cluster.mark_kv_used(wid, ev.kv_used_blocks)
+            inst = self.cluster.mark_kv_used(wid, ev.kv_used_blocks)
+            if inst is not None and ev.waiting and inst.kv_lent_pages:
+                # Requests wait for KV on an instance that lent pages: reclaim them now.
+                self.controller.on_kv_pressure(self.clock.now(), inst.instance_id, self.cluster)
         elif isinstance(ev, m.Ready):
             self.cluster.worker_ready(wid, ev.num_pages)
             self.metrics.worker_up.labels(str(wid)).set(1)
@@ -336,7 +338,9 @@ class ServingRuntime:
         elif isinstance(ev, m.Loaded):
             self.cluster.mark_loaded(wid, ev.token)
         elif isinstance(ev, m.Activated):
-            inst = self.cluster.mark_running(wid, ev.kv_blocks)
+            inst = self.cluster.mark_running(
+                wid, ev.kv_blocks, ev.block_bytes, self.cfg.workers.page_bytes
+            )
             if inst is not None:
                 self.metrics.activation.labels(inst.model).observe(ev.seconds)
         elif isinstance(ev, m.RequestFailed):
@@ -454,6 +458,12 @@ class ServingRuntime:
             )
             for use, n in (("free", dev.free_pages), ("weights", weights), ("kv", kv)):
                 mt.pool_pages.labels(str(dev.worker_id), use).set(n)
+            lent = sum(
+                i.kv_lent_pages
+                for i in self.cluster.instances.values()
+                if i.worker_id == dev.worker_id
+            )
+            mt.kv_lent_pages.labels(str(dev.worker_id)).set(lent)
 
     def admin_view(self) -> dict[str, Any]:
         now = self.clock.now()
@@ -479,6 +489,7 @@ class ServingRuntime:
                     "state": str(i.state),
                     "start_path": str(i.path),
                     "kv_pages": i.kv_pages,
+                    "kv_lent_pages": i.kv_lent_pages,
                     "kv_blocks": i.kv_blocks,
                     "kv_used_blocks": i.kv_used_blocks,
                     "requests": len(i.requests),

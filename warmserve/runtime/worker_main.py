@@ -79,17 +79,22 @@ class _Loop:
 
     # ----- commands ---------------------------------------------------------------------
     def _drain_commands(self) -> bool:
-        """Run queued commands in order; stop at one that must wait for a load. False: exit."""
+        """Run queued commands in order; stop at one that must wait (for a load, or for KV
+        blocks to be released before their pages are lent). False: exit."""
         while self.pending:
             cmd = self.pending[0]
             if isinstance(cmd, m.Activate) and self._must_wait(cmd.name):
                 return True
-            self.pending.popleft()
-            if isinstance(cmd, m.Shutdown):
-                return False
             try:
+                if isinstance(cmd, m.SetKvPages) and not self._set_kv(cmd.pages):
+                    return True  # the engine steps meanwhile; retried after each step
+                self.pending.popleft()
+                if isinstance(cmd, m.Shutdown):
+                    return False
                 self._run(cmd)
             except Exception as e:  # a command's failure is reported, the worker lives on
+                if self.pending and self.pending[0] is cmd:
+                    self.pending.popleft()
                 if isinstance(cmd, m.AddRequest):
                     self.send(m.RequestFailed(cmd.request_id, str(e)))
                 else:
@@ -120,12 +125,14 @@ class _Loop:
             self.to_engine.clear()
             self.from_engine.clear()
             blocks = self.engine.scheduler.alloc.num_blocks
-            self.send(m.Activated(cmd.name, blocks, time.perf_counter() - t0))
+            self.send(m.Activated(cmd.name, blocks, w._block_bytes, time.perf_counter() - t0))
         elif isinstance(cmd, m.Deactivate):
             w.deactivate(cmd.keep_weights)
             self.engine = None
             self.to_engine.clear()
             self.from_engine.clear()
+        elif isinstance(cmd, m.SetKvPages):
+            pass  # applied by `_set_kv` before it left the queue
         elif isinstance(cmd, m.AddRequest):
             if self.engine is None:
                 raise WorkerError("no model is active on this worker")
@@ -137,8 +144,7 @@ class _Loop:
             if eid is not None and self.engine is not None:
                 self.engine.abort(eid)
                 del self.from_engine[eid]
-                alloc = self.engine.scheduler.alloc  # report the KV the abort freed
-                self.send(m.TokenBatch((), alloc.num_blocks - alloc.num_free))
+                self._report(())  # the KV the abort freed
 
     def _loaded(self, cmd: m.Prewarm, fut) -> None:  # on the loader thread
         try:
@@ -168,5 +174,21 @@ class _Loop:
                 del self.from_engine[eid]
                 del self.to_engine[rid]
         if items:
-            alloc = eng.scheduler.alloc
-            self.send(m.TokenBatch(tuple(items), alloc.num_blocks - alloc.num_free))
+            self._report(tuple(items))
+
+    def _report(self, items: tuple) -> None:
+        eng = self.engine
+        assert eng is not None
+        sched = eng.scheduler
+        self.send(m.TokenBatch(items, sched.alloc.num_used, len(sched.waiting)))
+
+    def _set_kv(self, pages: int) -> bool:
+        """Move toward `pages` mapped KV pages; False while a lend waits for held blocks."""
+        w = self.worker
+        if self.engine is None:
+            raise WorkerError("no model is active on this worker")
+        if pages > w.kv_pages:
+            w.reclaim_kv(pages - w.kv_pages)
+            self._report(())
+            return True
+        return pages == w.kv_pages or w.lend_kv(w.kv_pages - pages)

@@ -64,6 +64,7 @@ class UniversalWorker:
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(1, "prewarm")
         self._loading: dict[str, tuple[Future[float], threading.Event]] = {}
+        self._block_bytes = 0
 
     # ----- weights ----------------------------------------------------------------------
     def prewarm(self, name: str, model_dir: Path, *, background: bool = False) -> Future[float]:
@@ -87,8 +88,8 @@ class UniversalWorker:
             pages = max(1, -(-total // self.pool.page_bytes))
             with self._lock:
                 slot = self.pool.new_slot(PageUse.WEIGHTS)
-                try:
-                    self.pool.grow(slot, pages)
+                try:  # free pages, or pages a serving KV cache lent to prewarming
+                    self.pool.grow(slot, pages, borrow=True)
                 except Exception:
                     self.pool.free_slot(slot)
                     raise
@@ -159,8 +160,7 @@ class UniversalWorker:
         dtype = kv_dtype or next(iter(model.params.values())).dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-        item = torch.empty((), dtype=dtype).element_size()
-        block_bytes = 2 * s.num_layers * self.block_size * s.num_kv_heads * s.head_dim * item
+        block_bytes = PagedKVCache.block_bytes(s, self.block_size, dtype)
         with self._lock:
             kv = self.pool.new_slot(PageUse.KV)
             free_pages = self.pool.counts()[PageUse.FREE]
@@ -175,7 +175,49 @@ class UniversalWorker:
         sched = Scheduler(BlockAllocator(num_blocks, self.block_size))
         self.engine = Engine(PagedLlama(s, model.params), cache, sched, model.eos_token_id)
         self._kv_slot, self.serving = kv, name
+        self._block_bytes = block_bytes
         return self.engine
+
+    # ----- KV lending -------------------------------------------------------------------
+    @property
+    def kv_pages(self) -> int:
+        """Pages mapped in the serving KV slot now."""
+        return len(self._kv_slot.pages) if self._kv_slot is not None else 0
+
+    def _blocks_on(self, pages: int) -> int:
+        assert self.engine is not None
+        alloc = self.engine.scheduler.alloc
+        return min(alloc.capacity, pages * self.pool.page_bytes // self._block_bytes)
+
+    def lend_kv(self, pages: int) -> bool:
+        """Lend the KV slot's last `pages` pages to prewarming. The blocks on them leave use
+        at once; the pages are unmapped when no sequence holds those blocks any more. True
+        once lent; call again (e.g. after engine steps) while False."""
+        if self.engine is None or self._kv_slot is None:
+            raise WorkerError("not serving")
+        if not 0 <= pages < self.kv_pages:
+            raise WorkerError(f"cannot lend {pages} of {self.kv_pages} KV pages")
+        alloc = self.engine.scheduler.alloc
+        keep = self._blocks_on(self.kv_pages - pages)
+        if keep < 1:
+            raise WorkerError("lending that much leaves no KV block")
+        if keep < alloc.num_blocks:
+            alloc.limit(keep)
+        if alloc.held_above(keep):
+            return False
+        with self._lock:
+            self.pool.lend(self._kv_slot, pages)
+        return True
+
+    def reclaim_kv(self, pages: int) -> None:
+        """Map `pages` of the pages this slot lent back at its end (their borrowers must have
+        been evicted) and use the blocks on them again."""
+        if self.engine is None or self._kv_slot is None:
+            raise WorkerError("not serving")
+        with self._lock:
+            self.pool.reclaim(self._kv_slot, pages)
+        self.pool.wait_mapped(self._kv_slot, self.kv_pages)
+        self.engine.scheduler.alloc.extend(self._blocks_on(self.kv_pages))
 
     def deactivate(self, keep_weights: bool = True) -> None:
         """Drop the KV cache (aborting what runs); the weights stay prewarmed if asked."""
@@ -204,7 +246,7 @@ class UniversalWorker:
             loading=loading,
             serving=self.serving,
             kv_blocks=alloc.num_blocks if alloc else 0,
-            kv_used_blocks=alloc.num_blocks - alloc.num_free if alloc else 0,
+            kv_used_blocks=alloc.num_used if alloc else 0,
             in_flight=len(eng.scheduler.requests) if eng else 0,
         )
 
