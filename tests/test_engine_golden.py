@@ -96,3 +96,41 @@ def test_block_allocator_conserves_blocks():
             assert len(flat) == len(set(flat)) == 12 - alloc.num_free
 
     run()
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },  # keep, blend and scale bands all occur
+    ],  # fmt: skip
+)
+def test_rope_scaling_matches_transformers(rope):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**TINY, "max_position_embeddings": 128},
+                      rope_parameters={**rope, "rope_theta": 10000.0})  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval().float()
+    shape = LlamaShape.from_hf_config(model.config.to_dict())
+    assert shape.rope_scaling is not None and shape.rope_scaling.kind == rope["rope_type"]
+    engine = PagedLlama(shape, model.state_dict())
+    cache = PagedKVCache(shape, 16, 4, torch.float32)
+    ids = torch.randint(0, 97, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    logits = engine.forward([SeqInput(ids, 0, list(range(12)))], cache)[0]
+    torch.testing.assert_close(logits, hf_last_logits(model, ids), atol=1e-5, rtol=1e-4)
+    plain = LlamaShape.from_hf_config({**model.config.to_dict(), "rope_parameters": None})
+    unscaled = PagedLlama(plain, model.state_dict()).forward(
+        [SeqInput(ids, 0, list(range(12)))], PagedKVCache(plain, 16, 4, torch.float32)
+    )[0]
+    assert not torch.allclose(unscaled, logits, atol=1e-4)  # the scaling really changed RoPE
+
+
+def test_unsupported_rope_scaling_is_a_clear_error():
+    with pytest.raises(NotImplementedError, match="yarn"):
+        yarn = {"rope_type": "yarn", "factor": 2.0}
+        LlamaShape.from_hf_config({**tiny_model("llama").config.to_dict(), "rope_scaling": yarn})

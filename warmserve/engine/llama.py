@@ -10,12 +10,57 @@ runs per sequence over its gathered blocks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Context extension of RoPE: `linear` (positions / factor) or `llama3` (per-frequency
+    interpolation between low and high wavelengths, as in Llama 3.1)."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any] | None) -> RopeScaling | None:
+        if not raw:
+            return None
+        kind = raw.get("rope_type", raw.get("type"))
+        if kind in (None, "default"):
+            return None
+        if kind == "linear":
+            return cls("linear", float(raw["factor"]))
+        if kind == "llama3":
+            return cls("llama3", float(raw["factor"]), float(raw["low_freq_factor"]),
+                       float(raw["high_freq_factor"]),
+                       int(raw["original_max_position_embeddings"]))  # fmt: skip
+        raise NotImplementedError(f"RoPE scaling {kind!r} is not supported (linear and llama3 are)")
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return inv_freq / self.factor
+        old = self.original_max_position_embeddings
+        low_wavelen = old / self.low_freq_factor
+        high_wavelen = old / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are interpolated by `factor`, short ones kept, the band between
+        # blended linearly in 1 / wavelength.
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (old / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +75,12 @@ class LlamaShape:
     rms_norm_eps: float
     rope_theta: float
     tie_word_embeddings: bool
+    rope_scaling: RopeScaling | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any]) -> LlamaShape:
         heads = int(cfg["num_attention_heads"])
-        scaling = cfg.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise NotImplementedError(f"RoPE scaling {scaling!r} is not supported yet")
+        scaling = RopeScaling.from_hf(cfg.get("rope_scaling") or cfg.get("rope_parameters"))
         theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)
         return cls(
             vocab_size=int(cfg["vocab_size"]),
@@ -49,6 +93,7 @@ class LlamaShape:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=scaling,
         )
 
 
@@ -136,6 +181,8 @@ class PagedLlama:
         inv = 1.0 / (
             shape.rope_theta ** (torch.arange(0, shape.head_dim, 2).float() / shape.head_dim)
         )
+        if shape.rope_scaling is not None:
+            inv = shape.rope_scaling.apply(inv)
         self._inv_freq = inv
 
     def _rope(
