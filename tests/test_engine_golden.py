@@ -108,8 +108,8 @@ def test_block_allocator_conserves_blocks():
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32,
-        },  # keep, blend and scale bands all occur
-    ],  # fmt: skip
+        },  # head_dim 16, original length 32: the keep, blend and scale bands all occur
+    ],
 )
 def test_rope_scaling_matches_transformers(rope):
     torch.manual_seed(0)
