@@ -123,8 +123,10 @@ def _serve(args: argparse.Namespace) -> int:
     from warmserve.server import run_server
 
     def prepare() -> Path:
-        from warmserve.models import prepare_smollm2
+        from warmserve.models import is_prepared, prepare_smollm2, smollm2_dir
 
+        if is_prepared(smollm2_dir(None, "float32")):
+            return smollm2_dir(None, "float32")
         with tqdm(total=3, desc="SmolLM2-135M-Instruct (first run)", unit="step") as bar:
             path = prepare_smollm2(
                 None, lambda name: (bar.set_postfix_str(name), bar.update()), dtype="float32"

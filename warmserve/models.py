@@ -35,6 +35,16 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def smollm2_dir(cache_dir: Path | None = None, dtype: str = "bfloat16") -> Path:
+    if dtype not in ("bfloat16", "float32"):
+        raise ModelPrepError(f"dtype must be bfloat16 or float32, not {dtype!r}")
+    return (cache_dir or default_cache_dir()) / (SMOLLM2 + ("-fp32" if dtype == "float32" else ""))
+
+
+def is_prepared(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
 def prepare_smollm2(
     cache_dir: Path | None = None,
     step: Callable[[str], None] = lambda _: None,
@@ -44,10 +54,8 @@ def prepare_smollm2(
 
     `dtype` is "bfloat16" (half the memory) or "float32" (much faster prefill on CPUs whose
     torch build lacks fast bf16 matmuls)."""
-    if dtype not in ("bfloat16", "float32"):
-        raise ModelPrepError(f"dtype must be bfloat16 or float32, not {dtype!r}")
-    out = (cache_dir or default_cache_dir()) / (SMOLLM2 + ("-fp32" if dtype == "float32" else ""))
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    out = smollm2_dir(cache_dir, dtype)
+    if is_prepared(out):
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
