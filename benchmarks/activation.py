@@ -1,6 +1,7 @@
 """Time to first token when a model must start serving on a worker, by how its weights arrive.
 
-For SmolLM2-135M (bf16) and a random ~1 GB Llama-style model (bf16), on CPU:
+For SmolLM2-135M (fp32, 540 MB) and a random ~1.2 GB Llama-style model (fp32), on CPU
+(fp32: this CPU's torch runs bf16 prefill matmuls ~7x slower, which would swamp the rest):
   prewarmed     weights already in a pool slot: activate (evict the other resident model,
                 KV over its pages), then the first token of one request;
   cold_cached   load safetensors into a slot (page cache warm), activate, first token;
@@ -37,13 +38,13 @@ PROMPT = list(range(100, 164))  # 64 tokens
 
 
 def big_model(root: Path) -> Path:
-    path = root / "random-1gb"
+    path = root / "random-1gb-fp32"
     if not (path / "config.json").exists():
-        cfg = LlamaConfig(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
+        cfg = LlamaConfig(hidden_size=1536, intermediate_size=4096, num_hidden_layers=8,
                           num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
                           tie_word_embeddings=False)  # fmt: skip
         torch.manual_seed(0)
-        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+        LlamaForCausalLM(cfg).save_pretrained(path)  # fp32
     return path
 
 
@@ -99,7 +100,7 @@ def measure(name: str, path: Path, other: Path, pages: int) -> dict:
         pool.close()
     drop_caches()
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         model.generate(torch.tensor([PROMPT]), max_new_tokens=1, do_sample=False)
     row["transformers_ttft_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
@@ -119,11 +120,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    smol = prepare_smollm2()
+    smol = prepare_smollm2(dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         big = big_model(Path(tmp))
         rows = [measure("SmolLM2-135M-Instruct", smol, big, pages=1024),
-                measure("random-llama-1GB", big, smol, pages=1024)]  # fmt: skip
+                measure("random-llama-1.2GB", big, smol, pages=1024)]  # fmt: skip
     for r in rows:
         print(json.dumps(r))
     write_json(args.json, {"benchmark": "activation", "results": rows})
