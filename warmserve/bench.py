@@ -215,10 +215,7 @@ def summarize(cfg: BenchConfig, wl: Workload, results: list[_Result]) -> dict[st
 
 def write_outputs(out: Path, cfg: BenchConfig, wl: Workload, results: list[_Result],
                   summary: dict[str, Any]) -> None:  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from warmserve.sim.report import plot_ttft_cdf
 
     out.mkdir(parents=True, exist_ok=True)
     doc = {"experiment": "bench", "endpoint": cfg.endpoint, "trace": cfg.trace,
@@ -227,22 +224,12 @@ def write_outputs(out: Path, cfg: BenchConfig, wl: Workload, results: list[_Resu
            "slo": {"ttft_s": cfg.slo_ttft_s, "tpot_s": cfg.slo_tpot_s},
            "policies": {cfg.label: summary}}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    n = len(results)
+    curves = []
     for k, name in enumerate(wl.model_names):
-        ttft = np.sort([r.first_s for i, r in enumerate(results)
-                        if r.error is None and wl.model_idx[i] == k])  # fmt: skip
-        total = int((wl.model_idx[:n] == k).sum())
-        if len(ttft):
-            ax.plot(ttft, np.arange(1, len(ttft) + 1) / total, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("TTFT (s, log scale)")
-    ax.set_ylabel("fraction of requests")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "ttft_cdf.png", dpi=120)
-    plt.close(fig)
+        mine = [r for i, r in enumerate(results) if wl.model_idx[i] == k]
+        ttft = np.array([r.first_s for r in mine if r.error is None])
+        curves.append((name, ttft, len(mine)))
+    plot_ttft_cdf(out / "ttft_cdf.png", curves)
 
 
 def table(summary: dict[str, Any]) -> str:

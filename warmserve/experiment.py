@@ -186,14 +186,18 @@ _TOP = {"name", "seed", "cluster", "models", "workload", "slo", "policies", "con
         "latency", "sweep"}  # fmt: skip
 
 
-def load_experiment(path: Path) -> Experiment:
+def read_yaml(path: Path, error: type[ExperimentError] = ExperimentError) -> Any:
+    """A YAML file's content; unreadable or invalid files raise `error` with one line."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except OSError as e:
-        raise ExperimentError(f"cannot read {path}: {e.strerror}") from None
+        raise error(f"cannot read {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ExperimentError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_experiment(raw, path.parent, path.stem)
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_experiment(path: Path) -> Experiment:
+    return parse_experiment(read_yaml(path), path.parent, path.stem)
 
 
 def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment") -> Experiment:

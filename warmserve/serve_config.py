@@ -17,7 +17,7 @@ import yaml
 
 from warmserve.control.config import ControlConfig
 from warmserve.control.registry import POLICIES
-from warmserve.experiment import ExperimentError, build_section, convert_value
+from warmserve.experiment import ExperimentError, build_section, convert_value, read_yaml
 
 PACKAGED = "smollm2"  # a model path naming the packaged SmolLM2-135M-Instruct
 
@@ -130,13 +130,7 @@ def default_config() -> ServeConfig:
 
 
 def load_serve_config(path: Path) -> ServeConfig:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ServeConfigError(f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ServeConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_serve_config(raw, path.parent)
+    return parse_serve_config(read_yaml(path, ServeConfigError), path.parent)
 
 
 def parse_serve_config(raw: Any, base_dir: Path) -> ServeConfig:

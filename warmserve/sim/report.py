@@ -85,12 +85,21 @@ def write_report(
 
 
 def _plot_ttft(path: Path, results: Sequence[PolicyResult]) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = []
     for r in results:
         log = r.log
-        ttft = np.sort((log.first_token_s - log.arrival_s)[~np.isnan(log.first_token_s)])
+        ttft = (log.first_token_s - log.arrival_s)[~np.isnan(log.first_token_s)]
+        curves.append((r.policy, ttft, len(log.arrival_s)))
+    plot_ttft_cdf(path, curves)
+
+
+def plot_ttft_cdf(path: Path, curves: Sequence[tuple[str, np.ndarray, int]]) -> None:
+    """One CDF per (label, TTFTs of finished requests, requests in all): unfinished ones keep
+    each curve below 1."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, ttft, total in curves:
         if len(ttft):
-            ax.plot(ttft, np.arange(1, len(ttft) + 1) / len(log.arrival_s), label=r.policy)
+            ax.plot(np.sort(ttft), np.arange(1, len(ttft) + 1) / total, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("TTFT (s, log scale)")
     ax.set_ylabel("fraction of requests")
