@@ -134,6 +134,9 @@ def _serve(args: argparse.Namespace) -> int:
             bar.update(bar.total - bar.n)
         return path
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     needs = any(m.path == PACKAGED for m in cfg.models)
     run_server(cfg, prepare if needs else None)
     return 0

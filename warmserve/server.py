@@ -100,6 +100,14 @@ def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> N
                     self._captured_signals.clear()  # the parent re-raises what is left here
 
     server = Server(cfg, prepare)
+    log.info(
+        "serving %s on %d %s worker(s), policy %s%s",
+        ", ".join(m.name for m in cfg.models),
+        cfg.workers.count,
+        cfg.workers.device,
+        cfg.policy,
+        ", API keys required" if cfg.api_keys else "",
+    )
     config = uvicorn.Config(
         server.app,
         host=cfg.listen.host,
