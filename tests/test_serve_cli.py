@@ -68,7 +68,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path, tiny_dir):
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "warmserve.cli", "serve",
                              str(tmp_path / "serve.yaml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ})  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ},
+                            start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.perf_counter() + 120
@@ -94,12 +95,14 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path, tiny_dir):
         t = threading.Thread(target=stream)
         t.start()
         assert started.wait(30)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # as a service manager does: every process
         t.join(60)
         assert chunks[-1] == "[DONE]"
         finals = [json.loads(c)["choices"][0]["finish_reason"] for c in chunks[:-1]]
         assert finals[-1] == "length"  # the in-flight request ran to its end
         assert proc.wait(60) == 0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "died" not in out, out  # workers were stopped in order, not killed by the signal
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/health", timeout=2)
     finally:

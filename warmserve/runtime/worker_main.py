@@ -30,7 +30,10 @@ from warmserve.worker.worker import UniversalWorker, WorkerError
 
 
 def worker_main(conn: Connection, num_pages: int, page_bytes: int, threads: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server shuts workers down in order
+    # Ctrl-C and service managers signal the whole process group; the server shuts its
+    # workers down in order (a `Shutdown` command, or EOF on the pipe if it died).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(max(1, threads))
     pool = PagePool(CpuPages(num_pages, page_bytes))
     worker = UniversalWorker(pool)
