@@ -237,7 +237,7 @@ def test_metrics_expose_latency_queue_and_pool(live, client):
 
 
 def test_api_keys_guard_the_api_and_admin(live):
-    app = build_app(live.server.serving, live.server.runtime.metrics.render, ["s3cret"], 65536)
+    app = build_app(live.server.serving, live.server.runtime.metrics_text, ["s3cret"], 65536)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                        lifespan="off"))  # fmt: skip

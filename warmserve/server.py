@@ -76,7 +76,7 @@ class Server:
         self.serving = OpenAIServing(self.runtime, cards, cfg.limits.default_max_tokens)
         self.app = build_app(
             self.serving,
-            self.runtime.metrics.render,
+            self.runtime.metrics_text,
             cfg.api_keys,
             cfg.limits.max_request_bytes,
             on_startup=self.runtime.start,

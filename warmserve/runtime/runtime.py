@@ -13,24 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing as mp
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from warmserve.clock import Clock, WallClock, seconds_into_day
 from warmserve.control.api import RequestInfo, ServedModel
 from warmserve.control.controller import Controller
-from warmserve.control.forecaster import Forecaster, SlotHistory, cycle_slots
+from warmserve.control.forecaster import Forecaster
 from warmserve.control.registry import get_policy
 from warmserve.engine.request import SamplingParams
 from warmserve.runtime import messages as m
+from warmserve.runtime import views
 from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
+from warmserve.runtime.history import seed_histories
 from warmserve.runtime.metrics import ServeMetrics
 from warmserve.runtime.requests import (
     Overloaded,
@@ -39,10 +35,9 @@ from warmserve.runtime.requests import (
     StreamError,
     TokenDelta,
 )
-from warmserve.runtime.worker_main import worker_main
+from warmserve.runtime.worker_process import WorkerProcess
 from warmserve.serve_config import ServeConfig
-from warmserve.traces import load_csv_trace
-from warmserve.types import InstanceState, ModelName
+from warmserve.types import ModelName
 from warmserve.worker.layout import checkpoint_files, weights_layout
 
 log = logging.getLogger("warmserve.runtime")
@@ -54,70 +49,6 @@ class RuntimeModel:
     model_dir: Path
     max_model_len: int
     kv_bytes_per_token: int
-
-
-class WorkerProcess:
-    """The server's side of one worker process: its pipe and a reader thread."""
-
-    def __init__(
-        self,
-        worker_id: int,
-        incarnation: int,
-        cfg: ServeConfig,
-        on_event: Callable[[int, int, m.Event], None],
-        on_exit: Callable[[int, int], None],
-    ) -> None:
-        self.worker_id = worker_id
-        self.incarnation = incarnation
-        ctx = mp.get_context("spawn")  # no fork of a threaded, torch-loaded server
-        self.conn, child = ctx.Pipe()
-        w = cfg.workers
-        self.process = ctx.Process(
-            target=worker_main,
-            args=(child, w.num_pages, w.page_bytes, w.torch_threads()),
-            name=f"warmserve-worker-{worker_id}",
-            daemon=True,
-        )
-        self.process.start()
-        child.close()
-        self._send_lock = threading.Lock()
-        self._reader = threading.Thread(
-            target=self._read,
-            args=(self.conn, on_event, on_exit),
-            daemon=True,
-            name=f"worker-{worker_id}-reader",
-        )
-        self._reader.start()
-
-    def _read(
-        self,
-        conn: Connection,
-        on_event: Callable[[int, int, m.Event], None],
-        on_exit: Callable[[int, int], None],
-    ) -> None:
-        while True:
-            try:
-                event = conn.recv()
-            except (EOFError, OSError):
-                on_exit(self.worker_id, self.incarnation)
-                return
-            on_event(self.worker_id, self.incarnation, event)
-
-    def send(self, cmd: m.Command) -> None:
-        # On a broken pipe the reader sees the death and the runtime recovers.
-        with self._send_lock, contextlib.suppress(BrokenPipeError, OSError):
-            self.conn.send(cmd)
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-
-    def stop(self, timeout_s: float) -> None:
-        self.send(m.Shutdown())
-        self.process.join(timeout_s)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
 
 
 class ServingRuntime:
@@ -163,7 +94,14 @@ class ServingRuntime:
         self.forecaster = Forecaster(
             ctl.forecast_window_s, ctl.forecast_correction_points, ctl.forecast_cycle
         )
-        histories = self._seed_histories()
+        fc_cfg = cfg.forecast
+        histories = (
+            seed_histories(cfg.base_dir / fc_cfg.history, (rm.name for rm in models),
+                           ctl.forecast_window_s, ctl.forecast_cycle,
+                           fc_cfg.service_s_per_token)
+            if fc_cfg.history is not None
+            else {}
+        )  # fmt: skip
         offset = seconds_into_day()
         for rm in models:
             self.forecaster.add_model(rm.name, offset, histories.get(rm.name))
@@ -202,8 +140,9 @@ class ServingRuntime:
         self._incarnation[wid] += 1
         self._ready[wid] = self._loop.create_future()
         self._workers[wid] = WorkerProcess(
-            wid, self._incarnation[wid], self.cfg, self._event_threadsafe, self._exit_threadsafe
-        )
+            wid, self._incarnation[wid], self.cfg.workers, self._event_threadsafe,
+            self._exit_threadsafe,
+        )  # fmt: skip
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop accepting, let in-flight requests finish for `grace_s`, fail the rest, stop
@@ -244,7 +183,6 @@ class ServingRuntime:
         self._all_done.clear()
         self.metrics.prompt_tokens.labels(model).inc(len(prompt_ids))
         self.controller.on_request(now, self._info(req), self.cluster)
-        self._refresh_gauges()
         return req
 
     def _info(self, req: RuntimeRequest) -> RequestInfo:
@@ -357,7 +295,6 @@ class ServingRuntime:
             w = self._workers[wid]
             if w is not None:
                 w.kill()
-        self._refresh_gauges()
 
     def _on_tokens(self, ev: m.TokenBatch) -> None:
         now = self.clock.now()
@@ -401,7 +338,6 @@ class ServingRuntime:
                         req, StreamError(502, "the worker serving this request died"), "worker_died"
                     )
         self._spawn(wid)
-        self._refresh_gauges()
 
     def _after_layout_change(self) -> None:
         """A device came (back): let queued requests start without waiting for a tick."""
@@ -413,138 +349,18 @@ class ServingRuntime:
         while True:
             try:
                 self.controller.tick(self.clock.now(), self.cluster)
-                self._refresh_gauges()
             except Exception:  # a policy bug must not stop the control loop silently
                 log.exception("control tick failed")
             await asyncio.sleep(period)
 
     # ----- views ------------------------------------------------------------------------
     def model_state(self, name: str) -> str:
-        """serving | starting | prewarmed | loading | cold."""
-        states = {i.state for i in self.cluster.instances.values() if i.model == name}
-        if InstanceState.RUNNING in states:
-            return "serving"
-        if InstanceState.STARTING in states:
-            return "starting"
-        reps = [r for r in self.cluster.replicas.values() if r.model == name and r.owner is None]
-        if any(r.ready for r in reps):
-            return "prewarmed"
-        return "loading" if reps else "cold"
-
-    def _refresh_gauges(self) -> None:
-        mt = self.metrics
-        for name in self.models:
-            reqs = [r for r in self.requests.values() if r.model == name]
-            waiting = sum(1 for r in reqs if r.instance_id is None)
-            mt.waiting.labels(name).set(waiting)
-            mt.running.labels(name).set(len(reqs) - waiting)
-            mt.instances.labels(name).set(
-                sum(1 for i in self.cluster.instances.values() if i.model == name)
-            )
-            mt.prewarmed.labels(name).set(
-                sum(
-                    1 for r in self.cluster.replicas.values() if r.model == name and r.owner is None
-                )
-            )
-        for model, path in self.cluster.starts:
-            mt.instance_starts.labels(model, str(path)).inc()
-        self.cluster.starts.clear()
-        for dev in self.cluster.devices:
-            weights = sum(
-                r.pages for r in self.cluster.replicas.values() if r.worker_id == dev.worker_id
-            )
-            kv = sum(
-                i.kv_pages for i in self.cluster.instances.values() if i.worker_id == dev.worker_id
-            )
-            for use, n in (("free", dev.free_pages), ("weights", weights), ("kv", kv)):
-                mt.pool_pages.labels(str(dev.worker_id), use).set(n)
-            lent = sum(
-                i.kv_lent_pages
-                for i in self.cluster.instances.values()
-                if i.worker_id == dev.worker_id
-            )
-            mt.kv_lent_pages.labels(str(dev.worker_id)).set(lent)
+        return views.model_state(self.cluster, name)
 
     def admin_view(self) -> dict[str, Any]:
-        now = self.clock.now()
-        fc = self.controller.forecasts()
-        return {
-            "now_s": now,
-            "policy": self.spec.name,
-            "workers": [
-                {
-                    "worker": d.worker_id,
-                    "alive": d.alive,
-                    "pages_total": d.total_pages,
-                    "pages_free": d.free_pages,
-                    "instance": d.instance_id,
-                }
-                for d in self.cluster.devices
-            ],
-            "instances": [
-                {
-                    "instance": i.instance_id,
-                    "model": i.model,
-                    "worker": i.worker_id,
-                    "state": str(i.state),
-                    "start_path": str(i.path),
-                    "kv_pages": i.kv_pages,
-                    "kv_lent_pages": i.kv_lent_pages,
-                    "kv_blocks": i.kv_blocks,
-                    "kv_used_blocks": i.kv_used_blocks,
-                    "requests": len(i.requests),
-                }
-                for i in self.cluster.instances.values()
-            ],
-            "replicas": [
-                {
-                    "replica": r.replica_id,
-                    "model": r.model,
-                    "worker": r.worker_id,
-                    "pages": r.pages,
-                    "ready": r.ready,
-                    "serving": r.owner is not None,
-                }
-                for r in self.cluster.replicas.values()
-            ],
-            "models": {
-                name: {
-                    "state": self.model_state(name),
-                    "load": self.controller.load(ModelName(name), now),
-                    "forecast_avg": fc[name].avg,
-                    "forecast_peak": fc[name].peak,
-                    "queued": sum(
-                        1
-                        for r in self.requests.values()
-                        if r.model == name and r.instance_id is None
-                    ),
-                }
-                for name in self.models
-            },
-        }
+        return views.admin_view(self)
 
-    # ----- forecast history -------------------------------------------------------------
-    def _seed_histories(self) -> dict[str, SlotHistory]:
-        fc = self.cfg.forecast
-        if fc.history is None:
-            return {}
-        from warmserve.sim.workload import concurrency_windows
-
-        trace = load_csv_trace(self.cfg.base_dir / fc.history)
-        ctl = self.cfg.control
-        slots = cycle_slots(ctl.forecast_cycle, ctl.forecast_window_s)
-        span = slots * ctl.forecast_window_s
-        out: dict[str, SlotHistory] = {}
-        names = np.array(trace.model)
-        for name in self.models:
-            sel = names == name
-            if not sel.any():
-                continue
-            t = trace.arrival_s[sel] % span
-            ends = t + trace.output_tokens[sel] * fc.service_s_per_token
-            avg, peak = concurrency_windows(t, ends, span, ctl.forecast_window_s)
-            hist = SlotHistory.empty(slots)
-            for w in range(len(avg)):
-                hist.observe(w, float(avg[w]), float(peak[w]))
-            out[name] = hist
-        return out
+    def metrics_text(self) -> bytes:
+        """Prometheus text; gauges are brought up to date here, not on every event."""
+        views.refresh_gauges(self.metrics, self.cluster, self.requests.values(), self.models)
+        return self.metrics.render()

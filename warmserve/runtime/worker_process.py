@@ -1,0 +1,77 @@
+"""The server's side of one worker process: spawn it, talk over its pipe, notice its death."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from warmserve.runtime import messages as m
+from warmserve.runtime.worker_main import worker_main
+from warmserve.serve_config import WorkerConfig
+
+
+class WorkerProcess:
+    """The server's side of one worker process: its pipe and a reader thread."""
+
+    def __init__(
+        self,
+        worker_id: int,
+        incarnation: int,
+        cfg: WorkerConfig,
+        on_event: Callable[[int, int, m.Event], None],
+        on_exit: Callable[[int, int], None],
+    ) -> None:
+        self.worker_id = worker_id
+        self.incarnation = incarnation
+        ctx = mp.get_context("spawn")  # no fork of a threaded, torch-loaded server
+        self.conn, child = ctx.Pipe()
+        w = cfg
+        self.process = ctx.Process(
+            target=worker_main,
+            args=(child, w.num_pages, w.page_bytes, w.torch_threads()),
+            name=f"warmserve-worker-{worker_id}",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self._send_lock = threading.Lock()
+        self._reader = threading.Thread(
+            target=self._read,
+            args=(self.conn, on_event, on_exit),
+            daemon=True,
+            name=f"worker-{worker_id}-reader",
+        )
+        self._reader.start()
+
+    def _read(
+        self,
+        conn: Connection,
+        on_event: Callable[[int, int, m.Event], None],
+        on_exit: Callable[[int, int], None],
+    ) -> None:
+        while True:
+            try:
+                event = conn.recv()
+            except (EOFError, OSError):
+                on_exit(self.worker_id, self.incarnation)
+                return
+            on_event(self.worker_id, self.incarnation, event)
+
+    def send(self, cmd: m.Command) -> None:
+        # On a broken pipe the reader sees the death and the runtime recovers.
+        with self._send_lock, contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(cmd)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+
+    def stop(self, timeout_s: float) -> None:
+        self.send(m.Shutdown())
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
