@@ -1,8 +1,11 @@
 """Incremental detokenization with stop strings.
 
-Text is decoded from all output ids each time (tokens merge across boundaries) and only the
-new, settled part is released: an unfinished UTF-8 sequence and any tail that could still
-become a stop string are held back until the next token or the end.
+Each step decodes only a short window of ids: the tokens not yet turned into text, plus the
+previous chunk as context (byte-level and SentencePiece tokenizers merge across token
+boundaries and may drop a leading space at the start of a decode; decoding both the context
+alone and context + new tokens from the same start cancels that out). Per-token cost stays constant however long the output grows. An unfinished
+UTF-8 sequence waits for the next token; so does any tail that could still become a stop
+string.
 """
 
 from __future__ import annotations
@@ -16,17 +19,43 @@ class IncrementalText:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already released
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # characters of `text` already released
         self.stopped = False  # a stop string matched: the request must end
+        self._prefix = 0  # decode windows start here
+        self._read = 0  # ids before this are in `text`
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _advance(self, final: bool) -> None:
+        """Move newly decodable text from `ids` into `text`."""
+        if self._read == len(self.ids):
+            return
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Add tokens; the text that can be released now."""
         self.ids.extend(token_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._advance(final=False)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """At the end: whatever was held back (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        self._advance(final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text = self.text
         if self.stop:
             # A stop string can only start in the unreleased part or just before it.
-            window = max(len(s) for s in self.stop) - 1
-            begin = max(0, self.sent - window)
+            begin = max(0, self.sent - max(len(s) for s in self.stop) + 1)
             hits = [i for i in (text.find(s, begin) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
@@ -34,22 +63,13 @@ class IncrementalText:
                 out, self.sent = text[self.sent : end], end
                 return out
         end = len(text)
-        if text.endswith("\ufffd"):
-            end -= 1  # half of a multi-byte character: wait for the rest
-        hold = 0  # the longest tail that is a prefix of a stop string
-        for s in self.stop:
-            for k in range(min(len(s) - 1, end - self.sent), hold, -1):
-                if text[end - k : end] == s[:k]:
-                    hold = k
-                    break
-        end = max(end - hold, self.sent)
+        if not final:
+            hold = 0  # the longest tail that is a prefix of a stop string
+            for s in self.stop:
+                for k in range(min(len(s) - 1, end - self.sent), hold, -1):
+                    if text[end - k : end] == s[:k]:
+                        hold = k
+                        break
+            end = max(end - hold, self.sent)
         out, self.sent = text[self.sent : end], end
-        return out
-
-    def flush(self) -> str:
-        """At the end: whatever was held back (not after a stop string)."""
-        if self.stopped:
-            return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        out, self.sent = text[self.sent :], len(text)
         return out
