@@ -1,11 +1,11 @@
 """Incremental detokenization with stop strings.
 
 Each step decodes only a short window of ids: the tokens not yet turned into text, plus the
-previous chunk as context (byte-level and SentencePiece tokenizers merge across token
-boundaries and may drop a leading space at the start of a decode; decoding both the context
-alone and context + new tokens from the same start cancels that out). Per-token cost stays constant however long the output grows. An unfinished
-UTF-8 sequence waits for the next token; so does any tail that could still become a stop
-string.
+previous chunk as context. Byte-level and SentencePiece tokenizers merge across token
+boundaries and may drop a leading space at the start of a decode; decoding the context alone
+and context + new tokens from the same start cancels that out. Per-token cost stays constant
+however long the output grows. An unfinished UTF-8 sequence waits for the next token; so does
+any tail that could still become a stop string.
 """
 
 from __future__ import annotations
