@@ -338,3 +338,26 @@ def test_idle_kv_pages_are_lent_to_prewarm_a_forecast_model(tiny_dir, smollm2_di
         again = client.completions.create(model="smollm2", prompt="The capital of France is",
                                           max_tokens=4, temperature=0)  # fmt: skip
         assert again.choices[0].text == out.choices[0].text
+
+
+def test_vanilla_autoscaling_starts_a_new_engine_per_instance(tiny_dir, tmp_path):
+    raw = {
+        "workers": {"count": 1, "pool_mib": 64, "threads": 1},
+        "models": [{"name": "tiny", "path": str(tiny_dir)}],
+        "policy": "vanilla-autoscale",
+        "control": CONTROL,
+    }
+    with LiveServer(raw, tmp_path) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        runtime = srv.server.runtime
+        first = runtime._workers[0].process.pid
+        assert client.completions.create(model="tiny", prompt="a", max_tokens=2).choices
+        # Scale-down stops the instance's engine process: nothing stays resident.
+        srv.wait_for(lambda: srv.states()["tiny"] == "cold", 30, "scale-down")
+        srv.wait_for(lambda: not runtime._workers[0].process.is_alive(), 30, "engine exit")
+        out = client.completions.create(model="tiny", prompt="b", max_tokens=2)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        assert runtime._workers[0].process.pid != first  # a fresh engine served it
+        assert srv.metric("warmserve:instance_starts_total", model_name="tiny", path="cold") == 2
+        assert srv.metric("warmserve:worker_restarts_total", worker="0") == 0  # not a failure
+        runtime.cluster.check()

@@ -110,6 +110,12 @@ class ServingRuntime:
         self.controller: Controller = built
         self.requests: dict[int, RuntimeRequest] = {}
         self._workers: list[WorkerProcess | None] = [None] * cfg.workers.count
+        # Without unified memory (vanilla autoscaling) every instance is a new engine: its
+        # worker process stops at scale-down ("parked") and a new one starts with the next
+        # instance, paying process start-up, engine init and the weight load.
+        self._engine_per_instance = not spec.unified_memory
+        self._parked: set[int] = set()
+        self._fresh: set[int] = set()  # spawned for an instance: its Ready keeps the books
         self._incarnation = [0] * cfg.workers.count
         self._ready: list[asyncio.Future[None] | None] = [None] * cfg.workers.count
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -213,7 +219,22 @@ class ServingRuntime:
         self._send(wid, m.AddRequest(request_id, req.prompt_ids, req.params))
 
     def _send(self, wid: int | None, cmd: m.Command) -> None:
-        w = self._workers[wid] if wid is not None else None
+        if wid is None:
+            return
+        if self._engine_per_instance:
+            if isinstance(cmd, m.Deactivate):  # the instance's engine goes away with it
+                self._parked.add(wid)
+                w = self._workers[wid]
+                if w is not None:
+                    w.send(m.Shutdown())
+                return
+            if wid in self._parked:
+                if not isinstance(cmd, m.Activate):
+                    return  # nothing lives on a parked device
+                self._parked.discard(wid)
+                self._fresh.add(wid)
+                self._spawn(wid)  # the Activate waits in the new process's pipe
+        w = self._workers[wid]
         if w is not None:
             w.send(cmd)
 
@@ -267,12 +288,15 @@ class ServingRuntime:
                 # Requests wait for KV on an instance that lent pages: reclaim them now.
                 self.controller.on_kv_pressure(self.clock.now(), inst.instance_id, self.cluster)
         elif isinstance(ev, m.Ready):
-            self.cluster.worker_ready(wid, ev.num_pages)
             self.metrics.worker_up.labels(str(wid)).set(1)
             fut = self._ready[wid]
             if fut is not None and not fut.done():
                 fut.set_result(None)
-            self._after_layout_change()
+            if wid in self._fresh:  # a new engine for an instance the books already hold
+                self._fresh.discard(wid)
+            else:
+                self.cluster.worker_ready(wid, ev.num_pages)
+                self._after_layout_change()
         elif isinstance(ev, m.Loaded):
             self.cluster.mark_loaded(wid, ev.token)
         elif isinstance(ev, m.Activated):
@@ -312,12 +336,15 @@ class ServingRuntime:
                 self._finish(req, reason)
 
     def _on_exit(self, wid: int, inc: int) -> None:
-        if inc != self._incarnation[wid] or self._closing:
-            return
+        if inc != self._incarnation[wid] or self._closing or wid in self._parked:
+            return  # replaced, shutting down, or stopped with its instance on purpose
         fut = self._ready[wid]
         if fut is not None and not fut.done():
-            fut.set_exception(RuntimeError(f"worker {wid} exited during start-up"))
-            return
+            if not self._accepting:
+                fut.set_exception(RuntimeError(f"worker {wid} exited during start-up"))
+                return
+            fut.cancel()  # a replacement died while starting: handled as any death
+        self._fresh.discard(wid)
         log.error("worker %d died; failing over its requests and restarting it", wid)
         self.metrics.worker_up.labels(str(wid)).set(0)
         self.metrics.worker_restarts.labels(str(wid)).inc()
