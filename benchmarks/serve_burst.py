@@ -5,10 +5,9 @@ SmolLM2-135M fp32) and the same replay of the Azure Conversation trace, compress
   warmserve  policy `warmserve`: forecast-driven prewarming (history: the same hours of the
              previous day's trace), weights stay resident after scale-down, activation remaps
              pages;
-  vanilla    policy `vanilla-autoscale`: no prewarming, weights dropped at scale-down, each
-             start loads the checkpoint from safetensors on the critical path (page cache
-             warm, same process: a real vanilla autoscaler also pays process start-up and
-             engine init, so this understates its cost).
+  vanilla    policy `vanilla-autoscale`: no prewarming; every instance is a new engine
+             process (stopped at scale-down), so each start pays process start-up, engine
+             init and the checkpoint load (page cache warm) on the critical path.
 For each mode and offered rate: TTFT P50/P99, TPOT, starts by path; then the ratio of P99s
 and the highest rate whose P99 TTFT is within the SLO.
 

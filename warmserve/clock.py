@@ -45,6 +45,11 @@ def seconds_into_day() -> float:
     return time.time() % 86_400.0
 
 
+def seconds_into_week() -> float:
+    """UTC time since Monday 00:00 now, in seconds (the epoch fell on a Thursday)."""
+    return (time.time() + 3 * 86_400.0) % (7 * 86_400.0)
+
+
 def unix_time() -> int:
     """Seconds since the epoch, for timestamps in API responses (`created`)."""
     return int(time.time())

@@ -84,8 +84,9 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class ForecastConfig:
-    # A CSV trace (timestamp_s,model,input_tokens,output_tokens; times of day in seconds) whose
-    # load seeds each model's slot history; live traffic keeps it up to date.
+    # A CSV trace (timestamp_s,model,input_tokens,output_tokens; UTC seconds into the day, or
+    # into the week from Monday with control.forecast_cycle: week) whose load seeds each
+    # model's slot history; live traffic keeps it up to date.
     history: str | None = None
     service_s_per_token: float = 0.05  # turns a history request into a busy interval
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warmserve.clock import Clock, WallClock, seconds_into_day
+from warmserve.clock import Clock, WallClock, seconds_into_day, seconds_into_week
 from warmserve.control.api import RequestInfo, ServedModel
 from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecaster
@@ -102,7 +102,7 @@ class ServingRuntime:
             if fc_cfg.history is not None
             else {}
         )  # fmt: skip
-        offset = seconds_into_day()
+        offset = seconds_into_day() if ctl.forecast_cycle == "day" else seconds_into_week()
         for rm in models:
             self.forecaster.add_model(rm.name, offset, histories.get(rm.name))
         built = self.policy.build(ctl, served, self.forecaster)
