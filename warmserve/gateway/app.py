@@ -196,7 +196,7 @@ def build_app(
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            result = await race_disconnect(collect(serving, req, prep), request.receive)
+            result = await race_disconnect(collect(events), request.receive)
         finally:
             await events.aclose()
         if result is None:

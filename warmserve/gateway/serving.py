@@ -228,9 +228,10 @@ def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def collect(serving: OpenAIServing, req: RuntimeRequest, prep: _Prepared) -> tuple[str, str]:
+async def collect(events: AsyncIterator[tuple[str, str | None]]) -> tuple[str, str]:
+    """The whole text and the finish reason of a non-streamed request."""
     parts, reason = [], "stop"
-    async for delta, fin in serving.events(req, prep):
+    async for delta, fin in events:
         parts.append(delta)
         if fin is not None:
             reason = fin
