@@ -123,7 +123,10 @@ def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> N
 
 class BackgroundServer:
     """A whole server (runtime, workers, app) on a uvicorn thread of this process, for
-    benchmarks and tests: `with BackgroundServer(cfg) as s: ... s.url ...`."""
+    benchmarks and tests: `with BackgroundServer(cfg) as s: ... s.url ...`.
+
+    Workers are spawned processes, which re-import the main module: a script using this
+    needs the usual `if __name__ == "__main__":` guard."""
 
     def __init__(self, cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
         import threading
