@@ -276,6 +276,8 @@ def test_bench_replays_a_scaled_trace(live, tmp_path):
         assert key in s
     assert set(s["per_model"]) == {"tiny-a", "tiny-b"}
     assert (tmp_path / "ttft_cdf.png").stat().st_size > 0
+    rows = (tmp_path / "requests.csv").read_text().splitlines()
+    assert len(rows) == summary["arrived"] + 1 and rows[0].startswith("arrival_s,model")
 
 
 def test_worker_death_before_any_token_retries_elsewhere(live, client):

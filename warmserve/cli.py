@@ -102,7 +102,7 @@ def _bench(args: argparse.Namespace) -> int:
     if summary["errors"]:
         print(f"{summary['failed']} failed; first error: {summary['errors'][0]}")
     if args.out:
-        print(f"wrote {args.out}/summary.json and ttft_cdf.png")
+        print(f"wrote {args.out}/summary.json, requests.csv and ttft_cdf.png")
     return 0
 
 
