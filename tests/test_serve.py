@@ -363,3 +363,34 @@ def test_vanilla_autoscaling_starts_a_new_engine_per_instance(tiny_dir, tmp_path
         assert srv.metric("warmserve:instance_starts_total", model_name="tiny", path="cold") == 2
         assert srv.metric("warmserve:worker_restarts_total", worker="0") == 0  # not a failure
         runtime.cluster.check()
+
+
+def test_a_request_that_cannot_get_an_instance_times_out_with_503(tiny_dir, smollm2_dir, tmp_path):
+    raw = {
+        "workers": {"count": 1, "pool_mib": 640, "threads": 1},
+        "models": [
+            {"name": "smollm2", "path": str(smollm2_dir), "max_model_len": 512},
+            {"name": "tiny", "path": str(tiny_dir)},
+        ],
+        "control": CONTROL,
+        "limits": {"queue_timeout_s": 1.0},
+    }
+    with LiveServer(raw, tmp_path) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        # The only worker serves a long SmolLM2 stream, so tiny cannot start.
+        stream = client.completions.create(
+            model="smollm2",
+            prompt="count",
+            max_tokens=200,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        it = iter(stream)
+        next(it)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="tiny", prompt="x", max_tokens=2)
+        assert e.value.status_code == 503 and "became available" in str(e.value)
+        assert next(it).choices[0].text is not None  # the stream goes on
+        stream.close()
+        assert srv.metric("warmserve:request_failure_total", model_name="tiny",
+                          reason="queue_timeout") == 1  # fmt: skip

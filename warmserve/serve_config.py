@@ -75,11 +75,14 @@ class LimitsConfig:
     default_max_tokens: int = 256  # when a request gives none
     max_queued_requests: int = 1024  # per model: beyond, 429 rather than an unbounded queue
     shutdown_grace_s: float = 30.0  # in-flight requests get this long on SIGINT/SIGTERM
+    queue_timeout_s: float = 600.0  # a request waiting this long for an instance gets 503
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "default_max_tokens", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.queue_timeout_s <= 0 or self.shutdown_grace_s < 0:
+            raise ValueError("need queue_timeout_s > 0 and shutdown_grace_s >= 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,8 @@ class ServingRuntime:
         self._parked: set[int] = set()
         self._fresh: set[int] = set()  # spawned for an instance: its Ready keeps the books
         self._incarnation = [0] * cfg.workers.count
+        self._deaths = [0] * cfg.workers.count  # consecutive, for the restart back-off
+        self._respawns: list[asyncio.TimerHandle | None] = [None] * cfg.workers.count
         self._ready: list[asyncio.Future[None] | None] = [None] * cfg.workers.count
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -143,6 +145,8 @@ class ServingRuntime:
 
     def _spawn(self, wid: int) -> None:
         assert self._loop is not None
+        if self._closing:
+            return
         self._incarnation[wid] += 1
         self._ready[wid] = self._loop.create_future()
         self._workers[wid] = WorkerProcess(
@@ -158,6 +162,9 @@ class ServingRuntime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_done.wait(), grace_s)
         self._closing = True
+        for handle in self._respawns:
+            if handle is not None:
+                handle.cancel()
         for req in list(self.requests.values()):
             self._fail(req, StreamError(503, "the server is shutting down"), "shutdown")
         if self._tick_task is not None:
@@ -288,6 +295,7 @@ class ServingRuntime:
                 # Requests wait for KV on an instance that lent pages: reclaim them now.
                 self.controller.on_kv_pressure(self.clock.now(), inst.instance_id, self.cluster)
         elif isinstance(ev, m.Ready):
+            self._deaths[wid] = 0
             self.metrics.worker_up.labels(str(wid)).set(1)
             fut = self._ready[wid]
             if fut is not None and not fut.done():
@@ -345,6 +353,8 @@ class ServingRuntime:
                 return
             fut.cancel()  # a replacement died while starting: handled as any death
         self._fresh.discard(wid)
+        self._deaths[wid] += 1
+        self._deaths[wid] += 1
         log.error("worker %d died; failing over its requests and restarting it", wid)
         self.metrics.worker_up.labels(str(wid)).set(0)
         self.metrics.worker_restarts.labels(str(wid)).inc()
@@ -364,7 +374,11 @@ class ServingRuntime:
                     self._fail(
                         req, StreamError(502, "the worker serving this request died"), "worker_died"
                     )
-        self._spawn(wid)
+        # Back off when a worker keeps dying (e.g. it cannot allocate its pool): 0.5 s, 1 s,
+        # 2 s, … up to 30 s, so a crash loop does not spin; a worker that starts resets it.
+        delay = min(30.0, 0.5 * 2 ** (self._deaths[wid] - 1))
+        assert self._loop is not None
+        self._respawns[wid] = self._loop.call_later(delay, self._spawn, wid)
 
     def _after_layout_change(self) -> None:
         """A device came (back): let queued requests start without waiting for a tick."""
@@ -376,9 +390,20 @@ class ServingRuntime:
         while True:
             try:
                 self.controller.tick(self.clock.now(), self.cluster)
+                self._expire_queued()
             except Exception:  # a policy bug must not stop the control loop silently
                 log.exception("control tick failed")
             await asyncio.sleep(period)
+
+    def _expire_queued(self) -> None:
+        """Fail requests that waited `limits.queue_timeout_s` without an instance: no
+        accepted request waits forever (e.g. while every worker is busy or down)."""
+        limit = self.cfg.limits.queue_timeout_s
+        now = self.clock.now()
+        for req in [r for r in self.requests.values() if r.instance_id is None]:
+            if now - req.arrival_s > limit:
+                msg = f"no instance of {req.model!r} became available within {limit:g} s"
+                self._fail(req, StreamError(503, msg), "queue_timeout")
 
     # ----- views ------------------------------------------------------------------------
     def model_state(self, name: str) -> str:
