@@ -191,7 +191,7 @@ def build_app(
                 return chunk_of(rid, name, created, text, fin, role)
 
             return StreamingResponse(
-                stream_sse(serving, req, prep, chunk, first, events, rid),
+                stream_sse(req, prep, chunk, first, events, rid),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )

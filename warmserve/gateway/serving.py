@@ -268,20 +268,19 @@ def completion_response(rid: str, model: str, text: str, reason: str, req: Runti
 
 
 async def stream_sse(
-    serving: OpenAIServing,
     req: RuntimeRequest,
     prep: _Prepared,
     chunk: Callable[[str, str | None, bool], dict],
-    first: tuple[str, str | None] | None,
+    first: tuple[str, str | None],
     events: AsyncIterator[tuple[str, str | None]],
     rid: str,
 ) -> AsyncIterator[str]:
-    """SSE lines: a role chunk, one chunk per text delta, the finish, usage, [DONE]."""
+    """SSE lines: a role chunk, the first event (already awaited), one chunk per further
+    text delta, the finish, usage, [DONE]."""
     try:
         yield sse(chunk("", None, True))
-        if first is not None:
-            yield sse(chunk(first[0], first[1], False))
-        if first is not None and first[1] is None:
+        yield sse(chunk(first[0], first[1], False))
+        if first[1] is None:
             async for delta, fin in events:
                 yield sse(chunk(delta, fin, False))
     except ApiError as e:  # headers are sent: the error travels as an event
