@@ -6,6 +6,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama, SeqInput
+from warmserve.worker.layout import checkpoint_files
+from warmserve.worker.pages import CpuPages
+from warmserve.worker.pool import PagePool, PageUse
+from warmserve.worker.weights import load_into_slot
 
 TINY = dict(
     vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -29,15 +33,29 @@ def ours(model: torch.nn.Module, num_blocks: int = 16, block_size: int = 4):
     return engine, PagedKVCache(shape, num_blocks, block_size, torch.float32)
 
 
+def ours_in_slot(model: torch.nn.Module, tmp_path, num_blocks: int = 16, block_size: int = 4):
+    """The engine over weights loaded into a pool slot, as a worker holds them: each layer's
+    Q/K/V and gate/up lie side by side and run as fused matmuls over views."""
+    model.save_pretrained(tmp_path)
+    pool = PagePool(CpuPages(4), asynchronous=False)
+    params = load_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), checkpoint_files(tmp_path))
+    shape = LlamaShape.from_hf_config(model.config.to_dict())
+    engine = PagedLlama(shape, params)
+    assert engine.fused_layers == shape.num_layers
+    return engine, PagedKVCache(shape, num_blocks, block_size, torch.float32)
+
+
 def hf_last_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0, -1]
 
 
+@pytest.mark.parametrize("weights", ["separate", "slot"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_prefill_and_stepwise_decode_match_transformers(kind):
+def test_prefill_and_stepwise_decode_match_transformers(kind, weights, tmp_path):
     model = tiny_model(kind)
-    engine, cache = ours(model)
+    engine, cache = ours(model) if weights == "separate" else ours_in_slot(model, tmp_path)
+    assert engine.fused_layers == (0 if weights == "separate" else 2)
     table = [11, 3, 7, 0, 14, 5]  # scattered blocks: the cache is really paged
     ids = torch.randint(0, 97, (11,), generator=torch.Generator().manual_seed(1)).tolist()
     logits = engine.forward([SeqInput(ids, 0, table)], cache)[0]

@@ -45,6 +45,8 @@ def test_prewarm_activate_serve_deactivate_switch(models):
         st.serving == "a" and st.prewarmed == () and st.pages["kv"] == 7 and st.pages["free"] == 0
     )
     assert in_slot(engine.cache.k, worker._kv_slot, pool)
+    # The slot layout puts each layer's Q/K/V and gate/up side by side: fused matmuls over views.
+    assert engine.model.fused_layers == engine.model.shape.num_layers
     params = SamplingParams(max_tokens=8)
     assert engine.generate(PROMPTS, params) == [hf_greedy(llama, p, 8) for p in PROMPTS]
 
@@ -54,6 +56,7 @@ def test_prewarm_activate_serve_deactivate_switch(models):
     worker.prewarm("b", qwen_dir)
     engine = worker.activate("b")
     pool.check()
+    assert engine.model.fused_layers == engine.model.shape.num_layers  # with Qwen2's biases
     assert engine.generate(PROMPTS, params) == [hf_greedy(qwen, p, 8) for p in PROMPTS]
     assert sum(worker.status().pages.values()) == 8
     pool.close()

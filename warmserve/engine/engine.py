@@ -68,11 +68,14 @@ class Engine:
         logits = self.model.forward(
             [SeqInput(s.token_ids, s.start, s.block_table) for s in out.seqs], self.cache
         )
+        greedy = logits.argmax(-1).tolist()  # one call for all greedy rows
         sampled = {}
-        for row, seq in zip(logits, out.seqs, strict=True):
+        for i, (row, seq) in enumerate(zip(logits, out.seqs, strict=True)):
             if seq.samples:
                 req = self.scheduler.requests[seq.request_id]
-                sampled[seq.request_id] = sample(row, req.params, self._gens.get(req.request_id))
+                gen = self._gens.get(req.request_id)
+                tok = greedy[i] if req.params.temperature == 0 else sample(row, req.params, gen)
+                sampled[seq.request_id] = tok
         finished = self.scheduler.update(out, sampled, self.eos_token_id)
         for req in finished:
             self._gens.pop(req.request_id, None)

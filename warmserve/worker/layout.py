@@ -16,6 +16,23 @@ _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "U8": 1, "BOOL": 1}  # fmt: skip
 
 
+# Within a layer, these land back to back and in this order, so the engine can run Q/K/V (and
+# gate/up) as one matmul over a view spanning them (`engine.llama.adjacent_view`).
+_FUSED_ORDER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
+                "mlp.gate_proj.weight", "mlp.up_proj.weight")  # fmt: skip
+
+
+_GROUP = (0, 0, 0, 1, 1, 1, 2, 2, None)  # which fused group each rank belongs to
+
+
+def _slot_order(name: str) -> tuple[str, int]:
+    for rank, suffix in enumerate(_FUSED_ORDER):
+        if name.endswith("." + suffix):
+            return name[: -len(suffix)], rank
+    return name, len(_FUSED_ORDER)
+
+
 @dataclass(frozen=True, slots=True)
 class TensorPlace:
     file: Path
@@ -35,11 +52,20 @@ def read_header(path: Path) -> dict[str, dict]:
 
 
 def weights_layout(files: list[Path]) -> tuple[list[TensorPlace], int]:
-    """Every tensor's place, in file order, and the bytes the slot needs."""
+    """Every tensor's place and the bytes the slot needs. Files are laid out one after another;
+    within a file, tensors are ordered by name, a layer's fusable projections side by side."""
     out: list[TensorPlace] = []
-    offset = 0
+    offset = end = 0
     for path in files:
-        for name, info in read_header(path).items():
+        header = read_header(path)
+        prev: tuple[str, int | None, str] | None = None
+        for name in sorted(header, key=_slot_order):
+            info = header[name]
+            prefix, rank = _slot_order(name)
+            key = (prefix, _GROUP[rank], info["dtype"])
+            if prev is not None and key == prev and key[1] is not None:
+                offset = end  # the next member of a fused group: no padding in between
+            prev = key
             dtype = info["dtype"]
             if dtype not in _ITEM_BYTES:
                 raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
@@ -49,7 +75,8 @@ def weights_layout(files: list[Path]) -> tuple[list[TensorPlace], int]:
                 numel *= d
             nbytes = numel * _ITEM_BYTES[dtype]
             out.append(TensorPlace(path, name, dtype, shape, offset, nbytes))
-            offset = -(-(offset + nbytes) // ALIGN) * ALIGN
+            end = offset + nbytes
+            offset = -(-end // ALIGN) * ALIGN
     return out, offset
 
 
