@@ -8,8 +8,30 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from warmserve.models import prepare_smollm2
+from warmserve.worker.pages import CpuPages
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where torch sees a CUDA device (`scripts/gpu_check.sh`)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def make_pages(request):
+    """Page backends of 2 MiB pages, `make_pages(n)`: the CPU one, and CUDA's VMM one where a
+    GPU is present, so the same worker tests cover both."""
+    if request.param == "cpu":
+        return CpuPages
+    from warmserve.worker.cuda_pages import CudaPages
+
+    return CudaPages
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,24 @@ def tag(addr: int, value: int) -> None:
 
 
 class PoolMachine(RuleBasedStateMachine):
-    """Load, evict, activate, grow KV, lend, reclaim, free: books and mappings stay exact."""
+    """Load, evict, activate, grow KV, lend, reclaim, free: books and mappings stay exact.
+
+    Subclasses run it on other backends by overriding `make_backend`, `read` and `tag`."""
+
+    page = PAGE
+
+    def make_backend(self):
+        return CpuPages(N, PAGE)
+
+    def read(self, addr: int) -> bytes:
+        return read(addr)
+
+    def tag(self, addr: int, value: int) -> None:
+        tag(addr, value)
 
     def __init__(self) -> None:
         super().__init__()
-        self.pool = PagePool(CpuPages(N, PAGE), asynchronous=False)
+        self.pool = PagePool(self.make_backend(), asynchronous=False)
         self.tags: dict[int, int] = {}  # physical page -> the value written through a slot
         self.next_tag = 1
 
@@ -35,7 +48,7 @@ class PoolMachine(RuleBasedStateMachine):
     def _write_new(self, slot, pages) -> None:
         for p in pages:
             i = slot.pages.index(p)
-            tag(slot.addr + i * PAGE, self.next_tag)
+            self.tag(slot.addr + i * self.page, self.next_tag)
             self.tags[p] = self.next_tag
             self.next_tag += 1
 
@@ -120,7 +133,8 @@ class PoolMachine(RuleBasedStateMachine):
         for s in self.pool.slots.values():
             for i, p in enumerate(s.pages):
                 if p in self.tags:
-                    assert read(s.addr + i * PAGE) == self.tags[p].to_bytes(8, "little")
+                    got = self.read(s.addr + i * self.page)
+                    assert got == self.tags[p].to_bytes(8, "little")
 
 
 TestPool = PoolMachine.TestCase

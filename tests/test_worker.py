@@ -5,7 +5,6 @@ from test_engine import PROMPTS, hf_greedy
 from test_engine_golden import tiny_model
 
 from warmserve.engine.request import SamplingParams
-from warmserve.worker.pages import CpuPages
 from warmserve.worker.pool import PagePool, PageUse
 from warmserve.worker.worker import UniversalWorker
 
@@ -26,8 +25,8 @@ def in_slot(tensor, slot, pool):
     return lo <= tensor.data_ptr() < hi
 
 
-def test_prewarm_activate_serve_deactivate_switch(models):
-    pool = PagePool(CpuPages(8))  # 8 pages of 2 MiB
+def test_prewarm_activate_serve_deactivate_switch(models, make_pages):
+    pool = PagePool(make_pages(8))  # 8 pages of 2 MiB
     worker = UniversalWorker(pool, block_size=8)
     (llama, llama_dir), (qwen, qwen_dir) = models["llama"], models["qwen2"]
     worker.prewarm("a", llama_dir)
@@ -62,8 +61,8 @@ def test_prewarm_activate_serve_deactivate_switch(models):
     pool.close()
 
 
-def test_background_prewarm_overlaps_serving_and_evict_cancels(models):
-    pool = PagePool(CpuPages(8))
+def test_background_prewarm_overlaps_serving_and_evict_cancels(models, make_pages):
+    pool = PagePool(make_pages(8))
     worker = UniversalWorker(pool, block_size=8)
     (llama, llama_dir), (_, qwen_dir) = models["llama"], models["qwen2"]
     worker.prewarm("a", llama_dir)
@@ -93,8 +92,8 @@ def test_background_prewarm_overlaps_serving_and_evict_cancels(models):
     pool.close()
 
 
-def test_lend_kv_pages_to_a_prewarm_then_reclaim_them_while_serving(models):
-    pool = PagePool(CpuPages(12))
+def test_lend_kv_pages_to_a_prewarm_then_reclaim_them_while_serving(models, make_pages):
+    pool = PagePool(make_pages(12))
     worker = UniversalWorker(pool, block_size=8)
     (llama, llama_dir), (_, qwen_dir) = models["llama"], models["qwen2"]
     worker.prewarm("a", llama_dir)
@@ -132,8 +131,8 @@ def test_lend_kv_pages_to_a_prewarm_then_reclaim_them_while_serving(models):
     pool.close()
 
 
-def test_lend_waits_while_tail_blocks_are_held(models):
-    pool = PagePool(CpuPages(6))
+def test_lend_waits_while_tail_blocks_are_held(models, make_pages):
+    pool = PagePool(make_pages(6))
     worker = UniversalWorker(pool, block_size=8)
     _, llama_dir = models["llama"]
     worker.prewarm("a", llama_dir)

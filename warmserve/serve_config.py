@@ -196,7 +196,8 @@ def _validate(cfg: ServeConfig) -> None:
         )
     if cfg.workers.device == "cuda":
         raise ServeConfigError(
-            "workers.device: the CUDA page pool is not implemented yet; use device: cpu"
+            "workers.device: cuda is not available in the server yet (the CUDA page pool and "
+            "engine exist, but serving on a GPU has not been run); use device: cpu"
         )
     if cfg.forecast.history is not None and not (cfg.base_dir / cfg.forecast.history).is_file():
         raise ServeConfigError(f"forecast.history: no file {cfg.base_dir / cfg.forecast.history}")

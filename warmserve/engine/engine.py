@@ -14,7 +14,8 @@ from warmserve.engine.scheduler import Scheduler
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / params.temperature
+    # On the host: the request's generator is a CPU one, and one row is cheap to move.
+    logits = logits.float().cpu() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -117,10 +117,15 @@ class PagedKVCache:
     """
 
     def __init__(
-        self, shape: LlamaShape, num_blocks: int, block_size: int, dtype: torch.dtype
+        self,
+        shape: LlamaShape,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
     ) -> None:
-        self._attach(torch.zeros(self.size(shape, num_blocks, block_size), dtype=dtype),
-                     block_size)  # fmt: skip
+        storage = torch.zeros(self.size(shape, num_blocks, block_size), dtype=dtype, device=device)
+        self._attach(storage, block_size)
 
     @staticmethod
     def size(shape: LlamaShape, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -213,7 +218,8 @@ class PagedLlama:
         )
         if shape.rope_scaling is not None:
             inv = shape.rope_scaling.apply(inv)
-        self._inv_freq = inv
+        self.device = self.embed.device
+        self._inv_freq = inv.to(self.device)
 
     def _rope(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -222,17 +228,18 @@ class PagedLlama:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    @staticmethod
-    def _decode_meta(seqs: Sequence[SeqInput], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_meta(self, seqs: Sequence[SeqInput], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded block tables `[B, max_blocks]` and a key mask `[B, max_blocks * bs]`."""
         lens = [q.start + 1 for q in seqs]
         width = max(-(-n // bs) for n in lens)
-        tables = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, q in enumerate(seqs):
-            used = list(q.block_table[: -(-lens[i] // bs)])
-            tables[i, : len(used)] = torch.tensor(used)
-        mask = torch.arange(width * bs)[None, :] < torch.tensor(lens)[:, None]
+        rows = [list(q.block_table[: -(-n // bs)]) for q, n in zip(seqs, lens, strict=True)]
+        tables = self._tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.arange(width * bs, device=self.device)[None, :] < self._tensor(lens)[:, None]
         return tables, mask
+
+    def _tensor(self, data: Sequence) -> torch.Tensor:
+        """Host-built indices on the model's device (one transfer each on a GPU)."""
+        return torch.tensor(data, dtype=torch.long, device=self.device)
 
     def _decode_attention(
         self,
@@ -261,21 +268,21 @@ class PagedLlama:
         """Logits of the last new token of each sequence, `[len(seqs), vocab]`."""
         s = self.shape
         bs = cache.block_size
-        ids = torch.tensor([t for q in seqs for t in q.token_ids], dtype=torch.long)
-        positions = torch.tensor(
-            [q.start + j for q in seqs for j in range(len(q.token_ids))], dtype=torch.long
-        )
+        ids = self._tensor([t for q in seqs for t in q.token_ids])
+        positions = self._tensor([q.start + j for q in seqs for j in range(len(q.token_ids))])
         # Where each new token's K/V goes: (block, offset) from its sequence's block table.
-        slots_b = torch.tensor(
+        slots_b = self._tensor(
             [q.block_table[(q.start + j) // bs] for q in seqs for j in range(len(q.token_ids))]
         )
         slots_o = positions % bs
         x = self.embed[ids]
         cos, sin = self._rope(positions, x.dtype)
-        bounds = torch.tensor([0] + [len(q.token_ids) for q in seqs]).cumsum(0).tolist()
+        bounds = [0]
+        for q in seqs:
+            bounds.append(bounds[-1] + len(q.token_ids))
         decode = [n for n, q in enumerate(seqs) if len(q.token_ids) == 1]
         multi = [n for n, q in enumerate(seqs) if len(q.token_ids) != 1]
-        decode_rows = torch.tensor([bounds[n] for n in decode], dtype=torch.long)
+        decode_rows = self._tensor([bounds[n] for n in decode])
         dec_meta = self._decode_meta([seqs[n] for n in decode], bs) if decode else None
         q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for li, (w, fused) in enumerate(self.layers):
@@ -311,12 +318,12 @@ class PagedLlama:
                     out[lo:hi] = o[0].transpose(0, 1)
                     continue
                 total = seq.start + (hi - lo)
-                blocks = torch.tensor(list(seq.block_table[: -(-total // bs)]))
+                blocks = self._tensor(list(seq.block_table[: -(-total // bs)]))
                 kk = cache.k[li, blocks].reshape(-1, s.num_kv_heads, s.head_dim)[:total]
                 vv = cache.v[li, blocks].reshape(-1, s.num_kv_heads, s.head_dim)[:total]
                 # Causal over the whole context: query j (absolute start + j) sees keys <= it.
-                qpos = torch.arange(seq.start, total)[:, None]
-                mask = torch.arange(total)[None, :] <= qpos
+                qpos = torch.arange(seq.start, total, device=self.device)[:, None]
+                mask = torch.arange(total, device=self.device)[None, :] <= qpos
                 o = F.scaled_dot_product_attention(
                     qq, kk.to(q.dtype).transpose(0, 1)[None], vv.to(q.dtype).transpose(0, 1)[None],
                     attn_mask=mask, enable_gqa=True,
@@ -332,7 +339,7 @@ class PagedLlama:
                 gate = F.linear(h, w["mlp.gate_proj.weight"])
                 up = F.linear(h, w["mlp.up_proj.weight"])
             x = x + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
-        last = torch.tensor(bounds[1:]) - 1
+        last = self._tensor(bounds[1:]) - 1
         h = _rms_norm(x[last], self.norm, s.rms_norm_eps)
         # `W @ h.T`, not `h @ W.T`: with a tall vocabulary matrix and a few rows, the CPU BLAS
         # runs the former 1.5-2x faster (SmolLM2, 32 rows: 34 vs 53 ms); same result.

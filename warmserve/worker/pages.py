@@ -4,7 +4,7 @@
 `cuMemAddressReserve` ↔ an anonymous `PROT_NONE` mapping; `cuMemMap` ↔ `mmap(MAP_FIXED |
 MAP_SHARED)` of one page of the memfd at an offset of the range; `cuMemUnmap` ↔ mapping the
 hole back to `PROT_NONE`. Writes through a range land in the memfd's pages, so remapping a page
-into another range moves its contents without a copy.
+into another range moves its contents without a copy. `cuda_pages.CudaPages` is the GPU backend.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 class PageBackend(Protocol):
     page_bytes: int
     num_pages: int
+    device: str  # where the pages live, as torch names it: "cpu", "cuda:0"
 
     def reserve(self, num_bytes: int) -> int: ...
 
@@ -41,6 +42,7 @@ class CpuPages:
             raise ValueError("need >= 1 page of a multiple of the OS page size")
         self.page_bytes = page_bytes
         self.num_pages = num_pages
+        self.device = "cpu"
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.mmap.restype = ctypes.c_void_p
         self._libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,

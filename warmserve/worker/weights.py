@@ -17,10 +17,29 @@ class LoadCancelled(RuntimeError):
     pass
 
 
-def slot_view(slot: Slot, num_bytes: int) -> torch.Tensor:
-    """A uint8 tensor over the slot's virtual range: no copy, `data_ptr() == slot.addr`."""
-    buf = (ctypes.c_uint8 * num_bytes).from_address(slot.addr)
-    return torch.frombuffer(buf, dtype=torch.uint8, count=num_bytes)
+class _DeviceRange:
+    """Device memory described by the CUDA array interface, which torch wraps without a copy."""
+
+    def __init__(self, addr: int, num_bytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (num_bytes,), "typestr": "|u1", "data": (addr, False), "version": 3,
+            "strides": None,
+        }  # fmt: skip
+
+
+def memory_view(addr: int, num_bytes: int, device: str = "cpu") -> torch.Tensor:
+    """A uint8 tensor over `num_bytes` at `addr` on `device`: no copy, `data_ptr() == addr`."""
+    if device == "cpu":
+        buf = (ctypes.c_uint8 * num_bytes).from_address(addr)
+        return torch.frombuffer(buf, dtype=torch.uint8, count=num_bytes)
+    out = torch.as_tensor(_DeviceRange(addr, num_bytes), device=device)
+    assert out.data_ptr() == addr, "torch copied device memory it should have wrapped"
+    return out
+
+
+def slot_view(pool: PagePool, slot: Slot, num_bytes: int) -> torch.Tensor:
+    """A uint8 tensor over the slot's virtual range, on the pool's device."""
+    return memory_view(slot.addr, num_bytes, pool.backend.device)
 
 
 def copy_into_slot(
@@ -35,7 +54,7 @@ def copy_into_slot(
     Copying a tensor waits only until the pages under it are mapped, so loading overlaps the
     (queued) mapping of later pages. `cancel` is checked between tensors.
     """
-    whole = slot_view(slot, num_pages * pool.page_bytes)
+    whole = slot_view(pool, slot, num_pages * pool.page_bytes)
     out: dict[str, torch.Tensor] = {}
     for path in dict.fromkeys(t.file for t in layout):
         with safe_open(str(path), framework="pt") as f:

@@ -170,8 +170,8 @@ class UniversalWorker:
                 raise WorkerError(f"no room for KV: {free_pages} free pages")
             self.pool.grow(kv, free_pages)
         self.pool.wait_mapped(kv, free_pages)
-        cache = PagedKVCache.from_buffer(s, slot_view(kv, free_pages * self.pool.page_bytes),
-                                         num_blocks, self.block_size, dtype)  # fmt: skip
+        buf = slot_view(self.pool, kv, free_pages * self.pool.page_bytes)
+        cache = PagedKVCache.from_buffer(s, buf, num_blocks, self.block_size, dtype)
         sched = Scheduler(BlockAllocator(num_blocks, self.block_size))
         self.engine = Engine(PagedLlama(s, model.params), cache, sched, model.eos_token_id)
         self._kv_slot, self.serving = kv, name
