@@ -40,7 +40,7 @@ def ours_in_slot(model: torch.nn.Module, tmp_path, num_blocks: int = 16, block_s
     pool = PagePool(CpuPages(4), asynchronous=False)
     params = load_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), checkpoint_files(tmp_path))
     shape = LlamaShape.from_hf_config(model.config.to_dict())
-    engine = PagedLlama(shape, params)
+    engine = PagedLlama(shape, params, fuse=True)
     assert engine.fused_layers == shape.num_layers
     return engine, PagedKVCache(shape, num_blocks, block_size, torch.float32)
 

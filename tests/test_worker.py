@@ -4,6 +4,7 @@ import pytest
 from test_engine import PROMPTS, hf_greedy
 from test_engine_golden import tiny_model
 
+from warmserve.engine.llama import PagedLlama
 from warmserve.engine.request import SamplingParams
 from warmserve.worker.pool import PagePool, PageUse
 from warmserve.worker.worker import UniversalWorker
@@ -44,8 +45,10 @@ def test_prewarm_activate_serve_deactivate_switch(models, make_pages):
         st.serving == "a" and st.prewarmed == () and st.pages["kv"] == 7 and st.pages["free"] == 0
     )
     assert in_slot(engine.cache.k, worker._kv_slot, pool)
-    # The slot layout puts each layer's Q/K/V and gate/up side by side: fused matmuls over views.
-    assert engine.model.fused_layers == engine.model.shape.num_layers
+    # The slot layout puts each layer's Q/K/V and gate/up side by side, so they can run as
+    # fused matmuls over views of the slot (the default on a GPU).
+    res = worker.resident["a"]
+    assert PagedLlama(res.shape, res.params, fuse=True).fused_layers == res.shape.num_layers
     params = SamplingParams(max_tokens=8)
     assert engine.generate(PROMPTS, params) == [hf_greedy(llama, p, 8) for p in PROMPTS]
 
@@ -55,7 +58,8 @@ def test_prewarm_activate_serve_deactivate_switch(models, make_pages):
     worker.prewarm("b", qwen_dir)
     engine = worker.activate("b")
     pool.check()
-    assert engine.model.fused_layers == engine.model.shape.num_layers  # with Qwen2's biases
+    res = worker.resident["b"]  # Qwen2: the biases sit side by side too
+    assert PagedLlama(res.shape, res.params, fuse=True).fused_layers == res.shape.num_layers
     assert engine.generate(PROMPTS, params) == [hf_greedy(qwen, p, 8) for p in PROMPTS]
     assert sum(worker.status().pages.values()) == 8
     pool.close()
