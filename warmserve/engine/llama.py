@@ -214,13 +214,14 @@ class PagedLlama:
             qkv = [w[f"self_attn.{n}_proj.weight"] for n in "qkv"]
             qkv_bias = [w.get(f"self_attn.{n}_proj.bias") for n in "qkv"]
             gate_up = [w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]
-            fused = {
-                "qkv": adjacent_view(qkv) if fuse else None,
-                "qkv_bias": adjacent_view(qkv_bias) if fuse and qkv_bias[0] is not None else None,
-                "gate_up": adjacent_view(gate_up) if fuse else None,
-            }
-            if fused["qkv_bias"] is None and qkv_bias[0] is not None:
-                fused["qkv"] = None  # biased projections fuse only with their biases
+            fused: dict[str, torch.Tensor | None] = dict.fromkeys(("qkv", "qkv_bias", "gate_up"))
+            if fuse:
+                fused["qkv"] = adjacent_view(qkv)
+                fused["gate_up"] = adjacent_view(gate_up)
+                if qkv_bias[0] is not None:  # biased projections fuse only with their biases
+                    fused["qkv_bias"] = adjacent_view(qkv_bias)
+                    if fused["qkv_bias"] is None:
+                        fused["qkv"] = None
             self.layers.append((w, fused))
         self.fused_layers = sum(f["qkv"] is not None for _, f in self.layers)
         inv = 1.0 / (
