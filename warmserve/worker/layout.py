@@ -16,21 +16,22 @@ _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "U8": 1, "BOOL": 1}  # fmt: skip
 
 
-# Within a layer, these land back to back and in this order, so the engine can run Q/K/V (and
-# gate/up) as one matmul over a view spanning them (`engine.llama.adjacent_view`).
-_FUSED_ORDER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
-                "mlp.gate_proj.weight", "mlp.up_proj.weight")  # fmt: skip
+# Within a layer, each group lands back to back and in this order, so the engine can run Q/K/V
+# (and gate/up) as one matmul over a view spanning them (`engine.llama.adjacent_view`).
+_FUSED_GROUPS = (
+    ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+)
 
 
-_GROUP = (0, 0, 0, 1, 1, 1, 2, 2, None)  # which fused group each rank belongs to
-
-
-def _slot_order(name: str) -> tuple[str, int]:
-    for rank, suffix in enumerate(_FUSED_ORDER):
-        if name.endswith("." + suffix):
-            return name[: -len(suffix)], rank
-    return name, len(_FUSED_ORDER)
+def _slot_order(name: str) -> tuple[str, int, int]:
+    """(layer prefix, fused group, place in it); other tensors sort by name after them."""
+    for g, group in enumerate(_FUSED_GROUPS):
+        for i, suffix in enumerate(group):
+            if name.endswith("." + suffix):
+                return name[: -len(suffix)], g, i
+    return name, len(_FUSED_GROUPS), 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,15 +59,14 @@ def weights_layout(files: list[Path]) -> tuple[list[TensorPlace], int]:
     offset = end = 0
     for path in files:
         header = read_header(path)
-        prev: tuple[str, int | None, str] | None = None
-        for name in sorted(header, key=_slot_order):
+        prev: tuple[str, int, str] | None = None
+        for (prefix, group, _), name in sorted((_slot_order(n), n) for n in header):
             info = header[name]
-            prefix, rank = _slot_order(name)
-            key = (prefix, _GROUP[rank], info["dtype"])
-            if prev is not None and key == prev and key[1] is not None:
-                offset = end  # the next member of a fused group: no padding in between
-            prev = key
             dtype = info["dtype"]
+            fused = (prefix, group, dtype) if group < len(_FUSED_GROUPS) else None
+            if fused is not None and fused == prev:
+                offset = end  # the next member of a fused group: no padding in between
+            prev = fused
             if dtype not in _ITEM_BYTES:
                 raise ValueError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
             shape = tuple(int(d) for d in info["shape"])
