@@ -153,7 +153,7 @@ def test_bad_input_gets_openai_errors_and_serving_goes_on(live, client):
         client.completions.create(model="tiny-a", prompt="word " * 600, max_tokens=4)
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny-a", prompt="x", n=2)
+        client.completions.create(model="tiny-a", prompt="x", n=17)  # at most 16 choices
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny-a", prompt="x", temperature=-1)
     raw = [

@@ -76,13 +76,25 @@ class LimitsConfig:
     max_queued_requests: int = 1024  # per model: beyond, 429 rather than an unbounded queue
     shutdown_grace_s: float = 30.0  # in-flight requests get this long on SIGINT/SIGTERM
     queue_timeout_s: float = 600.0  # a request waiting this long for an instance gets 503
+    # Slow or idle clients: a connection must send its request head within header_timeout_s
+    # and its body within body_timeout_s (else 408); an idle keep-alive connection closes
+    # after keep_alive_s; beyond max_connections, new connections get 503. For the internet,
+    # put a reverse proxy in front anyway.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "default_max_tokens", "max_queued_requests"):
+        for name in ("max_request_bytes", "default_max_tokens", "max_queued_requests",
+                     "max_connections"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.queue_timeout_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("need queue_timeout_s > 0 and shutdown_grace_s >= 0")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
 
 
 @dataclass(frozen=True, slots=True)

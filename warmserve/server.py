@@ -6,11 +6,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import uvicorn
 
 from warmserve.clock import unix_time
 from warmserve.gateway.app import build_app
+from warmserve.gateway.http import FLUSH_S, DrainingServer, header_timeout_protocol
 from warmserve.gateway.serving import ModelCard, OpenAIServing
 from warmserve.runtime.runtime import RuntimeModel, ServingRuntime
 from warmserve.serve_config import PACKAGED, ServeConfig, ServeConfigError, model_max_len
@@ -59,7 +62,7 @@ def resolve_models(
         runtime_models.append(
             RuntimeModel(m.name, path, max_len, 2 * layers * kv_heads * head_dim * item)
         )
-        cards.append(ModelCard(m.name, tokenizers[path], max_len, now))
+        cards.append(ModelCard.build(m.name, tokenizers[path], max_len, now))
     return runtime_models, cards
 
 
@@ -80,14 +83,35 @@ class Server:
             cfg.api_keys,
             cfg.limits.max_request_bytes,
             on_startup=self.runtime.start,
-            on_shutdown=lambda: self.runtime.shutdown(0),
+            on_shutdown=self._stop,
+            body_timeout_s=cfg.limits.body_timeout_s,
+        )
+
+    async def _stop(self) -> None:
+        await self.runtime.shutdown(0)
+        self.serving.close()
+
+    def drain(self) -> Awaitable[None]:
+        """SIGINT/SIGTERM: in-flight requests get `limits.shutdown_grace_s`, the rest fail."""
+        return self.runtime.drain(self.cfg.limits.shutdown_grace_s)
+
+    def uvicorn_config(self, log_level: str) -> uvicorn.Config:
+        lim = self.cfg.limits
+        return uvicorn.Config(
+            self.app,
+            host=self.cfg.listen.host,
+            port=self.cfg.listen.port,
+            log_level=log_level,
+            http=header_timeout_protocol(lim.header_timeout_s),
+            timeout_keep_alive=max(1, round(lim.keep_alive_s)),
+            limit_concurrency=lim.max_connections,
+            timeout_graceful_shutdown=FLUSH_S,
+            access_log=False,
         )
 
 
 def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
-    import uvicorn
-
-    class _Uvicorn(uvicorn.Server):
+    class _Uvicorn(DrainingServer):
         """uvicorn re-raises SIGINT/SIGTERM after a graceful shutdown, so the process would
         die by the signal; a shutdown we completed on request exits with status 0."""
 
@@ -108,17 +132,7 @@ def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> N
         cfg.policy,
         ", API keys required" if cfg.api_keys else "",
     )
-    config = uvicorn.Config(
-        server.app,
-        host=cfg.listen.host,
-        port=cfg.listen.port,
-        log_level="info",
-        # SIGINT/SIGTERM: stop accepting, give in-flight requests this long, then the
-        # lifespan shutdown fails what is left and stops the workers.
-        timeout_graceful_shutdown=int(cfg.limits.shutdown_grace_s),
-        access_log=False,
-    )
-    _Uvicorn(config).run()
+    _Uvicorn(server.uvicorn_config("info"), server.drain).run()
 
 
 class BackgroundServer:
@@ -131,15 +145,9 @@ class BackgroundServer:
     def __init__(self, cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
         import threading
 
-        import uvicorn
-
         self.server = Server(cfg, prepare)
         self.url = f"http://{cfg.listen.host}:{cfg.listen.port}"
-        self._uv = uvicorn.Server(
-            uvicorn.Config(
-                self.server.app, host=cfg.listen.host, port=cfg.listen.port, log_level="warning"
-            )
-        )
+        self._uv = DrainingServer(self.server.uvicorn_config("warning"), self.server.drain)
         self._thread = threading.Thread(target=self._uv.run, daemon=True, name="uvicorn")
 
     def __enter__(self) -> BackgroundServer:

@@ -1,21 +1,50 @@
-"""The engine loop: schedule → forward → sample → update."""
+"""The engine loop: schedule → forward → sample → update.
+
+One request's failure never takes the others down: a sampling error (e.g. non-finite logits)
+drops that request alone, and a failed forward pass drops the requests of that step; both are
+reported in the step's output, and the engine goes on serving.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from warmserve.engine.llama import PagedKVCache, PagedLlama, SeqInput
-from warmserve.engine.request import Request, SamplingParams
-from warmserve.engine.scheduler import Scheduler
+from warmserve.engine.request import Request, SamplingParams, TokenLogprobs
+from warmserve.engine.scheduler import Scheduler, SchedulerOutput
+
+# Below this temperature sampling is greedy: dividing logits by a tiny temperature overflows,
+# and the distribution is a point mass on the argmax anyway (vLLM uses the same threshold).
+GREEDY_BELOW = 1e-5
+
+
+class SamplingError(ValueError):
+    """The logits of one request cannot be sampled (non-finite values)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    tokens: dict[int, int] = field(default_factory=dict)  # request id -> sampled token
+    finished: dict[int, str] = field(default_factory=dict)  # request id -> "stop" | "length"
+    failed: dict[int, str] = field(default_factory=dict)  # request id -> why (it was dropped)
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    finished_requests: tuple[Request, ...] = ()
+    kv_used_blocks: int = 0
+    num_waiting: int = 0  # requests queued in the engine (e.g. for KV blocks)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
-    # On the host: the request's generator is a CPU one, and one row is cheap to move.
-    logits = logits.float().cpu() / params.temperature
+    # On the host: the request's generator is a CPU one, and one row is cheap to move. fp32
+    # holds any logit / GREEDY_BELOW; softmax subtracts the maximum first.
+    logits = logits.float().cpu()
+    if not bool(torch.isfinite(logits).all()):
+        raise SamplingError("the model produced non-finite logits")
+    logits = logits / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -23,8 +52,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # smallest set reaching top_p
+        keep[0] = True  # however small top_p is, the most likely token stays
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(lp, min(top, lp.numel())) if top else None
+    pairs = () if best is None else tuple(
+        zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    )  # fmt: skip
+    return TokenLogprobs(float(lp[token]), pairs)
 
 
 class Engine:
@@ -42,51 +81,108 @@ class Engine:
         self._gens: dict[int, torch.Generator] = {}
         self._next_id = 0
 
-    def add(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
-        rid = self._next_id
-        self._next_id += 1
+    def add(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: int | None = None
+    ) -> int:
+        """Queue a request under the caller's id (or a fresh one); nothing is queued if this
+        raises."""
+        rid = self._next_id if request_id is None else request_id
+        if rid in self.scheduler.requests:
+            raise ValueError(f"request id {rid} is already in the engine")
+        # The generator first: a seed torch cannot take must not leave a queued request behind.
+        gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         self.scheduler.add(Request(rid, list(prompt_ids), params))
-        if params.seed is not None:
-            self._gens[rid] = torch.Generator().manual_seed(params.seed)
+        self._next_id = max(self._next_id, rid + 1)
+        if gen is not None:
+            self._gens[rid] = gen
         return rid
 
     def abort(self, request_id: int) -> None:
         self.scheduler.abort(request_id)
         self._gens.pop(request_id, None)
 
-    def step(self) -> list[Request]:
-        """One engine step; the requests it finished."""
-        return self.step_tokens()[1]
+    def abort_all(self) -> list[int]:
+        ids = list(self.scheduler.requests)
+        for rid in ids:
+            self.abort(rid)
+        return ids
 
-    def step_tokens(self) -> tuple[dict[int, int], list[Request]]:
-        """One engine step: the token sampled for each request that sampled, and the requests
-        it finished (a finished request's last token is among the sampled ones)."""
+    def step(self) -> StepOutput:
+        """One engine step: the tokens sampled, the requests finished and those dropped."""
         out = self.scheduler.schedule()
         if not out.seqs:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with requests pending")
-            return {}, []
-        logits = self.model.forward(
-            [SeqInput(s.token_ids, s.start, s.block_table) for s in out.seqs], self.cache
-        )
+            return self._output({}, [], {}, {})
+        try:
+            logits = self.model.forward(
+                [SeqInput(s.token_ids, s.start, s.block_table) for s in out.seqs], self.cache
+            )
+        except Exception as e:  # the whole step is lost: drop its requests, keep serving
+            failed = {s.request_id: f"the engine step failed ({type(e).__name__})"
+                      for s in out.seqs}  # fmt: skip
+            for rid in failed:
+                self.abort(rid)
+            return self._output({}, [], failed, {})
         greedy = logits.argmax(-1).tolist()  # one call for all greedy rows
-        sampled = {}
+        sampled: dict[int, int] = {}
+        failed: dict[int, str] = {}
+        logprobs: dict[int, TokenLogprobs] = {}
         for i, (row, seq) in enumerate(zip(logits, out.seqs, strict=True)):
-            if seq.samples:
-                req = self.scheduler.requests[seq.request_id]
-                gen = self._gens.get(req.request_id)
-                tok = greedy[i] if req.params.temperature == 0 else sample(row, req.params, gen)
-                sampled[seq.request_id] = tok
+            if not seq.samples:
+                continue
+            rid = seq.request_id
+            p = self.scheduler.requests[rid].params
+            try:
+                tok = (
+                    greedy[i]
+                    if p.temperature < GREEDY_BELOW
+                    else sample(row, p, self._gens.get(rid))
+                )
+                if p.logprobs is not None:
+                    logprobs[rid] = token_logprobs(row, tok, p.logprobs)
+            except Exception as e:  # this request alone
+                failed[rid] = str(e) if isinstance(e, SamplingError) else (
+                    f"sampling failed ({type(e).__name__})")  # fmt: skip
+                continue
+            sampled[rid] = tok
+        if failed:
+            for rid in failed:
+                self.abort(rid)
+            out = SchedulerOutput(
+                tuple(s for s in out.seqs if s.request_id not in failed), out.preempted
+            )
         finished = self.scheduler.update(out, sampled, self.eos_token_id)
         for req in finished:
             self._gens.pop(req.request_id, None)
-        return sampled, finished
+        return self._output(sampled, finished, failed, logprobs)
+
+    def _output(
+        self,
+        sampled: dict[int, int],
+        finished: list[Request],
+        failed: dict[int, str],
+        logprobs: dict[int, TokenLogprobs],
+    ) -> StepOutput:
+        sched = self.scheduler
+        return StepOutput(
+            sampled,
+            {r.request_id: str(r.finish_reason) for r in finished},
+            failed,
+            logprobs,
+            tuple(finished),
+            sched.alloc.num_used,
+            len(sched.waiting),
+        )
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion together (continuous batching); outputs in prompt order."""
         ids = [self.add(p, params) for p in prompts]
         done: dict[int, list[int]] = {}
         while self.scheduler.has_work():
-            for req in self.step():
+            step = self.step()
+            if step.failed:
+                raise RuntimeError(f"requests failed: {step.failed}")
+            for req in step.finished_requests:
                 done[req.request_id] = req.output_ids
         return [done[i] for i in ids]

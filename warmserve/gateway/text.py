@@ -73,3 +73,48 @@ class IncrementalText:
             end = max(end - hold, self.sent)
         out, self.sent = text[self.sent : end], end
         return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-character table used by byte-level BPE vocabularies."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenText:
+    """Each token's own text and exact bytes, for log-probability entries (cached per id).
+
+    A token may hold part of a UTF-8 character: its text is then U+FFFD, and its bytes (what
+    OpenAI's `bytes` field is for) are recovered from the vocabulary where the tokenizer is
+    byte-level BPE or uses byte fallback (`<0xNN>` tokens)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = type(getattr(backend, "decoder", None)).__name__
+        self._bytes_of = _byte_decoder() if decoder == "ByteLevel" else None
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self.tokenizer.decode([token_id])
+            raw = self.tokenizer.convert_ids_to_tokens(token_id)
+            data: list[int] | None = None
+            if isinstance(raw, str):
+                if self._bytes_of is not None and all(c in self._bytes_of for c in raw):
+                    data = [self._bytes_of[c] for c in raw]
+                elif len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):
+                    data = [int(raw[3:5], 16)]
+            hit = (text, data if data is not None else list(text.encode("utf-8")))
+            if len(self._cache) < 1 << 16:
+                self._cache[token_id] = hit
+        return hit

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from warmserve.engine.request import SamplingParams
+from warmserve.engine.request import SamplingParams, TokenLogprobs
 
 
 # ----- runtime -> worker ----------------------------------------------------------------
@@ -87,18 +87,40 @@ class Activated:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenBatch:
-    """One engine step's new tokens: (request id, token ids, finish reason or None)."""
+class TokenOut:
+    """One request's new tokens from one engine step."""
 
-    items: tuple[tuple[int, tuple[int, ...], str | None], ...]
+    request_id: int
+    token_ids: tuple[int, ...]
+    finish_reason: str | None  # "stop" | "length" | None while running
+    logprobs: tuple[TokenLogprobs, ...] | None = None  # one per token, when asked for
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBatch:
+    """One engine step's new tokens, and the engine's KV use and queue after it."""
+
+    items: tuple[TokenOut, ...]
     kv_used_blocks: int
     waiting: int = 0  # requests queued in the engine (e.g. for KV blocks)
 
 
 @dataclass(frozen=True, slots=True)
 class RequestFailed:
+    """The worker dropped a request: refused at admission, or its step failed. The worker
+    goes on serving; the request must not be retried (it would fail the same way)."""
+
     request_id: int
-    message: str
+    message: str  # written by the worker for the client: no exception text
+    refused: bool = False  # True: refused at admission (e.g. too large for the KV cache)
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    """An engine step raised past the engine's own isolation; its requests were dropped
+    (each reported by `RequestFailed`) and the worker serves on."""
+
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,4 +129,4 @@ class CommandFailed:
     message: str
 
 
-Event = Ready | Loaded | Activated | TokenBatch | RequestFailed | CommandFailed
+Event = Ready | Loaded | Activated | TokenBatch | RequestFailed | StepFailed | CommandFailed

@@ -68,6 +68,12 @@ class ServeMetrics:
             [*model, "reason"],
             registry=r,
         )
+        self.request_aborted = Counter(
+            "warmserve:request_aborted",
+            "Requests ended early because the client went away",
+            model,
+            registry=r,
+        )
         self.waiting = Gauge(
             "warmserve:num_requests_waiting", "Requests queued for an instance", model, registry=r
         )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from warmserve.engine.request import SamplingParams
+from warmserve.engine.request import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)
 class TokenDelta:
     token_ids: tuple[int, ...]
     finish_reason: str | None  # "stop" | "length" | None while running
+    logprobs: tuple[TokenLogprobs, ...] | None = None  # one per token, when asked for
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,19 +154,23 @@ class ServingRuntime:
             self._exit_threadsafe,
         )  # fmt: skip
 
-    async def shutdown(self, grace_s: float) -> None:
-        """Stop accepting, let in-flight requests finish for `grace_s`, fail the rest, stop
-        the workers."""
+    async def drain(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight requests finish for `grace_s`, then fail the rest
+        (503 for those that sent nothing yet, an error event in a stream)."""
         self._accepting = False
         if self._all_done is not None and self.requests and grace_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_done.wait(), grace_s)
+        for req in list(self.requests.values()):
+            self._fail(req, StreamError(503, "the server is shutting down"), "shutdown")
+
+    async def shutdown(self, grace_s: float) -> None:
+        """`drain`, then stop the workers."""
+        await self.drain(grace_s)
         self._closing = True
         for handle in self._respawns:
             if handle is not None:
                 handle.cancel()
-        for req in list(self.requests.values()):
-            self._fail(req, StreamError(503, "the server is shutting down"), "shutdown")
         if self._tick_task is not None:
             self._tick_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -207,17 +211,20 @@ class ServingRuntime:
             req.params.max_tokens,
         )
 
-    def abort(self, request_id: int) -> None:
-        """The client went away (or a stop string matched): free the request's KV now."""
+    def abort(self, request_id: int, reason: str = "client") -> None:
+        """End a request early and free its KV now: the client went away (`client`), or a
+        stop string matched (`stop`, a success)."""
         req = self.requests.get(request_id)
         if req is None or req.done:
             return
+        if reason == "client":
+            self.metrics.request_aborted.labels(req.model).inc()
         if req.instance_id is None:
             self.controller.cancel_queued(self.clock.now(), request_id)
             self._close(req)
         else:
             self._send(req.worker_id, m.AbortRequest(request_id))
-            self._finish(req, "abort")
+            self._finish(req, "stop" if reason == "stop" else "abort")
 
     def _dispatch(self, request_id: int, instance_id: int) -> None:
         req = self.requests[request_id]
@@ -315,12 +322,15 @@ class ServingRuntime:
                 self.metrics.activation.labels(inst.model).observe(ev.seconds)
         elif isinstance(ev, m.RequestFailed):
             req = self.requests.get(ev.request_id)
-            if req is not None:
-                self._fail(
-                    req,
-                    StreamError(503, f"the worker refused the request: {ev.message}"),
-                    "worker_refused",
-                )
+            if req is not None and not req.done:
+                if ev.refused:
+                    err = StreamError(503, f"the worker refused the request: {ev.message}")
+                else:  # its own step failed: never retried, it would fail again
+                    err = StreamError(500, f"the engine failed on this request: {ev.message}")
+                self._fail(req, err, "worker_refused" if ev.refused else "engine_error")
+        elif isinstance(ev, m.StepFailed):
+            log.error("worker %d: an engine step failed; its requests were dropped: %s",
+                      wid, ev.detail)  # fmt: skip
         elif isinstance(ev, m.CommandFailed):
             # The worker's state no longer matches the books: replace the process.
             log.error("worker %d: %s failed: %s; restarting it", wid, ev.command, ev.message)
@@ -330,18 +340,19 @@ class ServingRuntime:
 
     def _on_tokens(self, ev: m.TokenBatch) -> None:
         now = self.clock.now()
-        for rid, tokens, reason in ev.items:
-            req = self.requests.get(rid)
+        for item in ev.items:
+            req = self.requests.get(item.request_id)
             if req is None or req.done:
                 continue  # aborted: the worker had already sampled this step
             if req.first_token_s is None:
                 req.first_token_s = now
                 self.metrics.ttft.labels(req.model).observe(now - req.arrival_s)
-            req.generated += len(tokens)
-            self.metrics.generation_tokens.labels(req.model).inc(len(tokens))
-            req.queue.put_nowait(TokenDelta(tokens, reason))
-            if reason is not None:
-                self._finish(req, reason)
+            n = len(item.token_ids)
+            req.generated += n
+            self.metrics.generation_tokens.labels(req.model).inc(n)
+            req.queue.put_nowait(TokenDelta(item.token_ids, item.finish_reason, item.logprobs))
+            if item.finish_reason is not None:
+                self._finish(req, item.finish_reason)
 
     def _on_exit(self, wid: int, inc: int) -> None:
         if inc != self._incarnation[wid] or self._closing or wid in self._parked:
@@ -354,7 +365,6 @@ class ServingRuntime:
             fut.cancel()  # a replacement died while starting: handled as any death
         self._fresh.discard(wid)
         self._deaths[wid] += 1
-        self._deaths[wid] += 1
         log.error("worker %d died; failing over its requests and restarting it", wid)
         self.metrics.worker_up.labels(str(wid)).set(0)
         self.metrics.worker_restarts.labels(str(wid)).inc()
@@ -365,12 +375,17 @@ class ServingRuntime:
                 req = self.requests.get(rid)
                 if req is None:
                     continue
+                req.instance_id = None
                 if req.generated == 0 and not req.retried:
-                    # Nothing reached the client: run it again on another instance.
-                    req.retried, req.instance_id, req.worker_id = True, None, None
+                    # Nothing reached the client: run it again on another instance, once.
+                    req.retried, req.worker_id = True, None
                     self.controller.on_request(now, self._info(req), self.cluster)
+                elif req.generated == 0:
+                    # A poison pill, or very bad luck: never a third worker for it.
+                    log.error("request %d was on two workers that died; failing it", rid)
+                    msg = "two workers died while running this request; it is not retried again"
+                    self._fail(req, StreamError(502, msg), "worker_died_twice")
                 else:
-                    req.instance_id = None
                     self._fail(
                         req, StreamError(502, "the worker serving this request died"), "worker_died"
                     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from warmserve.engine.engine import Engine
+from warmserve.engine.engine import Engine, StepOutput
 from warmserve.runtime import messages as m
 from warmserve.worker.pages import CpuPages
 from warmserve.worker.pool import PagePool
@@ -54,8 +54,6 @@ class _Loop:
         self.worker = worker
         self.engine: Engine | None = None
         self.pending: deque[m.Command] = deque()
-        self.to_engine: dict[int, int] = {}  # runtime request id -> engine request id
-        self.from_engine: dict[int, int] = {}
         self._send_lock = threading.Lock()  # the loader thread reports loads too
         # A background load wakes the loop through this pipe when it ends.
         self._wake_r, self._wake_w = os.pipe()
@@ -99,7 +97,10 @@ class _Loop:
                 if self.pending and self.pending[0] is cmd:
                     self.pending.popleft()
                 if isinstance(cmd, m.AddRequest):
-                    self.send(m.RequestFailed(cmd.request_id, str(e)))
+                    # Our own refusals are phrased for the client; anything else is not shown.
+                    why = str(e) if isinstance(e, (ValueError, WorkerError)) else (
+                        f"internal error ({type(e).__name__})")  # fmt: skip
+                    self.send(m.RequestFailed(cmd.request_id, why, refused=True))
                 else:
                     detail = str(e) if isinstance(e, WorkerError) else traceback.format_exc(-1)
                     self.send(m.CommandFailed(type(cmd).__name__, detail.strip()))
@@ -125,28 +126,21 @@ class _Loop:
                 w.prewarm(cmd.name, Path(cmd.model_dir))  # a cold start: load on the spot
             t0 = time.perf_counter()
             self.engine = w.activate(cmd.name)
-            self.to_engine.clear()
-            self.from_engine.clear()
             blocks = self.engine.scheduler.alloc.num_blocks
             self.send(m.Activated(cmd.name, blocks, w._block_bytes, time.perf_counter() - t0))
         elif isinstance(cmd, m.Deactivate):
             w.deactivate(cmd.keep_weights)
             self.engine = None
-            self.to_engine.clear()
-            self.from_engine.clear()
         elif isinstance(cmd, m.SetKvPages):
             pass  # applied by `_set_kv` before it left the queue
         elif isinstance(cmd, m.AddRequest):
             if self.engine is None:
                 raise WorkerError("no model is active on this worker")
-            eid = self.engine.add(cmd.prompt_ids, cmd.params)
-            self.to_engine[cmd.request_id] = eid
-            self.from_engine[eid] = cmd.request_id
+            self.engine.add(cmd.prompt_ids, cmd.params, cmd.request_id)
         elif isinstance(cmd, m.AbortRequest):
-            eid = self.to_engine.pop(cmd.request_id, None)
-            if eid is not None and self.engine is not None:
-                self.engine.abort(eid)
-                del self.from_engine[eid]
+            eng = self.engine
+            if eng is not None and cmd.request_id in eng.scheduler.requests:
+                eng.abort(cmd.request_id)
                 self._report(())  # the KV the abort freed
 
     def _loaded(self, cmd: m.Prewarm, fut) -> None:  # on the loader thread
@@ -164,22 +158,22 @@ class _Loop:
     def _step(self) -> None:
         eng = self.engine
         assert eng is not None
-        sampled, finished = eng.step_tokens()
-        done = {r.request_id: str(r.finish_reason) for r in finished}
-        items = []
-        for eid, tok in sampled.items():
-            rid = self.from_engine.get(eid)
-            if rid is None:
-                continue
-            reason = done.get(eid)
-            items.append((rid, (tok,), reason))
-            if reason is not None:
-                del self.from_engine[eid]
-                del self.to_engine[rid]
-        if items:
-            self._report(tuple(items))
+        try:
+            out = eng.step()
+        except Exception:  # a bug below the engine's own isolation: drop what runs, live on
+            detail = traceback.format_exc(-1).strip()
+            out = StepOutput(failed={rid: "the engine step failed" for rid in eng.abort_all()})
+            self.send(m.StepFailed(detail))
+        for rid, why in out.failed.items():
+            self.send(m.RequestFailed(rid, why))
+        items = tuple(
+            m.TokenOut(rid, (tok,), out.finished.get(rid),
+                       None if rid not in out.logprobs else (out.logprobs[rid],))
+            for rid, tok in out.tokens.items()
+        )  # fmt: skip
+        self._report(items)
 
-    def _report(self, items: tuple) -> None:
+    def _report(self, items: tuple[m.TokenOut, ...]) -> None:
         eng = self.engine
         assert eng is not None
         sched = eng.scheduler
