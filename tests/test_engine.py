@@ -84,3 +84,96 @@ def test_scheduler_rejects_requests_larger_than_the_cache():
     with pytest.raises(ValueError, match="needs 5 blocks"):
         sched.add(Request(0, list(range(10)), SamplingParams(max_tokens=10)))
     assert not sched.has_work()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-300),  # logits / T overflowed to inf
+        SamplingParams(temperature=1e-38, seed=1),
+        SamplingParams(temperature=1.0, top_p=5e-324, seed=2),  # kept no token at all
+        SamplingParams(temperature=1.0, top_p=1e-50, top_k=3, seed=3),
+    ],
+)
+def test_extreme_sampling_parameters_sample_the_most_likely_token(params):
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0, 1e4 / 3])
+    gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+    assert sample(logits, params, gen) == 4
+
+
+def test_sampling_parameters_are_checked_where_they_are_made():
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")},
+                {"top_p": float("nan")}, {"seed": 2**63}, {"seed": -(2**63) - 1},
+                {"logprobs": -1}):  # fmt: skip
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    SamplingParams(seed=2**63 - 1)
+    SamplingParams(seed=-(2**63))
+
+
+def test_one_requests_sampling_failure_drops_it_alone(monkeypatch):
+    """A request whose sampling raises is reported failed; the others finish exactly."""
+    import warmserve.engine.engine as engine_mod
+
+    model = tiny_model("llama")
+    want = [hf_greedy(model, p, 6) for p in PROMPTS]
+    engine = make_engine(model)
+    real = engine_mod.sample
+
+    def sample_or_fail(logits, params, gen):
+        if params.seed == 666:
+            raise RuntimeError("invalid multinomial distribution")
+        return real(logits, params, gen)
+
+    monkeypatch.setattr(engine_mod, "sample", sample_or_fail)
+    good = [engine.add(p, SamplingParams(max_tokens=6)) for p in PROMPTS]
+    bad = engine.add(PROMPTS[0], SamplingParams(max_tokens=6, temperature=1.0, seed=666))
+    outputs, failed = {}, {}
+    while engine.scheduler.has_work():
+        step = engine.step()
+        failed.update(step.failed)
+        for req in step.finished_requests:
+            outputs[req.request_id] = req.output_ids
+    assert set(failed) == {bad} and "RuntimeError" in failed[bad]
+    assert [outputs[r] for r in good] == want
+    assert engine.scheduler.alloc.num_used == 0 and not engine._gens
+
+
+def test_a_failed_forward_drops_its_step_and_the_engine_serves_on(monkeypatch):
+    model = tiny_model("llama")
+    want = hf_greedy(model, PROMPTS[1], 5)
+    engine = make_engine(model)
+    first = [engine.add(p, SamplingParams(max_tokens=5)) for p in PROMPTS[:2]]
+    real = engine.model.forward
+
+    def boom(seqs, cache):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.model, "forward", boom)
+    step = engine.step()
+    assert set(step.failed) == set(first) and not step.tokens
+    assert not engine.scheduler.has_work() and engine.scheduler.alloc.num_used == 0
+    monkeypatch.setattr(engine.model, "forward", real)
+    assert engine.generate([PROMPTS[1]], SamplingParams(max_tokens=5)) == [want]
+
+
+def test_engine_takes_the_callers_ids_and_reports_logprobs():
+    model = tiny_model("llama")
+    engine = make_engine(model)
+    rid = engine.add(PROMPTS[0], SamplingParams(max_tokens=3, logprobs=2), request_id=1234)
+    assert rid == 1234
+    with pytest.raises(ValueError, match="already"):
+        engine.add(PROMPTS[0], SamplingParams(), request_id=1234)
+    # A seed torch cannot take leaves nothing behind (it used to leave a ghost request).
+    huge = SamplingParams(seed=1)
+    object.__setattr__(huge, "seed", 2**70)  # past the edge's validation
+    with pytest.raises((RuntimeError, ValueError, OverflowError)):
+        engine.add(PROMPTS[1], huge, request_id=7)
+    assert set(engine.scheduler.requests) == {1234}
+    step = engine.step()
+    lp = step.logprobs[1234]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([PROMPTS[0]])).logits[0, -1], -1)
+    assert step.tokens[1234] == int(ref.argmax())
+    assert lp.logprob == pytest.approx(float(ref.max()), abs=1e-4)
+    assert [t for t, _ in lp.top] == ref.topk(2).indices.tolist()

@@ -397,3 +397,47 @@ def test_a_request_that_cannot_get_an_instance_times_out_with_503(tiny_dir, smol
         stream.close()
         assert srv.metric("warmserve:request_failure_total", model_name="tiny",
                           reason="queue_timeout") == 1  # fmt: skip
+
+
+def test_a_request_on_two_workers_that_die_is_failed_not_retried_again(smollm2_dir, tmp_path):
+    """Poison-pill rule: a request is retried once after a worker death, never a third time.
+    A server of its own, so that each dispatch waits for a cold start (a wide window)."""
+    raw = {
+        "workers": {"count": 2, "pool_mib": 640, "threads": 1},
+        "models": [{"name": "smollm2", "path": str(smollm2_dir), "max_model_len": 1024}],
+        "control": CONTROL,
+    }
+    result = {}
+    with LiveServer(raw, tmp_path) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0,
+                               timeout=120)  # fmt: skip
+
+        def call() -> None:
+            try:
+                client.completions.create(model="smollm2", prompt="explain " * 450, max_tokens=3)
+                result["ok"] = True
+            except openai.APIStatusError as e:
+                result["status"], result["body"] = e.status_code, e.body
+
+        def holding(killed):
+            """(instance, worker) holding the request, other than instances already killed."""
+            insts = [i for i in live.admin()["instances"] if i["model"] == "smollm2"]
+            return [(i["instance"], i["worker"]) for i in insts
+                    if i["requests"] == 1 and i["instance"] not in killed]  # fmt: skip
+
+        t = threading.Thread(target=call)
+        t.start()
+        killed: set[int] = set()
+        for _ in range(2):
+            live.wait_for(lambda: bool(holding(killed)) or bool(result), 60, "a dispatch")
+            assert not result, result
+            inst, wid = holding(killed)[0]
+            os.kill(live.server.runtime._workers[wid].process.pid, signal.SIGKILL)
+            killed.add(inst)
+        t.join(180)
+        assert result.get("status") == 502 and "two workers died" in result["body"]["message"]
+        assert live.metric("warmserve:request_failure_total", model_name="smollm2",
+                           reason="worker_died_twice") == 1  # fmt: skip
+        live.wait_for(lambda: all(w["alive"] for w in live.admin()["workers"]), 60, "restarts")
+        out = client.completions.create(model="smollm2", prompt="still here", max_tokens=2)
+        assert out.choices[0].finish_reason in ("stop", "length")

@@ -43,6 +43,13 @@ from warmserve.worker.layout import checkpoint_files, weights_layout
 log = logging.getLogger("warmserve.runtime")
 
 
+def restart_delay(deaths: int) -> float:
+    """Back off when a worker keeps dying (e.g. it cannot allocate its pool): 0.5 s, 1 s,
+    2 s, … up to 30 s after 1, 2, 3, … deaths in a row, so a crash loop does not spin; a
+    worker that starts resets the count."""
+    return min(30.0, 0.5 * 2 ** (max(1, deaths) - 1))
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeModel:
     name: str
@@ -389,9 +396,7 @@ class ServingRuntime:
                     self._fail(
                         req, StreamError(502, "the worker serving this request died"), "worker_died"
                     )
-        # Back off when a worker keeps dying (e.g. it cannot allocate its pool): 0.5 s, 1 s,
-        # 2 s, … up to 30 s, so a crash loop does not spin; a worker that starts resets it.
-        delay = min(30.0, 0.5 * 2 ** (self._deaths[wid] - 1))
+        delay = restart_delay(self._deaths[wid])
         assert self._loop is not None
         self._respawns[wid] = self._loop.call_later(delay, self._spawn, wid)
 

@@ -56,6 +56,8 @@ class WorkerProcess:
             try:
                 event = conn.recv()
             except (EOFError, OSError):
+                # Reap the process now: it would stay a zombie until the next spawn.
+                self.process.join(5)
                 on_exit(self.worker_id, self.incarnation)
                 return
             on_event(self.worker_id, self.incarnation, event)
