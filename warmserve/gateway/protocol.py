@@ -18,6 +18,7 @@ MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 MAX_STOP_CHARS = 256  # the length of one stop sequence
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one completions request
+MAX_CHOICES = 128  # prompts × n: what one HTTP request may put in the queue
 MAX_TOP_LOGPROBS = 20
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -221,6 +222,8 @@ class CompletionRequest(_Request):
                                           "token ids, or a list of lists of token ids")  # fmt: skip
             if len(out) > MAX_PROMPTS:
                 raise BodyError("prompt", f"prompt: at most {MAX_PROMPTS} prompts per request")
+            if len(out) * self.n > MAX_CHOICES:
+                raise BodyError("n", f"n: at most {MAX_CHOICES} choices per request (prompts × n)")
             return out
         raise BodyError("prompt", "prompt: give a non-empty string, a list of strings, a list "
                                   "of token ids, or a list of lists of token ids")  # fmt: skip
