@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="serve YAML file (default: the embedded one, see README)")  # fmt: skip
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run the workers as Ray actors on the cluster at ADDRESS "
+                       "(e.g. auto), or on a private single-node Ray without one")  # fmt: skip
     serve.add_argument("--print-default-config", action="store_true",
                        help="print the embedded default configuration and exit")  # fmt: skip
     bench = sub.add_parser("bench", help="replay a real trace against an OpenAI-compatible server")
@@ -119,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(DEFAULT_YAML.strip())
         return 0
     cfg = load_serve_config(args.config) if args.config else default_config()
-    cfg = with_overrides(cfg, args.host, args.port)
+    cfg = with_overrides(cfg, args.host, args.port, args.ray)
     from warmserve.server import run_server
 
     def prepare() -> Path:

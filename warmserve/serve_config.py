@@ -98,6 +98,21 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Where the universal workers run: local processes, or Ray actors (`workers.count` on
+    every node of the cluster at `address`; none: a private single-node Ray on loopback)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("local", "ray"):
+            raise ValueError(f"kind must be local or ray ({self.kind!r} given)")
+        if self.address is not None and self.kind != "ray":
+            raise ValueError("address needs kind: ray")
+
+
+@dataclass(frozen=True, slots=True)
 class ForecastConfig:
     # A CSV trace (timestamp_s,model,input_tokens,output_tokens; UTC seconds into the day, or
     # into the week from Monday with control.forecast_cycle: week) whose load seeds each
@@ -116,6 +131,7 @@ class ServeConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
     api_keys: list[str] = field(default_factory=list)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     base_dir: Path = Path()
 
     def model_path(self, m: ModelConfig, prepared: Path | None) -> Path:
@@ -138,7 +154,17 @@ control:
   forecast_window_s: 300
 """
 
-_TOP = {"listen", "workers", "models", "policy", "control", "limits", "forecast", "api_keys"}
+_TOP = {
+    "listen",
+    "workers",
+    "models",
+    "policy",
+    "control",
+    "limits",
+    "forecast",
+    "api_keys",
+    "runtime",
+}
 
 
 def default_config() -> ServeConfig:
@@ -168,6 +194,7 @@ def parse_serve_config(raw: Any, base_dir: Path) -> ServeConfig:
             limits=build_section(LimitsConfig, raw.get("limits"), "limits"),
             forecast=build_section(ForecastConfig, raw.get("forecast"), "forecast"),
             api_keys=convert_value(raw.get("api_keys", []), list[str], "api_keys"),
+            runtime=build_section(RuntimeConfig, raw.get("runtime"), "runtime"),
             base_dir=base_dir,
         )
     except ExperimentError as e:
@@ -215,7 +242,13 @@ def _validate(cfg: ServeConfig) -> None:
         raise ServeConfigError(f"forecast.history: no file {cfg.base_dir / cfg.forecast.history}")
 
 
-def with_overrides(cfg: ServeConfig, host: str | None, port: int | None) -> ServeConfig:
+def with_overrides(
+    cfg: ServeConfig, host: str | None, port: int | None, ray: str | None = None
+) -> ServeConfig:
+    """Command-line flags over the file: `--host`, `--port`, `--ray [ADDRESS]` ("" for a
+    private single-node Ray on loopback)."""
+    if ray is not None:
+        cfg = dataclasses.replace(cfg, runtime=RuntimeConfig("ray", ray or None))
     listen = cfg.listen
     if host is not None:
         listen = dataclasses.replace(listen, host=host)

@@ -8,6 +8,7 @@ known OpenAI fields that the engine does not implement (tools, structured output
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,6 +20,7 @@ MAX_STOP_CHARS = 256  # the length of one stop sequence
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts in one completions request
 MAX_CHOICES = 128  # prompts × n: what one HTTP request may put in the queue
+MAX_PROMPT_ITEMS = 1 << 17  # strings or token ids in `prompt` (no context is longer)
 MAX_TOP_LOGPROBS = 20
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -101,6 +103,22 @@ class _Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _encodable(cls, data: Any) -> Any:
+        # Bounds on list sizes first, before any per-element work: validating 90,000 stop
+        # strings would hold the event loop for tens of milliseconds only to refuse them.
+        if isinstance(data, dict):
+            stop = data.get("stop")
+            if isinstance(stop, list) and len(stop) > MAX_STOP:
+                raise BodyError("stop", f"stop: at most {MAX_STOP} sequences ({len(stop)} given)")
+            prompt = data.get("prompt")
+            if isinstance(prompt, list) and len(prompt) > MAX_PROMPT_ITEMS:
+                raise BodyError("prompt", "prompt: too many items")
+        try:  # the common case in one pass at C speed; the walk only names the field
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+            return data
+        except UnicodeEncodeError:
+            pass
+        except (TypeError, ValueError):
+            return data  # not JSON data: the field validators say what is wrong
         where = find_lone_surrogate(data)
         if where is not None:
             raise BodyError(where, f"{where}: the text holds a lone UTF-16 surrogate, which "

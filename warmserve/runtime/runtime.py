@@ -35,7 +35,7 @@ from warmserve.runtime.requests import (
     StreamError,
     TokenDelta,
 )
-from warmserve.runtime.worker_process import WorkerProcess
+from warmserve.runtime.transport import WorkerLink, WorkerLinks
 from warmserve.serve_config import ServeConfig
 from warmserve.types import ModelName
 from warmserve.worker.layout import checkpoint_files, weights_layout
@@ -73,6 +73,8 @@ class ServingRuntime:
         self.policy = get_policy(cfg.policy)
         self.spec = spec = self.policy.spec
         page_bytes = cfg.workers.page_bytes
+        self.links = WorkerLinks(cfg)  # local processes, or Ray actors on every node
+        n = self.links.count
         files: dict[str, ModelFiles] = {}
         served: list[ServedModel] = []
         for rm in models:
@@ -94,9 +96,7 @@ class ServingRuntime:
                     f"model {rm.name!r} needs {pages} pages of {cfg.workers.page_mib} MiB; a "
                     f"worker pool has {cfg.workers.num_pages} (raise workers.pool_mib)"
                 )
-        self.cluster = RuntimeCluster(
-            cfg.workers.count, files, spec.unified_memory, self._send, self._dispatch
-        )
+        self.cluster = RuntimeCluster(n, files, spec.unified_memory, self._send, self._dispatch)
         ctl = cfg.control
         self.forecaster = Forecaster(
             ctl.forecast_window_s, ctl.forecast_correction_points, ctl.forecast_cycle
@@ -116,17 +116,17 @@ class ServingRuntime:
         assert isinstance(built, Controller)
         self.controller: Controller = built
         self.requests: dict[int, RuntimeRequest] = {}
-        self._workers: list[WorkerProcess | None] = [None] * cfg.workers.count
+        self._workers: list[WorkerLink | None] = [None] * n
         # Without unified memory (vanilla autoscaling) every instance is a new engine: its
         # worker process stops at scale-down ("parked") and a new one starts with the next
         # instance, paying process start-up, engine init and the weight load.
         self._engine_per_instance = not spec.unified_memory
         self._parked: set[int] = set()
         self._fresh: set[int] = set()  # spawned for an instance: its Ready keeps the books
-        self._incarnation = [0] * cfg.workers.count
-        self._deaths = [0] * cfg.workers.count  # consecutive, for the restart back-off
-        self._respawns: list[asyncio.TimerHandle | None] = [None] * cfg.workers.count
-        self._ready: list[asyncio.Future[None] | None] = [None] * cfg.workers.count
+        self._incarnation = [0] * n
+        self._deaths = [0] * n  # consecutive, for the restart back-off
+        self._respawns: list[asyncio.TimerHandle | None] = [None] * n
+        self._ready: list[asyncio.Future[None] | None] = [None] * n
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._next_id = 0
@@ -139,7 +139,7 @@ class ServingRuntime:
         self._loop = asyncio.get_running_loop()
         self._all_done = asyncio.Event()
         self._all_done.set()
-        for wid in range(self.cfg.workers.count):
+        for wid in range(self.links.count):
             self._spawn(wid)
         waits = [f for f in self._ready if f is not None]
         try:
@@ -156,10 +156,9 @@ class ServingRuntime:
             return
         self._incarnation[wid] += 1
         self._ready[wid] = self._loop.create_future()
-        self._workers[wid] = WorkerProcess(
-            wid, self._incarnation[wid], self.cfg.workers, self._event_threadsafe,
-            self._exit_threadsafe,
-        )  # fmt: skip
+        self._workers[wid] = self.links.spawn(
+            wid, self._incarnation[wid], self._event_threadsafe, self._exit_threadsafe
+        )
 
     async def drain(self, grace_s: float) -> None:
         """Stop accepting, let in-flight requests finish for `grace_s`, then fail the rest
@@ -184,6 +183,7 @@ class ServingRuntime:
                 await self._tick_task
         workers = [w for w in self._workers if w is not None]
         await asyncio.gather(*(asyncio.to_thread(w.stop, 10.0) for w in workers))
+        self.links.close()
 
     @property
     def accepting(self) -> bool:

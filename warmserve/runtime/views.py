@@ -62,9 +62,11 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
     return {
         "now_s": now,
         "policy": rt.spec.name,
+        "runtime": rt.links.kind,
         "workers": [
             {
                 "worker": d.worker_id,
+                "node": rt.links.nodes[d.worker_id],
                 "alive": d.alive,
                 "pages_total": d.total_pages,
                 "pages_free": d.free_pages,

@@ -12,6 +12,8 @@ from warmserve.runtime import messages as m
 from warmserve.runtime.worker_main import worker_main
 from warmserve.serve_config import WorkerConfig
 
+LOCAL_NODE = "local"
+
 
 class WorkerProcess:
     """The server's side of one worker process: its pipe and a reader thread."""
@@ -26,6 +28,7 @@ class WorkerProcess:
     ) -> None:
         self.worker_id = worker_id
         self.incarnation = incarnation
+        self.node_id = LOCAL_NODE
         ctx = mp.get_context("spawn")  # no fork of a threaded, torch-loaded server
         self.conn, child = ctx.Pipe()
         w = cfg
@@ -66,6 +69,10 @@ class WorkerProcess:
         # On a broken pipe the reader sees the death and the runtime recovers.
         with self._send_lock, contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(cmd)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
 
     def kill(self) -> None:
         if self.process.is_alive():
