@@ -91,13 +91,25 @@ def run_one(kind: str, clients: int, requests: int) -> dict:
     }
 
 
+def _median(runs: list[dict]) -> dict:
+    """Each figure's median over the runs of one runtime."""
+    keys = ("throughput_rps", "ttft_p50_s", "ttft_p99_s", "server_start_s")
+    out = {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=6, help="per client")
+    ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each runtime")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    rows = [run_one(kind, args.clients, args.requests) for kind in ("local", "ray")]
+    runs: dict[str, list[dict]] = {"local": [], "ray": []}
+    for _ in range(args.repeat):  # alternating, so drifting background load hits both
+        for kind in runs:
+            runs[kind].append(run_one(kind, args.clients, args.requests))
+    rows = [_median(v) for v in runs.values()]
     for r in rows:
         print(f"{r['runtime']:>6}: {r['requests']} requests, {r['throughput_rps']:.2f} req/s, "
               f"TTFT P50 {r['ttft_p50_s'] * 1000:.0f} ms, P99 {r['ttft_p99_s'] * 1000:.0f} ms, "
@@ -111,8 +123,8 @@ def main() -> None:
     print("ray ÷ local:", ratios)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"clients": args.clients, "requests_per_client": args.requests, "rows": rows,
-               "ratios": ratios}  # fmt: skip
+        doc = {"clients": args.clients, "requests_per_client": args.requests,
+               "repeat": args.repeat, "rows": rows, "runs": runs, "ratios": ratios}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
 
