@@ -177,3 +177,25 @@ def test_engine_takes_the_callers_ids_and_reports_logprobs():
     assert step.tokens[1234] == int(ref.argmax())
     assert lp.logprob == pytest.approx(float(ref.max()), abs=1e-4)
     assert [t for t, _ in lp.top] == ref.topk(2).indices.tolist()
+
+
+def test_prompt_logprobs_match_transformers_with_chunks_and_preemption():
+    model = tiny_model("llama")
+    # A 7-token budget chunks the 22-token prompt; 12 blocks force preemption and recompute.
+    engine = make_engine(model, num_blocks=12, budget=7)
+    params = SamplingParams(max_tokens=6, prompt_logprobs=2)
+    ids = [engine.add(p, params) for p in PROMPTS]
+    got: dict[int, tuple] = {}
+    while engine.scheduler.has_work():
+        step = engine.step()
+        for rid, lps in step.prompt_logprobs.items():
+            assert rid not in got  # delivered once, with the first token
+            got[rid] = lps
+    for rid, prompt in zip(ids, PROMPTS, strict=True):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0], -1)
+        lps = got[rid]
+        assert len(lps) == len(prompt) - 1
+        for pos, lp in enumerate(lps, start=1):
+            assert lp.logprob == pytest.approx(float(ref[pos - 1, prompt[pos]]), abs=1e-4)
+            assert [t for t, _ in lp.top] == ref[pos - 1].topk(2).indices.tolist()

@@ -176,11 +176,6 @@ def test_unknown_and_unsupported_fields_are_refused_by_name(live):
         ("/v1/completions", {"model": "tiny-a", "prompt": "x", "suffix": "y"}, "suffix"),
         (
             "/v1/completions",
-            {"model": "tiny-a", "prompt": "x", "echo": True, "logprobs": 1},
-            "echo",
-        ),
-        (
-            "/v1/completions",
             {"model": "tiny-a", "prompt": "x", "presence_penalty": 1},
             "presence_penalty",
         ),
@@ -255,6 +250,29 @@ def test_n_batches_logprobs_and_echo_are_honoured(live, client):
         assert all(e.bytes is not None for e in content)
     echo = client.completions.create(model="tiny-a", prompt="say it", max_tokens=2, echo=True)
     assert echo.choices[0].text.startswith("say it")
+    # What evaluation harnesses send for a log-likelihood: echo, logprobs, one token.
+    ll = client.completions.create(model="tiny-a", prompt="the cat sat", max_tokens=1,
+                                   echo=True, logprobs=1, temperature=0)  # fmt: skip
+    lp = ll.choices[0].logprobs
+    n_prompt = ll.usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[:n_prompt]).strip() == "the cat sat"
+    assert ll.choices[0].text.startswith("the cat sat")
+    stream = client.completions.create(
+        model="tiny-a",
+        prompt="the cat sat",
+        max_tokens=1,
+        echo=True,
+        logprobs=1,
+        temperature=0,
+        stream=True,
+    )
+    streamed = [t for ch in stream if ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.token_logprobs]  # fmt: skip
+    assert streamed[0] is None
+    assert streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
     # Streaming with n = 2: chunks of both choices, each ending once.
     stream = client.completions.create(
         model="tiny-a", prompt="s", n=2, max_tokens=3, stream=True, extra_body={"ignore_eos": True}

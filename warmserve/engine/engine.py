@@ -34,6 +34,8 @@ class StepOutput:
     finished_requests: tuple[Request, ...] = ()
     kv_used_blocks: int = 0
     num_waiting: int = 0  # requests queued in the engine (e.g. for KV blocks)
+    # With a request's first token, when asked for: prompt tokens 1.. (token 0 has none).
+    prompt_logprobs: dict[int, tuple[TokenLogprobs, ...]] = field(default_factory=dict)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
@@ -114,10 +116,16 @@ class Engine:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with requests pending")
             return self._output({}, [], {}, {})
+        rows, last, want_prompt = self._rows(out)
         try:
             logits = self.model.forward(
-                [SeqInput(s.token_ids, s.start, s.block_table) for s in out.seqs], self.cache
+                [SeqInput(s.token_ids, s.start, s.block_table) for s in out.seqs],
+                self.cache,
+                rows,
             )
+            if want_prompt:
+                self._prompt_logprobs(out, logits, want_prompt)
+                logits = logits[last]
         except Exception as e:  # the whole step is lost: drop its requests, keep serving
             failed = {s.request_id: f"the engine step failed ({type(e).__name__})"
                       for s in out.seqs}  # fmt: skip
@@ -152,10 +160,57 @@ class Engine:
             out = SchedulerOutput(
                 tuple(s for s in out.seqs if s.request_id not in failed), out.preempted
             )
+        prompt_lps = {
+            rid: tuple(self.scheduler.requests[rid].prompt_lp)
+            for rid in sampled
+            if self.scheduler.requests[rid].params.prompt_logprobs is not None
+            and not self.scheduler.requests[rid].output_ids
+        }  # delivered with a request's first token
         finished = self.scheduler.update(out, sampled, self.eos_token_id)
         for req in finished:
             self._gens.pop(req.request_id, None)
-        return self._output(sampled, finished, failed, logprobs)
+        return self._output(sampled, finished, failed, logprobs, prompt_lps)
+
+    def _rows(self, out: SchedulerOutput) -> tuple[list[int] | None, list[int], dict[int, int]]:
+        """Which token rows need logits: each sequence's last, and every row of a chunk
+        whose prompt log-probabilities are still owed. (None: only the last rows.) Also
+        where each sequence's last row lands, and the first row of each owed chunk."""
+        rows: list[int] = []
+        last: list[int] = []
+        want: dict[int, int] = {}  # sequence index -> first row of its chunk in `rows`
+        base = 0
+        for n, seq in enumerate(out.seqs):
+            req = self.scheduler.requests[seq.request_id]
+            width = len(seq.token_ids)
+            owed = req.params.prompt_logprobs is not None and (
+                len(req.prompt_lp) < len(req.prompt_ids) - 1
+                and seq.start + width > len(req.prompt_lp)  # ...and this chunk predicts some
+            )
+            if owed:
+                want[n] = len(rows)
+                rows.extend(range(base, base + width))
+            else:
+                rows.append(base + width - 1)
+            last.append(len(rows) - 1)
+            base += width
+        return (rows if want else None), last, want
+
+    def _prompt_logprobs(
+        self, out: SchedulerOutput, logits: torch.Tensor, want: dict[int, int]
+    ) -> None:
+        """Row j of a chunk predicts prompt token `start + j + 1`."""
+        for n, first in want.items():
+            seq = out.seqs[n]
+            req = self.scheduler.requests[seq.request_id]
+            top = req.params.prompt_logprobs or 0
+            for j in range(len(seq.token_ids)):
+                pos = seq.start + j + 1
+                if pos >= len(req.prompt_ids):
+                    break
+                if pos == len(req.prompt_lp) + 1:  # in order, each once
+                    req.prompt_lp.append(
+                        token_logprobs(logits[first + j], req.prompt_ids[pos], top)
+                    )
 
     def _output(
         self,
@@ -163,6 +218,7 @@ class Engine:
         finished: list[Request],
         failed: dict[int, str],
         logprobs: dict[int, TokenLogprobs],
+        prompt_logprobs: dict[int, tuple[TokenLogprobs, ...]] | None = None,
     ) -> StepOutput:
         sched = self.scheduler
         return StepOutput(
@@ -173,6 +229,7 @@ class Engine:
             tuple(finished),
             sched.alloc.num_used,
             len(sched.waiting),
+            prompt_logprobs or {},
         )
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:

@@ -20,6 +20,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -29,8 +30,8 @@ class SamplingParams:
             raise ValueError("need finite temperature >= 0, 0 < top_p <= 1, top_k >= 0")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must lie in [{SEED_MIN}, {SEED_MAX}]")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError("logprobs must be >= 0")
+        if (self.logprobs or 0) < 0 or (self.prompt_logprobs or 0) < 0:
+            raise ValueError("logprobs and prompt_logprobs must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,9 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
     finish_reason: FinishReason | None = None
+    # Log-probabilities of prompt tokens 1.. as their positions are computed (kept across a
+    # preemption, so a recomputation does not redo them).
+    prompt_lp: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def all_ids(self) -> list[int]:

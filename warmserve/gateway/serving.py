@@ -114,6 +114,9 @@ class Delta:
     text: str
     finish: str | None
     logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
+    # With the first delta of an echoed request that asked for log-probabilities: each prompt
+    # token with its log-probability (None for the first, which nothing predicts).
+    prompt: list[tuple[int, TokenLogprobs | None]] | None = None
 
 
 class OpenAIServing:
@@ -167,6 +170,7 @@ class OpenAIServing:
         param: str,
         choice: int,
         logprobs: int | None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         room = card.max_model_len - len(ids)
         if room < 1:
@@ -199,6 +203,7 @@ class OpenAIServing:
             seed=seed,
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def prepare_chat(self, body: ChatCompletionRequest, card: ModelCard) -> Prepared:
@@ -228,9 +233,6 @@ class OpenAIServing:
                         chat=True)  # fmt: skip
 
     def prepare_completion(self, body: CompletionRequest, card: ModelCard) -> Prepared:
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs (prompt log-probabilities) is not supported",
-                           param="echo")  # fmt: skip
         prompts = body.prompts()
         self._too_long(card, sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
         vocab = len(card.tokenizer)
@@ -248,7 +250,8 @@ class OpenAIServing:
             if not ids:
                 raise ApiError(400, "the prompt is empty", param="prompt")
             for i in range(body.n):
-                params = self._params(body, ids, card, body.max_tokens, "prompt", i, body.logprobs)
+                params = self._params(body, ids, card, body.max_tokens, "prompt", i, body.logprobs,
+                                      body.logprobs if body.echo else None)  # fmt: skip
                 gens.append(Generation(len(gens), ids, params, text, k))
         include = bool(body.stream_options and body.stream_options.include_usage)
         return Prepared(card, gens, body.stop_strings(), include, body.stream, body.logprobs,
@@ -274,6 +277,7 @@ class OpenAIServing:
         text = IncrementalText(prep.model.tokenizer, prep.stop)
         finished = False
         pending: list[tuple[int, TokenLogprobs]] = []
+        prompt: list[tuple[int, TokenLogprobs | None]] | None = None
         try:
             while True:
                 item = await req.queue.get()
@@ -283,19 +287,22 @@ class OpenAIServing:
                 assert isinstance(item, TokenDelta)
                 if item.logprobs is not None:
                     pending.extend(zip(item.token_ids, item.logprobs, strict=True))
+                if item.prompt_logprobs is not None:
+                    ids = req.prompt_ids
+                    prompt = [(ids[0], None), *zip(ids[1:], item.prompt_logprobs, strict=True)]
                 delta = text.push(item.token_ids)
                 if text.stopped:
                     finished = True
                     self.engine.abort(req.request_id, "stop")
-                    yield Delta(delta, "stop", pending)
+                    yield Delta(delta, "stop", pending, prompt)
                     return
                 if item.finish_reason is not None:
                     finished = True
-                    yield Delta(delta + text.flush(), item.finish_reason, pending)
+                    yield Delta(delta + text.flush(), item.finish_reason, pending, prompt)
                     return
                 if delta:
-                    yield Delta(delta, None, pending)
-                    pending = []
+                    yield Delta(delta, None, pending, prompt)
+                    pending, prompt = [], None
         finally:
             if not finished:
                 self.engine.abort(req.request_id)
@@ -339,7 +346,7 @@ def chat_logprobs(card: ModelCard, lps: Sequence[tuple[int, TokenLogprobs]]) -> 
 
 
 def completion_logprobs(
-    card: ModelCard, lps: Sequence[tuple[int, TokenLogprobs]], offset: int
+    card: ModelCard, lps: Sequence[tuple[int, TokenLogprobs | None]], offset: int
 ) -> dict[str, Any]:
     tt = card.token_text
     assert tt is not None
@@ -351,11 +358,18 @@ def completion_logprobs(
         offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp.logprob for _, lp in lps],
+        "token_logprobs": [None if lp is None else lp.logprob for _, lp in lps],
         # Several top tokens may decode to the same text: the first (most likely) one wins.
-        "top_logprobs": [{tt.get(t)[0]: v for t, v in reversed(lp.top)} for _, lp in lps],
+        "top_logprobs": [
+            None if lp is None else {tt.get(t)[0]: v for t, v in reversed(lp.top)} for _, lp in lps
+        ],
         "text_offset": offsets,
     }
+
+
+def join_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two parts of a completion's log-probabilities (the echoed prompt, the output)."""
+    return {k: a[k] + b[k] for k in a}
 
 
 # ----- whole responses ----------------------------------------------------------------
@@ -364,19 +378,22 @@ class Collected:
     text: str
     finish: str
     logprobs: list[tuple[int, TokenLogprobs]]
+    prompt: list[tuple[int, TokenLogprobs | None]] | None = None
 
 
 async def collect(events: AsyncIterator[Delta]) -> Collected:
     """The whole text, finish reason and log-probabilities of one choice."""
     parts: list[str] = []
     lps: list[tuple[int, TokenLogprobs]] = []
+    prompt = None
     reason = "stop"
     async for d in events:
         parts.append(d.text)
         lps.extend(d.logprobs)
+        prompt = prompt or d.prompt
         if d.finish is not None:
             reason = d.finish
-    return Collected("".join(parts), reason, lps)
+    return Collected("".join(parts), reason, lps, prompt)
 
 
 async def collect_all(streams: list[AsyncIterator[Delta]]) -> list[Collected]:
@@ -408,8 +425,11 @@ def response(
             })  # fmt: skip
         else:
             head = g.prompt_text if prep.echo else ""
-            lp = (completion_logprobs(card, res.logprobs, len(head))
-                  if prep.logprobs is not None else None)  # fmt: skip
+            lp = None
+            if prep.logprobs is not None:
+                lp = completion_logprobs(card, res.logprobs, len(head))
+                if res.prompt is not None:
+                    lp = join_logprobs(completion_logprobs(card, res.prompt, 0), lp)
             choices.append(
                 {
                     "index": g.index,
@@ -516,7 +536,8 @@ async def stream_sse(
             if prep.chat:
                 yield sse(chunk(rid, prep, created, g, None, offsets))
             if prep.echo and g.prompt_text:
-                yield sse(chunk(rid, prep, created, g, Delta(g.prompt_text, None), offsets))
+                echoed = Delta(g.prompt_text, None, (first.prompt or []) if first else [])
+                yield sse(chunk(rid, prep, created, g, echoed, offsets))
             if first is not None:
                 yield sse(chunk(rid, prep, created, g, first, offsets))
         going = [k for k, f in enumerate(firsts) if f is not None and f.finish is None]

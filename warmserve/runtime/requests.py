@@ -13,6 +13,7 @@ class TokenDelta:
     token_ids: tuple[int, ...]
     finish_reason: str | None  # "stop" | "length" | None while running
     logprobs: tuple[TokenLogprobs, ...] | None = None  # one per token, when asked for
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # with the first token, if asked
 
 
 @dataclass(frozen=True, slots=True)

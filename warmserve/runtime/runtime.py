@@ -357,7 +357,9 @@ class ServingRuntime:
             n = len(item.token_ids)
             req.generated += n
             self.metrics.generation_tokens.labels(req.model).inc(n)
-            req.queue.put_nowait(TokenDelta(item.token_ids, item.finish_reason, item.logprobs))
+            req.queue.put_nowait(
+                TokenDelta(item.token_ids, item.finish_reason, item.logprobs, item.prompt_logprobs)
+            )
             if item.finish_reason is not None:
                 self._finish(req, item.finish_reason)
 

@@ -170,7 +170,8 @@ class _Loop:
             self.send(m.RequestFailed(rid, why))
         items = tuple(
             m.TokenOut(rid, (tok,), out.finished.get(rid),
-                       None if rid not in out.logprobs else (out.logprobs[rid],))
+                       None if rid not in out.logprobs else (out.logprobs[rid],),
+                       out.prompt_logprobs.get(rid))
             for rid, tok in out.tokens.items()
         )  # fmt: skip
         self._report(items)
