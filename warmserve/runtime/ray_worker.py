@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from warmserve.runtime import messages as m
+from warmserve.runtime.transport import LOOPBACK_ENV
 from warmserve.serve_config import RuntimeConfig, WorkerConfig
 
 POLL_S = 1.0  # a long poll returns at least this often, so a stopped server is noticed
@@ -84,10 +85,19 @@ def connect(cfg: RuntimeConfig) -> None:
         return
     if cfg.address:
         ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False)
-    else:  # a private, loopback-only cluster on this machine
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", object_store_memory=256 << 20)  # fmt: skip
+        return
+    # A private cluster on this machine, on loopback only: Ray otherwise registers the node
+    # under the primary interface's address. `transport` sets LOOPBACK_ENV before Ray is
+    # imported (Ray reads it at import); check that it took.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", object_store_memory=256 << 20)  # fmt: skip
+    addresses = {n["NodeManagerAddress"] for n in ray.nodes()}
+    if addresses != {"127.0.0.1"}:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the private Ray cluster is not on loopback (nodes at {sorted(addresses)}): Ray "
+            f"was imported before {LOOPBACK_ENV}=0 could be set"
+        )
 
 
 def placements(per_node: int) -> list[RayPlacement]:

@@ -4,11 +4,16 @@ every transport; only the link differs (a pipe to a local process, or a Ray acto
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Protocol
 
 from warmserve.runtime import messages as m
 from warmserve.serve_config import ServeConfig
+
+# Ray keeps a single-node cluster on 127.0.0.1 only with this set before it is imported (it
+# then refuses a second node, which a private cluster never has).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 OnEvent = Callable[[int, int, m.Event], None]  # (worker id, incarnation, event)
 OnExit = Callable[[int, int], None]  # (worker id, incarnation)
@@ -40,6 +45,8 @@ class WorkerLinks:
         self.kind = cfg.runtime.kind
         self._started_ray = False
         if self.kind == "ray":
+            if not cfg.runtime.address:  # a private cluster: loopback only (read at import)
+                os.environ.setdefault(LOOPBACK_ENV, "0")
             import ray
 
             from warmserve.runtime import ray_worker
