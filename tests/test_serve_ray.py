@@ -45,6 +45,7 @@ def test_workers_are_ray_actors_and_serve_every_model(live, client):
     assert view["runtime"] == "ray"
     nodes = {w["node"] for w in view["workers"]}
     assert len(nodes) == 1 and ray.get_runtime_context().get_node_id() in nodes
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # loopback only
     pids = {w.pid for w in live.server.runtime._workers}
     assert os.getpid() not in pids and len(pids) == 2  # actor processes of their own
     out = client.chat.completions.create(
