@@ -454,7 +454,7 @@ def test_fuzzed_bodies_get_documented_answers_and_the_server_serves_on(live):
 
     counts = {"2xx": 0, "4xx": 0, "5xx": 0}
 
-    @settings(max_examples=150, deadline=None, derandomize=True,
+    @settings(max_examples=250, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), st.data())
     def case(path, data):
