@@ -29,13 +29,19 @@ from warmserve.worker.weights import LoadCancelled
 from warmserve.worker.worker import UniversalWorker, WorkerError
 
 
-def worker_main(conn: Connection, num_pages: int, page_bytes: int, threads: int) -> None:
+def worker_main(
+    conn: Connection, num_pages: int, page_bytes: int, threads: int, nice: int = 0
+) -> None:
     # Ctrl-C and service managers signal the whole process group; the server shuts its
     # workers down in order (a `Shutdown` command, or EOF on the pipe if it died). A Ray
     # actor runs this on a thread of its own and leaves signals to Ray.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice:
+        # Below the server's priority: where the workers and the gateway share cores, the
+        # event loop (tokens to clients, new requests in) runs first.
+        os.nice(nice)
     torch.set_num_threads(max(1, threads))
     pool = PagePool(CpuPages(num_pages, page_bytes))
     worker = UniversalWorker(pool)

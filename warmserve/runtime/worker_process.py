@@ -34,7 +34,7 @@ class WorkerProcess:
         w = cfg
         self.process = ctx.Process(
             target=worker_main,
-            args=(child, w.num_pages, w.page_bytes, w.torch_threads()),
+            args=(child, w.num_pages, w.page_bytes, w.torch_threads(), w.nice),
             name=f"warmserve-worker-{worker_id}",
             daemon=True,
         )
