@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from warmserve.control.config import ControlConfig
+
 _DAY_S = 86_400.0
 
 
@@ -185,7 +187,7 @@ class AdaptiveParams:
 
     level_half_life: float = 2.0  # windows: the recent-level EWMA
     fit_half_life_s: float = _DAY_S  # forgetting of the combination's regression
-    ridge: float = 1.0  # pull of the combination weights towards equal weights
+    ridge: float = 0.1  # pull of the combination weights towards equal weights
     residual_span_s: float = 2 * _DAY_S  # recent windows whose peak residuals form the spread
     min_residuals: int = 12  # fewer: the peak is the reference method's
     dispersion_offset: float = 0.1  # spread scales with sqrt(mean + this): idle windows
@@ -365,6 +367,18 @@ def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> flo
     cum = np.cumsum(weights[order])
     i = min(int(np.searchsorted(cum, q * cum[-1])), len(cum) - 1)
     return float(values[order][i])
+
+
+def make_forecaster(cfg: ControlConfig) -> Forecaster:
+    """The forecaster `cfg.forecast_method` names, with the config's window and cycle."""
+    if cfg.forecast_method == "reference":
+        return Forecaster(cfg.forecast_window_s, cfg.forecast_correction_points, cfg.forecast_cycle)
+    return AdaptiveForecaster(
+        cfg.forecast_window_s,
+        cfg.forecast_correction_points,
+        cfg.forecast_cycle,
+        cfg.forecast_peak_quantile,
+    )
 
 
 class OracleForecaster(Forecaster):
