@@ -200,7 +200,11 @@ def test_peak_is_a_quantile_of_recent_peaks_around_a_steady_mean(quantile, expec
 
 
 def test_adaptive_warm_starts_from_seeded_history():
-    avg_day, _ = periodic_day()
+    # A day that alternates between 10 and 30 every window: the last window says nothing about
+    # the next, the slot history everything. Fitted on the seeded days, the combination knows
+    # it from the first window on (within 5 %: the recent level starts cold; equal weights
+    # would be over 20 % off).
+    avg_day = np.where(np.arange(DAY) % 2 == 0, 10.0, 30.0)
     peak_day = np.round(avg_day + 2.0 * np.sqrt(avg_day + 0.1))
     f = AdaptiveForecaster(W, 10, "day")
     hist = SlotHistory.empty(f.num_slots)
@@ -211,10 +215,10 @@ def test_adaptive_warm_starts_from_seeded_history():
     first = f.forecast("m")
     assert first.avg == pytest.approx(avg_day[72])
     assert first.peak == pytest.approx(peak_day[72], abs=1.0)
-    # The fitted combination is in place at once: the next hour is predicted exactly.
-    for w in range(12):
+    for w in range(3):
         nxt = f.close_window("m", w, avg_day[72 + w], peak_day[72 + w])
-        assert nxt.avg == pytest.approx(avg_day[73 + w], rel=0.01)
+        assert nxt.avg == pytest.approx(avg_day[73 + w], rel=0.05)
+        assert nxt.peak == pytest.approx(peak_day[73 + w], abs=2.0)
 
 
 def test_adaptive_is_deterministic_and_handles_idle_models():

@@ -196,15 +196,20 @@ class AdaptiveParams:
     scale_floor: float = 1e-2  # requests: relative errors below this level count as this
 
 
-_FEATURES = 7  # prev, level, reference, slot mean, seasonal step via means / yesterday / week
+# Forecasts of the next window's mean: the previous window, the recent level, the reference
+# method's, the slot mean, and the previous window moved by the step to the next slot in the
+# slot means, yesterday, and the same weekday last week. The first two always exist.
+_FEATURES = 7
 
 
 @dataclass(slots=True)
 class _AdaptiveState(_ModelState):
     level: float | None = None  # EWMA of recent window means
-    gram: np.ndarray = field(default_factory=lambda: np.zeros((_FEATURES, _FEATURES)))
-    moment: np.ndarray = field(default_factory=lambda: np.zeros(_FEATURES))
+    # Per set of forecasts available (missing ones are left out, not imputed): the forgetting
+    # least-squares statistics (Σ x xᵀ, Σ x y) of the scaled forecasts x and outcomes y.
+    fits: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     features: np.ndarray | None = None  # of the forecast in `current`, scaled
+    available: tuple[int, ...] = ()  # which forecasts `features` holds
     scale: float = 1.0
     residuals: deque[tuple[float, float]] = field(default_factory=deque)  # (mean fc, peak)
 
@@ -237,7 +242,6 @@ class AdaptiveForecaster(Forecaster):
         self._level_alpha = 1.0 - 0.5 ** (1.0 / p.level_half_life)
         self._forget = 0.5 ** (window_s / p.fit_half_life_s)
         self._span = max(1, round(p.residual_span_s / window_s))
-        self._prior = np.full(_FEATURES, 1.0 / _FEATURES)
 
     def add_model(self, model: str, offset_s: float, history: SlotHistory | None = None) -> None:
         hist = history if history is not None else SlotHistory.empty(self.num_slots)
@@ -283,7 +287,7 @@ class AdaptiveForecaster(Forecaster):
                 avg, peak = hist.recent_avg[slot, idx[slot]], hist.recent_peak[slot, idx[slot]]
                 self._close(replay, w, float(avg), float(peak), predict_peak=False)
                 w += 1
-        state.gram, state.moment = replay.gram, replay.moment
+        state.fits = replay.fits
         state.residuals = replay.residuals
 
     def close_window(self, model: str, window_index: int, avg: float, peak: float) -> Forecast:
@@ -301,8 +305,10 @@ class AdaptiveForecaster(Forecaster):
         hist = st.history
         if st.features is not None:
             # Score the forecast made for this window: a regression sample and a peak residual.
-            st.gram = self._forget * st.gram + np.outer(st.features, st.features)
-            st.moment = self._forget * st.moment + st.features * (avg / st.scale)
+            x, n = st.features, len(st.features)
+            gram, moment = st.fits.get(st.available, (np.zeros((n, n)), np.zeros(n)))
+            gram = self._forget * gram + np.outer(x, x)
+            st.fits[st.available] = (gram, self._forget * moment + x * (avg / st.scale))
             st.residuals.append((st.current.avg, peak))
         slot = self._slot(st, w)
         if hist.count[slot] > 0:
@@ -312,36 +318,38 @@ class AdaptiveForecaster(Forecaster):
         cands = self._candidates(st, w, avg)  # before this window enters the slot table
         ref = self._reference(st, w + 1)
         hist.observe(slot, avg, peak)
-        st.scale = max(float(np.abs(cands).mean()), self.params.scale_floor)
-        st.features = cands / st.scale
-        r = self.params.ridge
-        weights = np.linalg.solve(st.gram + r * np.eye(_FEATURES), st.moment + r * self._prior)
-        mean = max(float(st.features @ weights) * st.scale, 0.0)
+        st.available = tuple(i for i, c in enumerate(cands) if c is not None)
+        x = np.array([c for c in cands if c is not None])
+        st.scale = max(float(np.abs(x).mean()), self.params.scale_floor)
+        st.features = x = x / st.scale
+        n = len(x)
+        gram, moment = st.fits.get(st.available, (np.zeros((n, n)), np.zeros(n)))
+        r = self.params.ridge  # towards equal weights
+        weights = np.linalg.solve(gram + r * np.eye(n), moment + r / n)
+        mean = max(float(x @ weights) * st.scale, 0.0)
         peak_fc = self._peak(st, mean, ref.peak) if predict_peak else ref.peak
         st.current = Forecast(mean, max(peak_fc, mean))
 
-    def _candidates(self, st: _AdaptiveState, w: int, avg: float) -> np.ndarray:
-        """Forecasts of window w+1's mean from window w's close; a missing one is `avg`."""
+    def _candidates(self, st: _AdaptiveState, w: int, avg: float) -> list[float | None]:
+        """The `_FEATURES` forecasts of window w+1's mean at window w's close (None: no data)."""
         hist, n = st.history, self.num_slots
         s0, s1 = self._slot(st, w), self._slot(st, w + 1)
-        ref = self._reference(st, w + 1).avg if hist.count[s1] > 0 else avg
-        means = (
-            (float(hist.avg[s0]), float(hist.avg[s1]))
-            if hist.count[s0] > 0 and hist.count[s1] > 0
-            else None
-        )
+        seen0, seen1 = hist.count[s0] > 0, hist.count[s1] > 0
         shift = self._day_slots % n  # yesterday's same time: same slot (day cycle) or 1 day back
-        yday = (hist.ago((s0 - shift) % n, 1), hist.ago((s1 - shift) % n, 1))
-        week = (hist.ago(s0, self._week_lag), hist.ago(s1, self._week_lag))
 
-        def step(pair: tuple[float | None, float | None] | None) -> float:
-            if pair is None or pair[0] is None or pair[1] is None:
-                return avg
-            return avg + pair[1] - pair[0]
+        def step(before: float | None, after: float | None) -> float | None:
+            return None if before is None or after is None else avg + after - before
 
-        slot_mean = float(hist.avg[s1]) if hist.count[s1] > 0 else avg
         assert st.level is not None
-        return np.array([avg, st.level, ref, slot_mean, step(means), step(yday), step(week)])
+        return [
+            avg,
+            st.level,
+            self._reference(st, w + 1).avg if seen1 else None,
+            float(hist.avg[s1]) if seen1 else None,
+            step(float(hist.avg[s0]), float(hist.avg[s1])) if seen0 and seen1 else None,
+            step(hist.ago((s0 - shift) % n, 1), hist.ago((s1 - shift) % n, 1)),
+            step(hist.ago(s0, self._week_lag), hist.ago(s1, self._week_lag)),
+        ]
 
     def _reference(self, st: _ModelState, window_index: int) -> Forecast:
         return Forecaster._predict(self, st, window_index)
