@@ -192,7 +192,7 @@ class AdaptiveParams:
     min_residuals: int = 12  # fewer: the peak is the reference method's
     dispersion_offset: float = 0.1  # spread scales with sqrt(mean + this): idle windows
     similarity: float = 0.5  # kernel width, in log mean, weighting residuals of similar load
-    warm_start_s: float = 3 * _DAY_S  # seeded history replayed at add_model to fit the above
+    warm_start_s: float = 2 * _DAY_S  # seeded history replayed at add_model to fit the above
     scale_floor: float = 1e-2  # requests: relative errors below this level count as this
 
 
@@ -200,6 +200,7 @@ class AdaptiveParams:
 # method's, the slot mean, and the previous window moved by the step to the next slot in the
 # slot means, yesterday, and the same weekday last week. The first two always exist.
 _FEATURES = 7
+_EYE = [np.eye(n) for n in range(_FEATURES + 1)]
 
 
 @dataclass(slots=True)
@@ -273,20 +274,21 @@ class AdaptiveForecaster(Forecaster):
         """Fit the combination and the peak spread by running over the seeded history's latest
         whole cycles, oldest first: only the past, as if the forecaster had been running."""
         hist = state.history
-        cycles = min(
-            hist.complete_cycles(),
-            math.ceil(self.params.warm_start_s / self.window_s / self.num_slots),
-        )
-        if cycles == 0:
+        kept = hist.complete_cycles()
+        replayed = min(kept, math.ceil(self.params.warm_start_s / self.window_s / self.num_slots))
+        if replayed == 0:
             return
         replay = self._new_state(state.name, SlotHistory.empty(self.num_slots), 0.0)
         w = 0
-        for c in range(cycles, 0, -1):
+        for c in range(kept, 0, -1):  # older cycles only fill the replay's slot table
             idx = (hist.known - c) % RECENT_CYCLES
             for slot in range(self.num_slots):
                 avg, peak = hist.recent_avg[slot, idx[slot]], hist.recent_peak[slot, idx[slot]]
-                self._close(replay, w, float(avg), float(peak), predict_peak=False)
-                w += 1
+                if c > replayed:
+                    replay.history.observe(slot, float(avg), float(peak))
+                else:
+                    self._close(replay, w, float(avg), float(peak), predict_peak=False)
+                    w += 1
         state.fits = replay.fits
         state.residuals = replay.residuals
 
@@ -325,7 +327,7 @@ class AdaptiveForecaster(Forecaster):
         n = len(x)
         gram, moment = st.fits.get(st.available, (np.zeros((n, n)), np.zeros(n)))
         r = self.params.ridge  # towards equal weights
-        weights = np.linalg.solve(gram + r * np.eye(n), moment + r / n)
+        weights = np.linalg.solve(gram + r * _EYE[n], moment + r / n)
         mean = max(float(x @ weights) * st.scale, 0.0)
         peak_fc = self._peak(st, mean, ref.peak) if predict_peak else ref.peak
         st.current = Forecast(mean, max(peak_fc, mean))
