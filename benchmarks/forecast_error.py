@@ -16,10 +16,12 @@ baseline, including last week's, has a value). `under` and `over` split the erro
 under- and over-predicted parts (under + over = error); `under_share` is the share of scored
 windows whose peak was under-predicted.
 
-Methods: `reference` (the paper's forecaster), `adaptive` (the default: the quantile that
-minimises the expected relative error), `adaptive_q90` (its 0.9 quantile: fewer under-predicted
-peaks), and the naive forecasts `previous_window`, `same_window_yesterday` and
-`same_window_last_week` (not on the one-week Azure traces).
+Methods: `reference` (the paper's forecaster), `adaptive` (the default forecaster's point
+forecast: the peak that minimises the expected relative error, what the simulator's forecast
+error scores), `adaptive_provisioned` (the same forecaster's `Forecast.peak`, the 0.9 quantile
+that prewarming provisions for: fewer under-predicted peaks), and the naive forecasts
+`previous_window`, `same_window_yesterday` and `same_window_last_week` (not on the one-week
+Azure traces).
 
     python benchmarks/forecast_error.py --json results/bench/forecast_error.json
 """
@@ -35,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from bench_output import write_json
 
-from warmserve.control.forecaster import AdaptiveForecaster, Forecaster
+from warmserve.control.config import ControlConfig
+from warmserve.control.forecaster import Forecaster, make_forecaster
 from warmserve.hardware import GPU_PRESETS
 from warmserve.model_spec import MODEL_PRESETS
 from warmserve.sim.latency import LatencyParams, StepTimeModel
@@ -58,7 +61,7 @@ DAY_S = 86_400
 DAY = int(DAY_S // W)
 TRACES = ("conv", "code", "servegen")
 NAIVE = ("previous_window", "same_window_yesterday", "same_window_last_week")
-MODELS = ("reference", "adaptive", "adaptive_q90")
+MODELS = ("reference", "adaptive", "adaptive_provisioned")
 STEP = StepTimeModel(MODEL_PRESETS["llama-2-7b"], 1, GPU_PRESETS["H100-SXM-80G"], LatencyParams())
 
 DayStream = Callable[[int], tuple[np.ndarray, np.ndarray]]  # day -> (arrivals, durations)
@@ -114,24 +117,28 @@ def windows(trace: str, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]
     return servegen_windows(rate, seed) if trace == "servegen" else azure_windows(trace, rate, seed)
 
 
-def online_peaks(f: Forecaster, avg: np.ndarray, peak: np.ndarray) -> np.ndarray:
-    """Each window's peak as forecast before it opened, from the earlier windows only."""
+def online_peaks(f: Forecaster, avg: np.ndarray, peak: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each window's point and provisioned peak forecasts, made before it opened from the
+    earlier windows only."""
     f.add_model("m", 0.0)
-    out = np.empty(len(peak))
+    point, provisioned = np.empty(len(peak)), np.empty(len(peak))
     for w in range(len(peak)):
-        out[w] = f.forecast("m").peak
+        fc = f.forecast("m")
+        point[w], provisioned[w] = fc.scored_peak, fc.peak
         f.close_window("m", w, float(avg[w]), float(peak[w]))
-    return out
+    return point, provisioned
 
 
 def forecasts(avg: np.ndarray, peak: np.ndarray) -> dict[str, np.ndarray]:
     def lag(k: int) -> np.ndarray:
         return np.concatenate([np.full(k, np.nan), peak[:-k]])
 
+    cfg = ControlConfig()  # the defaults: adaptive, provisioning the 0.9 quantile
+    adaptive = online_peaks(make_forecaster(cfg), avg, peak)
     return {
-        "reference": online_peaks(Forecaster(W, 10, "day"), avg, peak),
-        "adaptive": online_peaks(AdaptiveForecaster(W, 10, "day"), avg, peak),
-        "adaptive_q90": online_peaks(AdaptiveForecaster(W, 10, "day", 0.9), avg, peak),
+        "reference": online_peaks(Forecaster(W, 10, "day"), avg, peak)[0],
+        "adaptive": adaptive[0],
+        "adaptive_provisioned": adaptive[1],
         "previous_window": lag(1),
         "same_window_yesterday": lag(DAY),
         "same_window_last_week": lag(7 * DAY),

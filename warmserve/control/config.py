@@ -23,9 +23,11 @@ class ControlConfig:
     forecast_window_s: float = 300.0
     forecast_correction_points: int = 10  # K: last K windows' errors, weights 2^-d
     forecast_cycle: Literal["day", "week"] = "day"
-    # adaptive only: the peak forecast's quantile; none: the one that minimises the expected
-    # relative error. Higher values under-predict fewer peaks and over-predict more.
-    forecast_peak_quantile: float | None = None
+    # adaptive only: the quantile of the next window's peak that prewarming provisions for
+    # (Forecast.peak); none: the point forecast, the peak that minimises the expected relative
+    # error, which forecast errors always score. Higher: fewer under-provisioned bursts, more
+    # memory held for bursts that do not come.
+    forecast_peak_quantile: float | None = 0.9
     # Planner.
     planning_bandwidth: float = 32e9  # bytes/s used to value a replica (cold-load seconds saved)
     group_search: Literal["aligned", "exhaustive"] = "aligned"

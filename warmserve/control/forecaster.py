@@ -38,7 +38,15 @@ def cycle_slots(cycle: str, window_s: float) -> int:
 @dataclass(frozen=True, slots=True)
 class Forecast:
     avg: float  # time-weighted mean concurrency expected over the window
-    peak: float  # its maximum
+    peak: float  # its maximum: what prewarming provisions for
+    # The point forecast of the peak where it differs from `peak` (adaptive: the one that
+    # minimises the expected relative error, while `peak` is a higher quantile).
+    point_peak: float | None = None
+
+    @property
+    def scored_peak(self) -> float:
+        """The peak that forecast errors score: the point forecast."""
+        return self.peak if self.point_peak is None else self.point_peak
 
     @property
     def burstiness(self) -> float:
@@ -219,10 +227,12 @@ class AdaptiveForecaster(Forecaster):
     """Seasonal + level + error-correction forecasts of the window mean, combined with weights
     fitted online; the peak as a quantile of the window's predictive distribution.
 
-    `peak_quantile=None` predicts the peak that minimises the expected relative error (the
-    median weighted by 1/peak: the benchmark's metric); a number in (0, 1) predicts that
-    quantile instead (higher: fewer under-predicted peaks, at a larger error). Peaks are whole
-    numbers of requests in flight, and are forecast given that the window has any traffic.
+    Two peaks come from that distribution: the point forecast (`Forecast.point_peak`, which
+    forecast errors score) is the peak that minimises the expected relative error (the median
+    weighted by 1/peak); `Forecast.peak`, what prewarming provisions for, is its
+    `peak_quantile` quantile (under-predicting a peak costs TTFT, over-predicting it memory).
+    With `peak_quantile=None` both are the point forecast. Peaks are whole numbers of requests
+    in flight, forecast given that the window has any traffic.
     """
 
     def __init__(
@@ -230,7 +240,7 @@ class AdaptiveForecaster(Forecaster):
         window_s: float,
         correction_points: int,
         cycle: str = "day",
-        peak_quantile: float | None = None,
+        peak_quantile: float | None = 0.9,
         params: AdaptiveParams | None = None,
     ) -> None:
         super().__init__(window_s, correction_points, cycle)
@@ -255,10 +265,7 @@ class AdaptiveForecaster(Forecaster):
         self._models[model] = state
         slot = self._slot(state, 0)
         if hist.count[slot] > 0:
-            mean = float(hist.avg[slot])
-            state.current = Forecast(
-                mean, max(self._peak(state, mean, float(hist.peak[slot])), mean)
-            )
+            state.current = self._forecast(state, float(hist.avg[slot]), float(hist.peak[slot]))
 
     def _new_state(self, model: str, hist: SlotHistory, offset_s: float) -> _AdaptiveState:
         return _AdaptiveState(
@@ -297,7 +304,7 @@ class AdaptiveForecaster(Forecaster):
         state = self._models[model]
         assert isinstance(state, _AdaptiveState)
         if peak > 0:
-            state.peak_rel_errors.append(abs(state.current.peak - peak) / peak)
+            state.peak_rel_errors.append(abs(state.current.scored_peak - peak) / peak)
         self._close(state, window_index, avg, peak, predict_peak=True)
         return state.current
 
@@ -329,8 +336,7 @@ class AdaptiveForecaster(Forecaster):
         r = self.params.ridge  # towards equal weights
         weights = np.linalg.solve(gram + r * _EYE[n], moment + r / n)
         mean = max(float(x @ weights) * st.scale, 0.0)
-        peak_fc = self._peak(st, mean, ref.peak) if predict_peak else ref.peak
-        st.current = Forecast(mean, max(peak_fc, mean))
+        st.current = self._forecast(st, mean, ref.peak) if predict_peak else Forecast(mean, mean)
 
     def _candidates(self, st: _AdaptiveState, w: int, avg: float) -> list[float | None]:
         """The `_FEATURES` forecasts of window w+1's mean at window w's close (None: no data)."""
@@ -356,20 +362,23 @@ class AdaptiveForecaster(Forecaster):
     def _reference(self, st: _ModelState, window_index: int) -> Forecast:
         return Forecaster._predict(self, st, window_index)
 
-    def _peak(self, st: _AdaptiveState, mean: float, fallback: float) -> float:
-        """A quantile of the next window's peak given `mean`, from recent residuals."""
+    def _forecast(self, st: _AdaptiveState, mean: float, fallback_peak: float) -> Forecast:
+        """The forecast for the next window given its mean: the peak from its predictive
+        distribution, built from recent residuals (the reference's peak until there are few)."""
         p = self.params
         res = np.array([r for r in st.residuals if r[1] > 0]).reshape(-1, 2)
         if len(res) < p.min_residuals:
-            return fallback
+            return Forecast(mean, max(fallback_peak, mean))
         fc, obs = res[:, 0], res[:, 1]
         k = p.dispersion_offset
         z = (obs - fc) / np.sqrt(fc + k)
         values = np.maximum(np.round(mean + z * math.sqrt(mean + k)), 1.0)
         weights = np.exp(-((np.log(fc + k) - math.log(mean + k)) ** 2) / (2 * p.similarity**2))
+        point = max(_weighted_quantile(values, weights / values, 0.5), mean)
         if self.peak_quantile is None:
-            return _weighted_quantile(values, weights / values, 0.5)
-        return _weighted_quantile(values, weights, self.peak_quantile)
+            return Forecast(mean, point)
+        high = max(_weighted_quantile(values, weights, self.peak_quantile), mean)
+        return Forecast(mean, high, point)
 
 
 def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
