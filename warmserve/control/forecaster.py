@@ -11,10 +11,11 @@ combination of several forecasts of it (the previous window, a recent-level EWMA
 reference forecast, the slot mean, and the previous window moved by the seasonal step to the
 next slot as seen in the slot means, yesterday and the same weekday last week), with weights
 refitted every window by exponentially forgetting ridge regression on relative errors. The
-peak is a quantile of a predictive distribution built from recent windows' peak residuals
-around their own mean forecasts, scaled by sqrt(mean) (Poisson-like dispersion) and weighted
-towards windows of similar load; by default the quantile that minimises the expected relative
-error. Everything is fitted online on the past only.
+peak comes from a predictive distribution built from recent windows' peak residuals around
+their own mean forecasts, scaled by sqrt(mean) (Poisson-like dispersion) and weighted towards
+windows of similar load: its point forecast (the one forecast errors score) minimises the
+expected relative error, and prewarming provisions for a higher quantile (default 0.9).
+Everything is fitted online on the past only.
 """
 
 from __future__ import annotations
