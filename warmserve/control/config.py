@@ -15,10 +15,19 @@ class ControlConfig:
     scale_down_threshold: float = 0.5
     protect_period_s: float = 5.0  # a new instance is never stopped before this age
     tick_s: float = 0.5  # control-loop period
-    # Forecaster.
+    # Forecaster (control/forecaster.py). "reference": the paper's method (same slot of earlier
+    # days + 2^-d weighted error correction). "adaptive": seasonal, level and error-corrected
+    # forecasts combined with weights fitted online, the peak a quantile of the window's
+    # predictive distribution (benchmarks/forecast_error.py compares them).
+    forecast_method: Literal["reference", "adaptive"] = "adaptive"
     forecast_window_s: float = 300.0
     forecast_correction_points: int = 10  # K: last K windows' errors, weights 2^-d
     forecast_cycle: Literal["day", "week"] = "day"
+    # adaptive only: the quantile of the next window's peak that prewarming provisions for
+    # (Forecast.peak); none: the point forecast, the peak that minimises the expected relative
+    # error, which forecast errors always score. Higher: fewer under-provisioned bursts, more
+    # memory held for bursts that do not come.
+    forecast_peak_quantile: float | None = 0.9
     # Planner.
     planning_bandwidth: float = 32e9  # bytes/s used to value a replica (cold-load seconds saved)
     group_search: Literal["aligned", "exhaustive"] = "aligned"
@@ -41,6 +50,11 @@ class ControlConfig:
             raise ValueError("forecast_correction_points must be >= 1")
         if self.forecast_cycle not in ("day", "week"):
             raise ValueError("forecast_cycle must be 'day' or 'week'")
+        if self.forecast_method not in ("reference", "adaptive"):
+            raise ValueError("forecast_method must be 'reference' or 'adaptive'")
+        q = self.forecast_peak_quantile
+        if q is not None and not 0 < q < 1:
+            raise ValueError("forecast_peak_quantile must be in (0, 1)")
         if self.group_search not in ("aligned", "exhaustive"):
             raise ValueError("group_search must be 'aligned' or 'exhaustive'")
         if self.kv_floor_requests < 0:

@@ -20,7 +20,7 @@ from typing import Any
 from warmserve.clock import Clock, WallClock, seconds_into_day, seconds_into_week
 from warmserve.control.api import RequestInfo, ServedModel
 from warmserve.control.controller import Controller
-from warmserve.control.forecaster import Forecaster
+from warmserve.control.forecaster import make_forecaster
 from warmserve.control.registry import get_policy
 from warmserve.engine.request import SamplingParams
 from warmserve.runtime import messages as m
@@ -98,9 +98,7 @@ class ServingRuntime:
                 )
         self.cluster = RuntimeCluster(n, files, spec.unified_memory, self._send, self._dispatch)
         ctl = cfg.control
-        self.forecaster = Forecaster(
-            ctl.forecast_window_s, ctl.forecast_correction_points, ctl.forecast_cycle
-        )
+        self.forecaster = make_forecaster(ctl)
         fc_cfg = cfg.forecast
         histories = (
             seed_histories(cfg.base_dir / fc_cfg.history, (rm.name for rm in models),

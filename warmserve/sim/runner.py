@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from warmserve.control.api import RequestInfo, ServedModel
-from warmserve.control.forecaster import Forecaster, OracleForecaster
+from warmserve.control.forecaster import Forecaster, OracleForecaster, make_forecaster
 from warmserve.control.registry import get_policy
 from warmserve.experiment import Experiment
 from warmserve.hardware import pages_for
@@ -149,9 +149,7 @@ def run_policy(
             cfg.forecast_window_s, ideal_windows(exp, models, wl)
         )
     else:
-        forecaster = Forecaster(
-            cfg.forecast_window_s, cfg.forecast_correction_points, cfg.forecast_cycle
-        )
+        forecaster = make_forecaster(cfg)
     for name in wl.model_names:
         forecaster.add_model(name, wl.forecast_offsets_s[name], wl.histories[name])
     controller = policy.build(cfg, [m.served for m in models.values()], forecaster)
