@@ -76,10 +76,7 @@ class RuntimeBooks(RuleBasedStateMachine):
     def setup(self, policy: str) -> None:
         files = {n: ModelFiles(n, f"/models/{n}", p) for n, p in PAGES.items()}
         served = [ServedModel(ModelName(n), 1, p, p << 21, 1e4, 2048) for n, p in PAGES.items()]
-        spec = POLICIES[policy].spec
-        self.cluster = RuntimeCluster(
-            2, files, spec.unified_memory, self.send, self.dispatched
-        )  # fmt: skip
+        self.cluster = RuntimeCluster(2, files, self.send, self.dispatched)
         cfg = ControlConfig(capacity_per_instance=2, scale_window_s=1.0, protect_period_s=1.0)
         fc = Forecaster(cfg.forecast_window_s, cfg.forecast_correction_points)
         for n in PAGES:  # history with load everywhere: the planner prewarms
@@ -115,8 +112,8 @@ class RuntimeBooks(RuleBasedStateMachine):
         self.deliver()
         for w in self.workers:
             w.requests.discard(rid)
-        self.ctl.on_request_done(self.now, rid, self.cluster)
         self.cluster.request_done(rid, inst)
+        self.ctl.on_request_done(self.now, rid, self.cluster)
 
     @rule(dt=st.floats(0.1, 3.0))
     def tick(self, dt: float) -> None:
@@ -133,7 +130,7 @@ class RuntimeBooks(RuleBasedStateMachine):
                 if isinstance(cmd, m.Prewarm):
                     self.cluster.mark_loaded(wid, cmd.token)
                 elif isinstance(cmd, m.Activate):
-                    self.cluster.mark_running(wid, 64, 1 << 21, 1 << 21)
+                    self.cluster.mark_running(wid, 64, 1 << 21)
 
     @rule(wid=st.sampled_from([0, 1]))
     def kill(self, wid: int) -> None:
@@ -158,7 +155,7 @@ class RuntimeBooks(RuleBasedStateMachine):
             return
         for wid, w in enumerate(self.workers):
             dev = self.cluster.devices[wid]
-            reps = {r.model for r in self.cluster.replicas.values() if r.worker_id == wid}
+            reps = {r.model for r in self.cluster.replicas.values() if r.devices == (wid,)}
             inst = self.cluster.instances.get(dev.instance_id) if dev.instance_id is not None \
                 else None  # fmt: skip
             serving = inst.model if inst else None

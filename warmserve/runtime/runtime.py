@@ -88,7 +88,7 @@ class ServingRuntime:
                     f"worker pool has {cfg.workers.num_pages} (raise workers.pool_mib)"
                 )
         self.cluster = RuntimeCluster(
-            cfg.workers.count, files, spec.unified_memory, self._send, self._dispatch
+            cfg.workers.count, files, self._send, self._dispatch, page_bytes
         )
         ctl = cfg.control
         self.forecaster = Forecaster(
@@ -221,7 +221,7 @@ class ServingRuntime:
 
     def _dispatch(self, request_id: int, instance_id: int) -> None:
         req = self.requests[request_id]
-        wid = self.cluster.instances[instance_id].worker_id
+        (wid,) = self.cluster.instances[instance_id].devices
         req.instance_id, req.worker_id = instance_id, wid
         self._send(wid, m.AddRequest(request_id, req.prompt_ids, req.params))
 
@@ -256,8 +256,8 @@ class ServingRuntime:
                 tpot = (now - req.first_token_s) / (req.generated - 1)
                 self.metrics.tpot.labels(req.model).observe(tpot)
         if inst_id is not None:
-            self.controller.on_request_done(now, req.request_id, self.cluster)
             self.cluster.request_done(req.request_id, inst_id)
+            self.controller.on_request_done(now, req.request_id, self.cluster)
 
     def _fail(self, req: RuntimeRequest, err: StreamError, reason: str) -> None:
         req.queue.put_nowait(err)
@@ -308,9 +308,7 @@ class ServingRuntime:
         elif isinstance(ev, m.Loaded):
             self.cluster.mark_loaded(wid, ev.token)
         elif isinstance(ev, m.Activated):
-            inst = self.cluster.mark_running(
-                wid, ev.kv_blocks, ev.block_bytes, self.cfg.workers.page_bytes
-            )
+            inst = self.cluster.mark_running(wid, ev.kv_blocks, ev.block_bytes)
             if inst is not None:
                 self.metrics.activation.labels(inst.model).observe(ev.seconds)
         elif isinstance(ev, m.RequestFailed):

@@ -174,7 +174,6 @@ def run_policy(
         exp.pool_pages,
         models,
         exp.costs,
-        policy.spec.unified_memory,
         host_caches(exp) if policy.spec.host_checkpoint_cache else None,
         first_token,
         finished,
@@ -201,7 +200,7 @@ def run_policy(
         now = loop.now()
         controller.tick(now, cluster)
         if ticks[0] % sample_every == 0:
-            g = cluster.gpus
+            g = cluster.books.devices
             samples.append((now, [x.free_pages for x in g], [x.prewarm_pages for x in g],
                             [x.weights_pages for x in g], [x.kv_pages for x in g]))  # fmt: skip
         ticks[0] += 1
