@@ -198,3 +198,30 @@ def test_the_machine_exercises_prewarming_and_kv_lending():
     TestWarmServeBooks().runTest()
     assert sum(PREWARMS) > 0  # the planner's Prewarm path ran, not only cold starts
     assert sum(LENDS) > 0  # and KV pages were lent or reclaimed
+
+
+def test_the_runtime_never_stops_a_starting_instance():
+    # The simulator's regression (`test_a_starting_instance_is_never_stopped`) on the
+    # runtime's books: an instance still starting is the least loaded one when the load falls.
+    files = {"a": ModelFiles("a", "/models/a", 30)}
+    sent: list[tuple[int, m.Command]] = []
+    cluster = RuntimeCluster(2, files, lambda w, c: sent.append((w, c)), lambda r, i: None)
+    for w in range(2):
+        cluster.worker_ready(w, TOTAL)
+    cfg = ControlConfig(capacity_per_instance=8, scale_window_s=1.0, protect_period_s=1.0)
+    served = [ServedModel(ModelName("a"), 1, 30, 30 << 21, 1e4, 2048)]
+    ctl = POLICIES["vanilla-autoscale"].build(cfg, served, Forecaster(cfg.forecast_window_s, 3))
+    for rid in range(8):  # the first instance, full
+        ctl.on_request(0.0, RequestInfo(rid, ModelName("a"), 0.0, 10, 10), cluster)
+    cluster.mark_running(0, 64, 1 << 21)
+    ctl.on_request(0.0, RequestInfo(8, ModelName("a"), 0.0, 10, 10), cluster)  # overflows
+    (second,) = [i for i in cluster.instances.values() if i.devices == (1,)]
+    for rid in range(5):  # three requests stay on the first instance, one on the second
+        cluster.request_done(rid, 0)
+        ctl.on_request_done(0.1, rid, cluster)
+    for t in range(1, 20):  # load 4 < half of two instances' capacity: one must go
+        ctl.tick(float(t), cluster)
+        assert second.state == InstanceState.STARTING
+        assert second.instance_id in cluster.instances
+    assert cluster.instances[0].state == InstanceState.STOPPING  # the running one drains
+    assert not any(isinstance(c, m.Deactivate) for w, c in sent if w == 1)

@@ -191,3 +191,18 @@ def test_lent_kv_comes_back_mid_run_for_a_waiting_request(tmp_path):
     assert r.summary["cold_starts"] == 1 and r.summary["prewarm_hits"] == 0  # kept alive
     assert ttft[2] < 0.2, ttft
     assert r.log.finish_s[2] < r.log.finish_s[1]
+
+
+def test_a_starting_instance_is_never_stopped(tmp_path):
+    # Regression: twenty requests hold the first instance; a burst at t = 20 overflows it, so
+    # a second instance starts cold (about 14 s) with one request. When the burst and the
+    # shorter ten are done the load asks for one instance, and the starting one is the least
+    # loaded past its protect period: stopping it left its request waiting forever while the
+    # controller counted it in flight.
+    rows = [(0.0, "a", 100, 3000)] * 10 + [(0.0, "a", 100, 1000)] * 10
+    rows += [(20.0, "a", 50, 400)] * 13
+    exp = one_model_experiment(tmp_path, rows)
+    wl = make_workload(exp)
+    r = run_policy(exp, "vanilla-autoscale", wl, check_invariants=True)
+    assert r.summary["cold_starts"] == 2  # the scenario: a second start during the burst
+    assert r.summary["failed"] == 0 and r.summary["completed"] == wl.num_requests
