@@ -206,3 +206,19 @@ def test_a_starting_instance_is_never_stopped(tmp_path):
     r = run_policy(exp, "vanilla-autoscale", wl, check_invariants=True)
     assert r.summary["cold_starts"] == 2  # the scenario: a second start during the burst
     assert r.summary["failed"] == 0 and r.summary["completed"] == wl.num_requests
+
+
+def test_a_request_without_exactly_one_outcome_fails_the_run(small, monkeypatch):
+    from warmserve.control.controller import Controller
+    from warmserve.sim.runner import ConservationError
+
+    exp, wl = small
+    on_request = Controller.on_request
+
+    def lose_request_3(self, now, req, cluster):
+        if req.request_id != 3:  # the control plane drops it: never queued, never routed
+            on_request(self, now, req, cluster)
+
+    monkeypatch.setattr(Controller, "on_request", lose_request_3)
+    with pytest.raises(ConservationError, match="request 3 has no outcome"):
+        run_policy(exp, "warmserve", wl)

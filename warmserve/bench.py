@@ -10,7 +10,6 @@ the request's scheduled arrival, so a slow client or server never hides queueing
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from warmserve.sim.metrics import RequestLog, summarize_requests
+from warmserve.sim.metrics import RequestLog, RequestRow, summarize_requests, write_request_rows
 from warmserve.sim.workload import (
     AzureSpec,
     ServeGenSpec,
@@ -225,16 +224,21 @@ def write_outputs(out: Path, cfg: BenchConfig, wl: Workload, results: list[_Resu
            "slo": {"ttft_s": cfg.slo_ttft_s, "tpot_s": cfg.slo_tpot_s},
            "policies": {cfg.label: summary}}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
-    with (out / "requests.csv").open("w", newline="") as f:  # one row a request, for analysis
-        w = csv.writer(f)
-        w.writerow(["arrival_s", "model", "input_tokens", "output_tokens_asked", "ttft_s",
-                    "finish_s", "output_tokens", "error"])  # fmt: skip
-        for k, r in enumerate(results):
-            ok = r.error is None
-            w.writerow([f"{wl.arrival_s[k] / cfg.time_scale:.4f}",
-                        wl.model_names[int(wl.model_idx[k])], int(wl.input_tokens[k]),
-                        int(wl.output_tokens[k]), f"{r.first_s:.4f}" if ok else "",
-                        f"{r.finish_s:.4f}" if ok else "", r.tokens, r.error or ""])  # fmt: skip
+    rows = (
+        RequestRow(
+            float(wl.arrival_s[k] / cfg.time_scale),
+            wl.model_names[int(wl.model_idx[k])],
+            int(wl.input_tokens[k]),
+            int(wl.output_tokens[k]),
+            r.first_s if r.error is None else None,
+            r.finish_s if r.error is None else None,
+            r.tokens,
+            r.error or "",
+            cfg.label,
+        )
+        for k, r in enumerate(results)
+    )
+    write_request_rows(out / "requests.csv", rows)  # one row a request, for analysis
     curves = []
     for k, name in enumerate(wl.model_names):
         mine = [r for i, r in enumerate(results) if wl.model_idx[i] == k]

@@ -131,6 +131,13 @@ class Controller:
             self._plan(cluster)
 
     # ----- queries ----------------------------------------------------------------------
+    def num_queued(self, model: ModelName) -> int:
+        """Requests of `model` waiting for an instance."""
+        return len(self._queues[model])
+
+    def queued_request_ids(self) -> set[RequestId]:
+        return {r.request_id for q in self._queues.values() for r in q}
+
     def load(self, model: ModelName, now: float) -> float:
         return self._load[model].mean(now, self.cfg.scale_window_s)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from warmserve.sim.host_cache import NodeCheckpointCache
 from warmserve.sim.instance import SimRequest
 from warmserve.sim.latency import StepTimeModel
 from warmserve.sim.loop import EventLoop
-from warmserve.sim.metrics import RequestLog, summarize_requests
+from warmserve.sim.metrics import RequestLog, RequestRow, summarize_requests
 from warmserve.sim.workload import (
     AzureSpec,
     ServeGenSpec,
@@ -50,6 +50,11 @@ class PolicyResult:
     log: RequestLog
     memory: MemoryTimeline
     num_events: int
+    requests: tuple[RequestRow, ...] = ()  # one a request, each with its one outcome
+
+
+class ConservationError(RuntimeError):
+    """An arrived request has no outcome, or more than one: the books lost or doubled it."""
 
 
 def build_models(exp: Experiment) -> dict[str, SimModel]:
@@ -163,6 +168,8 @@ def run_policy(
         log.first_token_s[rid] = t
 
     def finished(rid: int, t: float) -> None:
+        if not np.isnan(log.finish_s[rid]):
+            raise ConservationError(f"request {rid} finished twice")
         log.finish_s[rid] = t
         remaining[0] -= 1
         controller.on_request_done(t, rid, cluster)
@@ -214,6 +221,7 @@ def run_policy(
         end_s, after_event=cluster.check_invariants if check_invariants else None, progress=progress
     )
 
+    outcomes = request_outcomes(log, controller.queued_request_ids(), cluster)
     forecast_errors = [e for m in names for e in forecaster.peak_rel_errors(m)]
     starts = [s.path for s in cluster.starts]
     summary = summarize_requests(
@@ -230,7 +238,50 @@ def run_policy(
         )
     summary["per_model"] = per_model
     memory = MemoryTimeline(*(np.array([s[i] for s in samples]) for i in range(5)))
-    return PolicyResult(policy_name, summary, log, memory, loop.num_events)
+    rows = tuple(request_rows(policy_name, wl, log, outcomes))
+    return PolicyResult(policy_name, summary, log, memory, loop.num_events, rows)
+
+
+def request_rows(
+    policy: str, wl: Workload, log: RequestLog, outcomes: tuple[str, ...]
+) -> Iterator[RequestRow]:
+    """One row per request, in the columns `warmserve bench` writes."""
+    ttft = log.first_token_s - log.arrival_s
+    latency = log.finish_s - log.arrival_s
+    for k, outcome in enumerate(outcomes):
+        done = not outcome
+        yield RequestRow(
+            float(log.arrival_s[k]),
+            wl.model_names[int(wl.model_idx[k])],
+            int(wl.input_tokens[k]),
+            int(wl.output_tokens[k]),
+            None if np.isnan(ttft[k]) else float(ttft[k]),
+            float(latency[k]) if done else None,
+            int(wl.output_tokens[k]) if done else 0,
+            outcome,
+            policy,
+        )
+
+
+def request_outcomes(log: RequestLog, queued: set[int], cluster: SimCluster) -> tuple[str, ...]:
+    """Each request's one outcome, counted from where it is, not as arrived - completed: it
+    finished, or it still waits in the controller's queue, or it is still on an instance."""
+    on_instance: dict[int, list[str]] = {}
+    for inst in cluster.books.instances.values():
+        for rid in inst.requests:
+            where = f"unfinished: on instance {inst.instance_id} ({inst.state}) at the end"
+            on_instance.setdefault(rid, []).append(where)
+    out = []
+    for k in range(len(log.arrival_s)):
+        found = [] if np.isnan(log.finish_s[k]) else [""]
+        if k in queued:
+            found.append("queued: no instance took it by the end")
+        found += on_instance.get(k, [])
+        if len(found) != 1:
+            what = "no outcome" if not found else f"{len(found)} outcomes {found}"
+            raise ConservationError(f"{cluster.__class__.__name__}: request {k} has {what}")
+        out.append(found[0])
+    return tuple(out)
 
 
 def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) -> Workload:
