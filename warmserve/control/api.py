@@ -9,11 +9,12 @@ they have not changed; the controller then skips work whose inputs are unchanged
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
 
+from warmserve.control.forecaster import Forecast
 from warmserve.hardware import PAGE_BYTES
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
@@ -175,3 +176,22 @@ class ControlPlane(Protocol):
     def on_kv_pressure(self, now: float, instance_id: InstanceId, cluster: ClusterHandle) -> None:
         """Requests wait for KV pages on an instance that has lent some."""
         ...
+
+    def cancel_queued(self, now: float, request_id: RequestId) -> bool:
+        """Drop a request still waiting for an instance; False if it was dispatched."""
+        ...
+
+    def on_instance_failed(
+        self, now: float, instance_id: InstanceId, cluster: ClusterHandle
+    ) -> list[RequestId]:
+        """The instance died with its device; the requests it held, to retry or fail."""
+        ...
+
+    # Views for the driver's operators (admin pages, metrics, per-request records).
+    def load(self, model: ModelName, now: float) -> float: ...
+
+    def forecasts(self) -> Mapping[ModelName, Forecast]: ...
+
+    def num_queued(self, model: ModelName) -> int: ...
+
+    def queued_request_ids(self) -> set[RequestId]: ...

@@ -295,6 +295,7 @@ class Controller:
             in_flight,
             self.cfg.capacity_per_instance,
             self.cfg.kv_floor_requests,
+            snap.page_bytes,
         )
         full = view.kv_pages + view.kv_lent_pages
         actions = kv_actions(view, target, snap, self._replica_scores, max(1, full // 20))

@@ -21,7 +21,6 @@ from warmserve.control.api import ClusterHandle, ClusterSnapshot, ServedModel, S
 from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecaster
-from warmserve.hardware import PAGE_BYTES
 from warmserve.types import ModelName, StartPath
 
 MUXSERVE = PolicySpec(
@@ -62,7 +61,8 @@ def plan_meshes(
     def room(mesh: Mesh, m: ServedModel) -> bool:
         members = [by_name[n] for n in mesh.models] + [m]
         floor = sum(
-            math.ceil(x.max_model_len * x.kv_bytes_per_token_per_gpu / PAGE_BYTES) for x in members
+            math.ceil(x.max_model_len * x.kv_bytes_per_token_per_gpu / snap.page_bytes)
+            for x in members
         )
         return sum(x.pages_per_gpu for x in members) + floor <= pool and m.name not in mesh.models
 

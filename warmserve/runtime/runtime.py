@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from warmserve.clock import Clock, WallClock, seconds_into_day, seconds_into_week
-from warmserve.control.api import RequestInfo, ServedModel
-from warmserve.control.controller import Controller
+from warmserve.control.api import ControlPlane, RequestInfo, ServedModel
 from warmserve.control.forecaster import Forecaster
 from warmserve.control.registry import get_policy
 from warmserve.engine.request import SamplingParams
+from warmserve.hardware import pages_for
 from warmserve.runtime import messages as m
 from warmserve.runtime import views
 from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
@@ -70,7 +70,7 @@ class ServingRuntime:
         served: list[ServedModel] = []
         for rm in models:
             _, total = weights_layout(checkpoint_files(rm.model_dir))
-            pages = max(1, -(-total // page_bytes))
+            pages = max(1, pages_for(total, page_bytes))
             files[rm.name] = ModelFiles(rm.name, str(rm.model_dir), pages)
             served.append(
                 ServedModel(
@@ -105,9 +105,7 @@ class ServingRuntime:
         offset = seconds_into_day() if ctl.forecast_cycle == "day" else seconds_into_week()
         for rm in models:
             self.forecaster.add_model(rm.name, offset, histories.get(rm.name))
-        built = self.policy.build(ctl, served, self.forecaster)
-        assert isinstance(built, Controller)
-        self.controller: Controller = built
+        self.controller: ControlPlane = self.policy.build(ctl, served, self.forecaster)
         self.requests: dict[int, RuntimeRequest] = {}
         self._workers: list[WorkerProcess | None] = [None] * cfg.workers.count
         # Without unified memory (vanilla autoscaling) every instance is a new engine: its
