@@ -22,8 +22,9 @@ from warmserve.control.forecaster import Forecaster
 from warmserve.hardware import GPU_PRESETS
 from warmserve.model_spec import MODEL_PRESETS
 from warmserve.sim.latency import LatencyParams, StepTimeModel
-from warmserve.sim.workload import concurrency_windows, thinned_arrivals
 from warmserve.traces import WEEK_S, azure_2023_lengths, azure_week_counts
+from warmserve.workload.builders import thinned_arrivals
+from warmserve.workload.concurrency import concurrency_windows
 
 W = 300.0
 

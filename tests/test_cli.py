@@ -44,7 +44,7 @@ def test_simulate_writes_summary_report_and_plots(tmp_path, capsys):
 def test_simulate_writes_one_outcome_per_request_and_policy(tmp_path):
     import csv
 
-    from warmserve.sim.metrics import REQUEST_COLUMNS
+    from warmserve.workload.records import REQUEST_COLUMNS
 
     out = tmp_path / "out"
     rc = main(["simulate", write(tmp_path, small_experiment(duration_s=120)), "--policies",

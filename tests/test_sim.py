@@ -133,7 +133,7 @@ def test_no_prewarm_ablation_places_nothing_ahead(small):
 
 
 def test_burstiness_redraws_gaps_keeping_count_and_span():
-    from warmserve.sim.workload import apply_burstiness
+    from warmserve.workload.builders import apply_burstiness
 
     rng = np.random.default_rng(0)
     t = np.sort(rng.uniform(0, 1000, 5000))

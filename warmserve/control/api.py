@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
 
-from warmserve.control.forecaster import Forecast
 from warmserve.hardware import PAGE_BYTES
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
@@ -162,6 +161,16 @@ class ClusterHandle(Protocol):
     def apply(self, actions: Sequence[Action]) -> None: ...
 
 
+class ForecastView(Protocol):
+    """A model's forecast for the next window, as drivers show it (`forecaster.Forecast`)."""
+
+    @property
+    def avg(self) -> float: ...
+
+    @property
+    def peak(self) -> float: ...
+
+
 class ControlPlane(Protocol):
     """What a driver (simulator or serving runtime) calls; every policy implements it."""
 
@@ -190,7 +199,7 @@ class ControlPlane(Protocol):
     # Views for the driver's operators (admin pages, metrics, per-request records).
     def load(self, model: ModelName, now: float) -> float: ...
 
-    def forecasts(self) -> Mapping[ModelName, Forecast]: ...
+    def forecasts(self) -> Mapping[ModelName, ForecastView]: ...
 
     def num_queued(self, model: ModelName) -> int: ...
 

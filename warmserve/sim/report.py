@@ -13,8 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from warmserve.sim.metrics import write_request_rows
 from warmserve.sim.runner import PolicyResult
+from warmserve.workload.records import write_request_rows
 
 _COLUMNS = [
     ("arrived", "arrived", "{}"),

@@ -18,18 +18,19 @@ from warmserve.sim.host_cache import NodeCheckpointCache
 from warmserve.sim.instance import SimRequest
 from warmserve.sim.latency import StepTimeModel
 from warmserve.sim.loop import EventLoop
-from warmserve.sim.metrics import RequestLog, RequestRow, summarize_requests
-from warmserve.sim.workload import (
+from warmserve.traces import load_csv_trace
+from warmserve.types import ModelName
+from warmserve.workload.builders import (
     AzureSpec,
     ServeGenSpec,
     Workload,
     build_azure,
     build_servegen,
-    concurrency_windows,
     from_trace,
 )
-from warmserve.traces import load_csv_trace
-from warmserve.types import ModelName
+from warmserve.workload.concurrency import concurrency_windows
+from warmserve.workload.records import RequestLog, RequestRow, summarize_requests
+from warmserve.workload.trace_name import parse_trace_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,9 +294,12 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
     # Each request's isolated service time: how forecast history turns arrivals into load.
     times = [models[n].step_model.isolated_service_s for n in names]
     w = exp.workload
-    if w.trace.startswith("servegen:"):
+    trace = parse_trace_name(w.trace)
+    if trace is None:  # parse_experiment rejects these
+        raise ValueError(f"workload.trace: {w.trace!r} names no trace")
+    if trace.kind == "servegen":
         sg = ServeGenSpec(
-            model=w.trace.removeprefix("servegen:"),
+            model=trace.arg,
             rps=w.rps,
             day=w.days[0] if w.days else 13,
             start_hour=w.start_hour,
@@ -305,18 +309,13 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
             max_output_tokens=w.max_output_tokens,
         )
         return build_servegen(sg, names, lens, times, exp.control.forecast_window_s, exp.seed)
-    if w.trace.endswith(".csv"):
-        trace = load_csv_trace(exp.base_dir / w.trace)
+    if trace.kind == "csv":
+        csv = load_csv_trace(exp.base_dir / trace.arg)
         return from_trace(
-            names,
-            trace.arrival_s,
-            trace.model,
-            trace.input_tokens,
-            trace.output_tokens,
-            w.duration_s,
+            names, csv.arrival_s, csv.model, csv.input_tokens, csv.output_tokens, w.duration_s
         )
     spec = AzureSpec(
-        service=w.trace.removeprefix("azure-"),
+        service=trace.arg,
         rps=w.rps,
         alpha=w.alpha,
         start_hour=w.start_hour,
