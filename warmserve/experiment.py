@@ -15,7 +15,13 @@ import yaml
 from warmserve.control.config import ControlConfig
 from warmserve.control.registry import POLICIES
 from warmserve.hardware import GPU_PRESETS, PAGE_BYTES, GpuSpec, pages_for
-from warmserve.model_spec import MODEL_PRESETS, ModelSpec, ModelSpecError, spec_from_hf_config
+from warmserve.model_spec import (
+    MODEL_PRESETS,
+    ModelSpec,
+    ModelSpecError,
+    read_hf_config,
+    spec_from_hf_config,
+)
 from warmserve.sim.costs import StartupCosts
 from warmserve.sim.latency import LatencyParams
 from warmserve.workload.trace_name import TRACE_NAMES, parse_trace_name
@@ -107,7 +113,7 @@ class Experiment:
             assert e.config is not None
             path = self.base_dir / e.config
             try:
-                spec = spec_from_hf_config(e.name, json.loads(path.read_text()))
+                spec = spec_from_hf_config(e.name, read_hf_config(path))
             except OSError as err:
                 raise ExperimentError(
                     f"model {e.name!r}: cannot read {path}: {err.strerror}"
