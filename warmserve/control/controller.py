@@ -246,9 +246,10 @@ class Controller:
         if delta < 0:
             views = cluster.snapshot().instance_by_id
             active = [
-                replace(a, starting=views[a.instance_id].state == InstanceState.STARTING)
+                replace(a, starting=(v := views.get(a.instance_id)) is not None
+                        and v.state == InstanceState.STARTING)
                 for a in active
-            ]
+            ]  # fmt: skip
             stops = pick_to_stop(self._stoppable(active, now), -delta, now, self.cfg)
             actions: list[Action] = []
             for inst_id in stops:

@@ -180,9 +180,7 @@ class ServingRuntime:
     def submit(self, model: str, prompt_ids: list[int], params: SamplingParams) -> RuntimeRequest:
         if not self._accepting:
             raise ShuttingDown("the server is not accepting requests")
-        queued = sum(
-            1 for r in self.requests.values() if r.model == model and r.instance_id is None
-        )
+        queued = self.controller.num_queued(ModelName(model)) if model in self.models else 0
         if queued >= self.cfg.limits.max_queued_requests:
             raise Overloaded(f"model {model!r} has {queued} requests queued; try again later")
         now = self.clock.now()

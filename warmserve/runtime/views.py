@@ -103,9 +103,7 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
                 "load": rt.controller.load(ModelName(name), now),
                 "forecast_avg": fc[name].avg,
                 "forecast_peak": fc[name].peak,
-                "queued": sum(
-                    1 for r in rt.requests.values() if r.model == name and r.instance_id is None
-                ),
+                "queued": rt.controller.num_queued(ModelName(name)),
             }
             for name in rt.models
         },
