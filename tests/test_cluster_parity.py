@@ -198,3 +198,22 @@ TestParityKeepingWeights = ParityKeepingWeights.TestCase
 TestParityKeepingWeights.settings = SETTINGS
 TestParityOwnWeights = ParityOwnWeights.TestCase
 TestParityOwnWeights.settings = SETTINGS
+
+
+def test_the_issue_example_renames_the_same_way_in_both():
+    # Cold start, stop, a hit on the demoted replica, stop: the weights end as replica -2 in
+    # both drivers (the runtime used to keep -1, its rename being conditional).
+    p = Parity()
+    a = ModelName(NAMES[0])
+    for actions in (
+        [StartInstance(0, a, (0,), StartPath.COLD, None, new_replica_id=-1)],
+        [ReleaseInstance(0, -1)],
+        [StartInstance(1, a, (0,), StartPath.PREWARM_HIT, -1)],
+        [ReleaseInstance(1, -2)],
+    ):
+        p.sim.apply(actions)
+        p.rt.apply(actions)
+        p._settle()
+        p.same_snapshots()
+    (replica,) = p.rt.snapshot().replicas
+    assert (replica.replica_id, replica.is_ready) == (-2, True)
