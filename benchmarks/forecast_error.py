@@ -42,19 +42,19 @@ from warmserve.control.forecaster import Forecaster, make_forecaster
 from warmserve.hardware import GPU_PRESETS
 from warmserve.model_spec import MODEL_PRESETS
 from warmserve.sim.latency import LatencyParams, StepTimeModel
-from warmserve.sim.workload import (
-    ServeGenSpec,
-    _servegen_lengths,
-    _servegen_stream,
-    concurrency_windows,
-    thinned_arrivals,
-)
 from warmserve.traces import (
     WEEK_S,
     azure_2023_lengths,
     azure_week_counts,
     servegen_clients,
 )
+from warmserve.workload.builders import (
+    ServeGenSpec,
+    _servegen_lengths,
+    _servegen_stream,
+    thinned_arrivals,
+)
+from warmserve.workload.concurrency import concurrency_windows
 
 W = 300.0
 DAY_S = 86_400

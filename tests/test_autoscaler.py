@@ -48,6 +48,15 @@ def test_stops_least_loaded_instances_past_protect_period():
     assert pick_to_stop(cands, 10, now=10.0, cfg=CFG) == [1, 3, 0]
 
 
+def test_never_stops_a_starting_instance():
+    cands = [
+        ActiveInstance(0, created_s=0.0, in_flight=3),
+        ActiveInstance(1, created_s=0.0, in_flight=1, starting=True),  # a slow cold start
+    ]
+    assert pick_to_stop(cands, 1, now=60.0, cfg=CFG) == [0]
+    assert pick_to_stop(cands, 2, now=60.0, cfg=CFG) == [0]
+
+
 def test_router_least_loaded_below_capacity():
     assert choose_instance([(0, 5), (1, 2), (2, 2)], capacity=32) == 1
     assert choose_instance([(0, 32), (1, 31)], capacity=32) == 1

@@ -41,6 +41,26 @@ def test_simulate_writes_summary_report_and_plots(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_simulate_writes_one_outcome_per_request_and_policy(tmp_path):
+    import csv
+
+    from warmserve.workload.records import REQUEST_COLUMNS
+
+    out = tmp_path / "out"
+    rc = main(["simulate", write(tmp_path, small_experiment(duration_s=120)), "--policies",
+               "warmserve,vanilla-autoscale", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())["policies"]
+    with (out / "requests.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == REQUEST_COLUMNS  # the columns `warmserve bench` writes
+    for policy, s in summary.items():
+        mine = [r for r in rows if r["policy"] == policy]
+        assert len(mine) == s["arrived"]
+        assert sum(1 for r in mine if r["error"] == "") == s["completed"]
+        assert all(float(r["finish_s"]) >= float(r["ttft_s"]) >= 0 for r in mine if not r["error"])
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [

@@ -76,10 +76,7 @@ class RuntimeBooks(RuleBasedStateMachine):
     def setup(self, policy: str) -> None:
         files = {n: ModelFiles(n, f"/models/{n}", p) for n, p in PAGES.items()}
         served = [ServedModel(ModelName(n), 1, p, p << 21, 1e4, 2048) for n, p in PAGES.items()]
-        spec = POLICIES[policy].spec
-        self.cluster = RuntimeCluster(
-            2, files, spec.unified_memory, self.send, self.dispatched
-        )  # fmt: skip
+        self.cluster = RuntimeCluster(2, files, self.send, self.dispatched)
         cfg = ControlConfig(capacity_per_instance=2, scale_window_s=1.0, protect_period_s=1.0)
         fc = Forecaster(cfg.forecast_window_s, cfg.forecast_correction_points)
         for n in PAGES:  # history with load everywhere: the planner prewarms
@@ -115,8 +112,8 @@ class RuntimeBooks(RuleBasedStateMachine):
         self.deliver()
         for w in self.workers:
             w.requests.discard(rid)
-        self.ctl.on_request_done(self.now, rid, self.cluster)
         self.cluster.request_done(rid, inst)
+        self.ctl.on_request_done(self.now, rid, self.cluster)
 
     @rule(dt=st.floats(0.1, 3.0))
     def tick(self, dt: float) -> None:
@@ -133,7 +130,7 @@ class RuntimeBooks(RuleBasedStateMachine):
                 if isinstance(cmd, m.Prewarm):
                     self.cluster.mark_loaded(wid, cmd.token)
                 elif isinstance(cmd, m.Activate):
-                    self.cluster.mark_running(wid, 64, 1 << 21, 1 << 21)
+                    self.cluster.mark_running(wid, 64, 1 << 21)
 
     @rule(wid=st.sampled_from([0, 1]))
     def kill(self, wid: int) -> None:
@@ -158,7 +155,7 @@ class RuntimeBooks(RuleBasedStateMachine):
             return
         for wid, w in enumerate(self.workers):
             dev = self.cluster.devices[wid]
-            reps = {r.model for r in self.cluster.replicas.values() if r.worker_id == wid}
+            reps = {r.model for r in self.cluster.replicas.values() if r.devices == (wid,)}
             inst = self.cluster.instances.get(dev.instance_id) if dev.instance_id is not None \
                 else None  # fmt: skip
             serving = inst.model if inst else None
@@ -201,3 +198,30 @@ def test_the_machine_exercises_prewarming_and_kv_lending():
     TestWarmServeBooks().runTest()
     assert sum(PREWARMS) > 0  # the planner's Prewarm path ran, not only cold starts
     assert sum(LENDS) > 0  # and KV pages were lent or reclaimed
+
+
+def test_the_runtime_never_stops_a_starting_instance():
+    # The simulator's regression (`test_a_starting_instance_is_never_stopped`) on the
+    # runtime's books: an instance still starting is the least loaded one when the load falls.
+    files = {"a": ModelFiles("a", "/models/a", 30)}
+    sent: list[tuple[int, m.Command]] = []
+    cluster = RuntimeCluster(2, files, lambda w, c: sent.append((w, c)), lambda r, i: None)
+    for w in range(2):
+        cluster.worker_ready(w, TOTAL)
+    cfg = ControlConfig(capacity_per_instance=8, scale_window_s=1.0, protect_period_s=1.0)
+    served = [ServedModel(ModelName("a"), 1, 30, 30 << 21, 1e4, 2048)]
+    ctl = POLICIES["vanilla-autoscale"].build(cfg, served, Forecaster(cfg.forecast_window_s, 3))
+    for rid in range(8):  # the first instance, full
+        ctl.on_request(0.0, RequestInfo(rid, ModelName("a"), 0.0, 10, 10), cluster)
+    cluster.mark_running(0, 64, 1 << 21)
+    ctl.on_request(0.0, RequestInfo(8, ModelName("a"), 0.0, 10, 10), cluster)  # overflows
+    (second,) = [i for i in cluster.instances.values() if i.devices == (1,)]
+    for rid in range(5):  # three requests stay on the first instance, one on the second
+        cluster.request_done(rid, 0)
+        ctl.on_request_done(0.1, rid, cluster)
+    for t in range(1, 20):  # load 4 < half of two instances' capacity: one must go
+        ctl.tick(float(t), cluster)
+        assert second.state == InstanceState.STARTING
+        assert second.instance_id in cluster.instances
+    assert cluster.instances[0].state == InstanceState.STOPPING  # the running one drains
+    assert not any(isinstance(c, m.Deactivate) for w, c in sent if w == 1)

@@ -133,7 +133,7 @@ def test_no_prewarm_ablation_places_nothing_ahead(small):
 
 
 def test_burstiness_redraws_gaps_keeping_count_and_span():
-    from warmserve.sim.workload import apply_burstiness
+    from warmserve.workload.builders import apply_burstiness
 
     rng = np.random.default_rng(0)
     t = np.sort(rng.uniform(0, 1000, 5000))
@@ -191,3 +191,34 @@ def test_lent_kv_comes_back_mid_run_for_a_waiting_request(tmp_path):
     assert r.summary["cold_starts"] == 1 and r.summary["prewarm_hits"] == 0  # kept alive
     assert ttft[2] < 0.2, ttft
     assert r.log.finish_s[2] < r.log.finish_s[1]
+
+
+def test_a_starting_instance_is_never_stopped(tmp_path):
+    # Regression: twenty requests hold the first instance; a burst at t = 20 overflows it, so
+    # a second instance starts cold (about 14 s) with one request. When the burst and the
+    # shorter ten are done the load asks for one instance, and the starting one is the least
+    # loaded past its protect period: stopping it left its request waiting forever while the
+    # controller counted it in flight.
+    rows = [(0.0, "a", 100, 3000)] * 10 + [(0.0, "a", 100, 1000)] * 10
+    rows += [(20.0, "a", 50, 400)] * 13
+    exp = one_model_experiment(tmp_path, rows)
+    wl = make_workload(exp)
+    r = run_policy(exp, "vanilla-autoscale", wl, check_invariants=True)
+    assert r.summary["cold_starts"] == 2  # the scenario: a second start during the burst
+    assert r.summary["failed"] == 0 and r.summary["completed"] == wl.num_requests
+
+
+def test_a_request_without_exactly_one_outcome_fails_the_run(small, monkeypatch):
+    from warmserve.control.controller import Controller
+    from warmserve.sim.runner import ConservationError
+
+    exp, wl = small
+    on_request = Controller.on_request
+
+    def lose_request_3(self, now, req, cluster):
+        if req.request_id != 3:  # the control plane drops it: never queued, never routed
+            on_request(self, now, req, cluster)
+
+    monkeypatch.setattr(Controller, "on_request", lose_request_3)
+    with pytest.raises(ConservationError, match="request 3 has no outcome"):
+        run_policy(exp, "warmserve", wl)

@@ -10,7 +10,6 @@ the request's scheduled arrival, so a slow client or server never hides queueing
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from warmserve.sim.metrics import RequestLog, summarize_requests
-from warmserve.sim.workload import (
+from warmserve.traces import TraceError, load_csv_trace
+from warmserve.workload.builders import (
     AzureSpec,
     ServeGenSpec,
     Workload,
@@ -30,7 +29,13 @@ from warmserve.sim.workload import (
     build_servegen,
     from_trace,
 )
-from warmserve.traces import TraceError, load_csv_trace
+from warmserve.workload.records import (
+    RequestLog,
+    RequestRow,
+    summarize_requests,
+    write_request_rows,
+)
+from warmserve.workload.trace_name import TRACE_NAMES, parse_trace_name
 
 _WORDS = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on",
           "be", "at", "by", "this", "had", "not", "are", "but", "from", "or", "have")  # fmt: skip
@@ -77,32 +82,31 @@ def build_workload(cfg: BenchConfig) -> Workload:
     names = list(cfg.models)
     lens = [cfg.max_input_tokens + cfg.max_output_tokens] * len(names)
     times = [lambda i, o: 0.05 * o] * len(names)  # only for forecast history, unused here
-    if cfg.trace in ("azure-conv", "azure-code"):
-        spec = AzureSpec(cfg.trace.removeprefix("azure-"), cfg.rps, cfg.alpha, cfg.start_hour,
+    trace = parse_trace_name(cfg.trace)
+    if trace is None:
+        raise BenchError(f"--trace {cfg.trace!r}: use {TRACE_NAMES}")
+    if trace.kind == "azure":
+        spec = AzureSpec(trace.arg, cfg.rps, cfg.alpha, cfg.start_hour,
                          None, cfg.duration_s, cfg.max_input_tokens, cfg.min_output_tokens,
                          cfg.max_output_tokens)  # fmt: skip
         return build_azure(spec, names, lens, times, 300.0, "day", cfg.seed)
-    if cfg.trace.startswith("servegen:"):
-        sg = ServeGenSpec(cfg.trace.removeprefix("servegen:"), cfg.rps, 13, cfg.start_hour,
+    if trace.kind == "servegen":
+        sg = ServeGenSpec(trace.arg, cfg.rps, 13, cfg.start_hour,
                           cfg.duration_s, cfg.max_input_tokens, cfg.min_output_tokens,
                           cfg.max_output_tokens)  # fmt: skip
         try:
             return build_servegen(sg, names, lens, times, 300.0, cfg.seed)
         except (ValueError, OSError) as e:
             raise BenchError(str(e)) from None
-    if cfg.trace.endswith(".csv"):
-        trace = load_csv_trace(Path(cfg.trace))
-        # Trace streams, busiest first, map onto the given names in order (cycling).
-        streams, counts = np.unique(np.array(trace.model), return_counts=True)
-        order = [str(s) for s in streams[np.argsort(-counts, kind="stable")]]
-        mapping = {s: names[k % len(names)] for k, s in enumerate(order)}
-        inp = np.minimum(trace.input_tokens, cfg.max_input_tokens)
-        out = np.clip(trace.output_tokens, cfg.min_output_tokens, cfg.max_output_tokens)
-        return from_trace(names, trace.arrival_s, [mapping[x] for x in trace.model], inp, out,
-                          cfg.duration_s)  # fmt: skip
-    raise BenchError(
-        f"--trace {cfg.trace!r}: use azure-conv, azure-code, servegen:MODEL or a .csv file"
-    )
+    csv = load_csv_trace(Path(trace.arg))
+    # Trace streams, busiest first, map onto the given names in order (cycling).
+    streams, counts = np.unique(np.array(csv.model), return_counts=True)
+    order = [str(s) for s in streams[np.argsort(-counts, kind="stable")]]
+    mapping = {s: names[k % len(names)] for k, s in enumerate(order)}
+    inp = np.minimum(csv.input_tokens, cfg.max_input_tokens)
+    out = np.clip(csv.output_tokens, cfg.min_output_tokens, cfg.max_output_tokens)
+    return from_trace(names, csv.arrival_s, [mapping[x] for x in csv.model], inp, out,
+                      cfg.duration_s)  # fmt: skip
 
 
 def prompt_text(num_tokens: int, k: int) -> str:
@@ -225,16 +229,21 @@ def write_outputs(out: Path, cfg: BenchConfig, wl: Workload, results: list[_Resu
            "slo": {"ttft_s": cfg.slo_ttft_s, "tpot_s": cfg.slo_tpot_s},
            "policies": {cfg.label: summary}}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
-    with (out / "requests.csv").open("w", newline="") as f:  # one row a request, for analysis
-        w = csv.writer(f)
-        w.writerow(["arrival_s", "model", "input_tokens", "output_tokens_asked", "ttft_s",
-                    "finish_s", "output_tokens", "error"])  # fmt: skip
-        for k, r in enumerate(results):
-            ok = r.error is None
-            w.writerow([f"{wl.arrival_s[k] / cfg.time_scale:.4f}",
-                        wl.model_names[int(wl.model_idx[k])], int(wl.input_tokens[k]),
-                        int(wl.output_tokens[k]), f"{r.first_s:.4f}" if ok else "",
-                        f"{r.finish_s:.4f}" if ok else "", r.tokens, r.error or ""])  # fmt: skip
+    rows = (
+        RequestRow(
+            float(wl.arrival_s[k] / cfg.time_scale),
+            wl.model_names[int(wl.model_idx[k])],
+            int(wl.input_tokens[k]),
+            int(wl.output_tokens[k]),
+            r.first_s if r.error is None else None,
+            r.finish_s if r.error is None else None,
+            r.tokens,
+            r.error or "",
+            cfg.label,
+        )
+        for k, r in enumerate(results)
+    )
+    write_request_rows(out / "requests.csv", rows)  # one row a request, for analysis
     curves = []
     for k, name in enumerate(wl.model_names):
         mine = [r for i, r in enumerate(results) if wl.model_idx[i] == k]

@@ -161,7 +161,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from warmserve.sim.report import write_report
     from warmserve.sim.runner import PolicyResult, build_models, make_workload, run_policy
     from warmserve.sim.sweep import SLO_TARGET, parse_sweep, run_sweep, sweep_summary
-    from warmserve.sim.workload import Workload
+    from warmserve.workload.builders import Workload
 
     exp = load_experiment(args.experiment)
     if args.seed is not None:

@@ -15,9 +15,16 @@ import yaml
 from warmserve.control.config import ControlConfig
 from warmserve.control.registry import POLICIES
 from warmserve.hardware import GPU_PRESETS, PAGE_BYTES, GpuSpec, pages_for
-from warmserve.model_spec import MODEL_PRESETS, ModelSpec, ModelSpecError, spec_from_hf_config
+from warmserve.model_spec import (
+    MODEL_PRESETS,
+    ModelSpec,
+    ModelSpecError,
+    read_hf_config,
+    spec_from_hf_config,
+)
 from warmserve.sim.costs import StartupCosts
 from warmserve.sim.latency import LatencyParams
+from warmserve.workload.trace_name import TRACE_NAMES, parse_trace_name
 
 
 class ExperimentError(ValueError):
@@ -106,7 +113,7 @@ class Experiment:
             assert e.config is not None
             path = self.base_dir / e.config
             try:
-                spec = spec_from_hf_config(e.name, json.loads(path.read_text()))
+                spec = spec_from_hf_config(e.name, read_hf_config(path))
             except OSError as err:
                 raise ExperimentError(
                     f"model {e.name!r}: cannot read {path}: {err.strerror}"
@@ -276,14 +283,11 @@ def validate(exp: Experiment) -> None:
         raise ExperimentError("workload.burstiness_cv must be > 0")
     if w.min_output_tokens < 1 or w.max_output_tokens < w.min_output_tokens:
         raise ExperimentError("workload: need 1 <= min_output_tokens <= max_output_tokens")
-    if w.trace not in ("azure-conv", "azure-code") and not w.trace.endswith(".csv"):
-        if not w.trace.startswith("servegen:"):
-            raise ExperimentError(
-                f"workload.trace: {w.trace!r} is not azure-conv, azure-code, servegen:MODEL "
-                "or a .csv file"
-            )
-        if w.days and not 0 <= w.days[0] <= 13:
-            raise ExperimentError("workload.days: a ServeGen replay day must be in 0..13")
+    trace = parse_trace_name(w.trace)
+    if trace is None:
+        raise ExperimentError(f"workload.trace: {w.trace!r} is not {TRACE_NAMES}")
+    if trace.kind == "servegen" and w.days and not 0 <= w.days[0] <= 13:
+        raise ExperimentError("workload.days: a ServeGen replay day must be in 0..13")
     for name, spec, e in exp.served_models():
         if name in seen:
             raise ExperimentError(f"model name {name!r} is used twice")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1}
@@ -11,6 +13,13 @@ _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1}
 
 class ModelSpecError(ValueError):
     pass
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """An HF `config.json`: `path` is the file, or the model directory that holds it. Raises
+    OSError or json.JSONDecodeError for the caller to word."""
+    file = path / "config.json" if path.is_dir() else path
+    return json.loads(file.read_text())
 
 
 @dataclass(frozen=True, slots=True)

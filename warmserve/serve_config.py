@@ -7,7 +7,6 @@ on two CPU workers at 127.0.0.1:8000.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from warmserve.control.config import ControlConfig
 from warmserve.control.registry import POLICIES
 from warmserve.experiment import ExperimentError, build_section, convert_value, read_yaml
+from warmserve.model_spec import read_hf_config
 
 PACKAGED = "smollm2"  # a model path naming the packaged SmolLM2-135M-Instruct
 
@@ -267,6 +267,6 @@ def with_overrides(
 
 
 def model_max_len(model_dir: Path, configured: int | None) -> int:
-    hf = json.loads((model_dir / "config.json").read_text())
+    hf = read_hf_config(model_dir)
     native = int(hf.get("max_position_embeddings") or 2048)
     return min(native, configured) if configured else native

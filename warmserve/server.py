@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +14,7 @@ from warmserve.clock import unix_time
 from warmserve.gateway.app import build_app
 from warmserve.gateway.http import FLUSH_S, DrainingServer, header_timeout_protocol
 from warmserve.gateway.serving import ModelCard, OpenAIServing
+from warmserve.model_spec import read_hf_config
 from warmserve.runtime.runtime import RuntimeModel, ServingRuntime
 from warmserve.serve_config import PACKAGED, ServeConfig, ServeConfigError, model_max_len
 
@@ -41,7 +41,7 @@ def resolve_models(
     now = unix_time()
     for m in cfg.models:
         path = cfg.model_path(m, prepared)
-        hf = json.loads((path / "config.json").read_text())
+        hf = read_hf_config(path)
         try:
             heads = int(hf["num_attention_heads"])
             head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)

@@ -9,11 +9,12 @@ they have not changed; the controller then skips work whose inputs are unchanged
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
 
+from warmserve.hardware import PAGE_BYTES
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
 
@@ -78,6 +79,7 @@ class ClusterSnapshot:
     # Per node, for clusters with a host-memory checkpoint cache (ServerlessLLM-style loading):
     host_cached: tuple[frozenset[str], ...] = ()  # checkpoints in the node's DRAM cache
     host_busy_until_s: tuple[float, ...] = ()  # when the node's SSD finishes queued reads
+    page_bytes: int = PAGE_BYTES  # the size of every page counted here
 
     @cached_property
     def replicas_by_gpu(self) -> dict[int, list[ReplicaView]]:
@@ -108,11 +110,26 @@ class StartInstance:
     replica_id: ReplicaId | None  # the replica activated (hits); None on a cold start
     kv_pages: int | None = None  # a fixed KV share per GPU; None: all free pages
     colocate: bool = False  # share the GPUs with other co-located instances (MuxServe)
+    # A cold start under unified memory loads its weights into a slot, like a prewarm: the
+    # id that replica gets (allocated here, like every id). None: the engine owns its weights.
+    new_replica_id: ReplicaId | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StopInstance:
+    """Out of routing: the instance drains the requests it holds. The controller releases it
+    (`ReleaseInstance`) once the last one is done; an empty instance is released directly."""
+
     instance_id: InstanceId
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseInstance:
+    """The instance holds no request: free its KV pages. Its weights stay as the prewarmed
+    replica `keep_as` (they sit in a slot, under unified memory) or are freed (None)."""
+
+    instance_id: InstanceId
+    keep_as: ReplicaId | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +152,23 @@ class SetKvPages:
     kv_pages: int
 
 
-Action = Dispatch | StartInstance | StopInstance | Prewarm | Evict | SetKvPages
+Action = Dispatch | StartInstance | StopInstance | ReleaseInstance | Prewarm | Evict | SetKvPages
 
 
 class ClusterHandle(Protocol):
     def snapshot(self) -> ClusterSnapshot: ...
 
     def apply(self, actions: Sequence[Action]) -> None: ...
+
+
+class ForecastView(Protocol):
+    """A model's forecast for the next window, as drivers show it (`forecaster.Forecast`)."""
+
+    @property
+    def avg(self) -> float: ...
+
+    @property
+    def peak(self) -> float: ...
 
 
 class ControlPlane(Protocol):
@@ -158,3 +185,22 @@ class ControlPlane(Protocol):
     def on_kv_pressure(self, now: float, instance_id: InstanceId, cluster: ClusterHandle) -> None:
         """Requests wait for KV pages on an instance that has lent some."""
         ...
+
+    def cancel_queued(self, now: float, request_id: RequestId) -> bool:
+        """Drop a request still waiting for an instance; False if it was dispatched."""
+        ...
+
+    def on_instance_failed(
+        self, now: float, instance_id: InstanceId, cluster: ClusterHandle
+    ) -> list[RequestId]:
+        """The instance died with its device; the requests it held, to retry or fail."""
+        ...
+
+    # Views for the driver's operators (admin pages, metrics, per-request records).
+    def load(self, model: ModelName, now: float) -> float: ...
+
+    def forecasts(self) -> Mapping[ModelName, ForecastView]: ...
+
+    def num_queued(self, model: ModelName) -> int: ...
+
+    def queued_request_ids(self) -> set[RequestId]: ...

@@ -27,12 +27,15 @@ class ActiveInstance:
     instance_id: InstanceId
     created_s: float
     in_flight: int
+    starting: bool = False  # its engine is not up yet
 
 
 def pick_to_stop(
     candidates: Sequence[ActiveInstance], count: int, now: float, cfg: ControlConfig
 ) -> list[InstanceId]:
-    """The `count` least-loaded instances past their protect period."""
-    old = [c for c in candidates if now - c.created_s >= cfg.protect_period_s]
+    """The `count` least-loaded instances past their protect period. A starting instance is
+    never picked: a start (a cold load, a host-cache read) can outlast the protect period, and
+    an engine stopped before it runs would never serve the requests already sent to it."""
+    old = [c for c in candidates if now - c.created_s >= cfg.protect_period_s and not c.starting]
     old.sort(key=lambda c: (c.in_flight, c.instance_id))
     return [c.instance_id for c in old[:count]]

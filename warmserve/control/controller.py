@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from warmserve.control.allocation import StartChoice, choose_start
 from warmserve.control.api import (
@@ -19,6 +19,7 @@ from warmserve.control.api import (
     Evict,
     GpuView,
     InstanceView,
+    ReleaseInstance,
     ReplicaView,
     RequestInfo,
     ServedModel,
@@ -32,7 +33,7 @@ from warmserve.control.kv_reservation import kv_actions, kv_target_pages
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
 from warmserve.control.router import choose_instance
-from warmserve.types import InstanceId, InstanceState, ModelName, RequestId
+from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId
 
 
 @dataclass(slots=True)
@@ -88,8 +89,8 @@ class Controller:
         inst.in_flight -= 1
         inst.last_active_s = now
         if inst.stopping:
-            if inst.in_flight == 0:
-                del self._instances[inst_id]  # the cluster demotes it to a replica
+            if inst.in_flight == 0:  # drained
+                self._release(inst_id, cluster)
             return
         queue = self._queues[inst.model]
         if queue:
@@ -130,6 +131,13 @@ class Controller:
             self._plan(cluster)
 
     # ----- queries ----------------------------------------------------------------------
+    def num_queued(self, model: ModelName) -> int:
+        """Requests of `model` waiting for an instance."""
+        return len(self._queues[model])
+
+    def queued_request_ids(self) -> set[RequestId]:
+        return {r.request_id for q in self._queues.values() for r in q}
+
     def load(self, model: ModelName, now: float) -> float:
         return self._load[model].mean(now, self.cfg.scale_window_s)
 
@@ -161,12 +169,22 @@ class Controller:
             choice = self._reclaim_idle(name, now, cluster)
         if choice is None:
             return False
-        inst_id = self._next_instance
-        self._next_instance += 1
+        inst_id = self._new_instance_id()
+        # A miss under unified memory loads into a slot, like a prewarm: name that replica.
+        slot = self.policy.unified_memory and choice.replica_id is None
         actions: list[Action] = [Evict(r) for r in choice.evict]
-        actions.append(StartInstance(inst_id, name, choice.gpus, choice.path, choice.replica_id))
+        actions.append(
+            StartInstance(
+                inst_id,
+                name,
+                choice.gpus,
+                choice.path,
+                choice.replica_id,
+                new_replica_id=self._kept_replica_id(inst_id) if slot else None,
+            )
+        )
         cluster.apply(actions)
-        self._instances[inst_id] = _Instance(name, now, last_active_s=now)
+        self._add_instance(inst_id, name, now)
         queue = self._queues[name]
         while queue and self._instances[inst_id].in_flight < self.cfg.capacity_per_instance:
             self._dispatch(queue.popleft(), inst_id, cluster, now)
@@ -202,8 +220,7 @@ class Controller:
             if inst.in_flight == 0 and not inst.stopping and inst.model != name
         )
         for _, inst_id in idle:
-            del self._instances[inst_id]
-            cluster.apply([StopInstance(inst_id)])
+            self._release(inst_id, cluster)
             choice = self._choose_start(self.models[name], cluster.snapshot(), now)
             if choice is not None:
                 return choice
@@ -227,14 +244,24 @@ class Controller:
         ]
         delta = scale_delta(self.load(name, now), len(active), self.cfg)
         if delta < 0:
+            views = cluster.snapshot().instance_by_id
+            active = [
+                replace(a, starting=(v := views.get(a.instance_id)) is not None
+                        and v.state == InstanceState.STARTING)
+                for a in active
+            ]  # fmt: skip
             stops = pick_to_stop(self._stoppable(active, now), -delta, now, self.cfg)
+            actions: list[Action] = []
             for inst_id in stops:
                 inst = self._instances[inst_id]
                 inst.stopping = True
                 if inst.in_flight == 0:
                     del self._instances[inst_id]
-            if stops:
-                cluster.apply([StopInstance(i) for i in stops])
+                    actions.append(ReleaseInstance(inst_id, self._keep_as(inst_id)))
+                else:
+                    actions.append(StopInstance(inst_id))
+            if actions:
+                cluster.apply(actions)
         for _ in range(max(delta, 0)):
             if not self._start(name, now, cluster):
                 break
@@ -269,6 +296,7 @@ class Controller:
             in_flight,
             self.cfg.capacity_per_instance,
             self.cfg.kv_floor_requests,
+            snap.page_bytes,
         )
         full = view.kv_pages + view.kv_lent_pages
         actions = kv_actions(view, target, snap, self._replica_scores, max(1, full // 20))
@@ -307,6 +335,35 @@ class Controller:
             cluster.apply(plan.actions)
             snap = cluster.snapshot()
         self._last_planned = (snap.gpus, snap.replicas)
+
+    # ----- instance records and ids ----------------------------------------------------
+    def _add_instance(self, inst_id: InstanceId, name: ModelName, now: float) -> None:
+        """Record an instance just started (the hook subclasses use after their own starts)."""
+        self._instances[inst_id] = _Instance(name, now, last_active_s=now)
+
+    def _live_instances(self, name: ModelName) -> int:
+        return sum(1 for i in self._instances.values() if i.model == name and not i.stopping)
+
+    def _release(self, inst_id: InstanceId, cluster: ClusterHandle) -> None:
+        """The instance holds no request: forget it and free its pages."""
+        del self._instances[inst_id]
+        cluster.apply([ReleaseInstance(inst_id, self._keep_as(inst_id))])
+
+    def _keep_as(self, inst_id: InstanceId) -> ReplicaId | None:
+        """Under unified memory an instance's weights sit in a slot and stay there, prewarmed,
+        when it stops; otherwise they go with its engine."""
+        return self._kept_replica_id(inst_id) if self.policy.unified_memory else None
+
+    @staticmethod
+    def _kept_replica_id(inst_id: InstanceId) -> ReplicaId:
+        """The id of the replica an instance's weights become: negative, so it never meets
+        the planner's counter, and derived from the instance, so it is known at start."""
+        return -(inst_id + 1)
+
+    def _new_instance_id(self) -> InstanceId:
+        inst_id = self._next_instance
+        self._next_instance += 1
+        return inst_id
 
     def _new_replica_id(self) -> int:
         rid = self._next_replica

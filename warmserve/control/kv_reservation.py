@@ -16,10 +16,15 @@ from warmserve.hardware import PAGE_BYTES
 
 
 def kv_target_pages(
-    inst: InstanceView, model: ServedModel, in_flight: int, capacity: int, floor_requests: int
+    inst: InstanceView,
+    model: ServedModel,
+    in_flight: int,
+    capacity: int,
+    floor_requests: int,
+    page_bytes: int = PAGE_BYTES,
 ) -> int:
     full = inst.kv_pages + inst.kv_lent_pages
-    per_request = math.ceil(model.max_model_len * model.kv_bytes_per_token_per_gpu / PAGE_BYTES)
+    per_request = math.ceil(model.max_model_len * model.kv_bytes_per_token_per_gpu / page_bytes)
     floor = floor_requests * per_request
     headroom = math.ceil(full * min(in_flight, capacity) / capacity)
     return min(full, max(floor, inst.kv_used_pages + headroom))

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 from warmserve.control.api import ClusterHandle, ClusterSnapshot, ServedModel, StartInstance
 from warmserve.control.config import ControlConfig, PolicySpec
-from warmserve.control.controller import Controller, _Instance
+from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecaster
-from warmserve.hardware import PAGE_BYTES
 from warmserve.types import ModelName, StartPath
 
 MUXSERVE = PolicySpec(
@@ -62,7 +61,8 @@ def plan_meshes(
     def room(mesh: Mesh, m: ServedModel) -> bool:
         members = [by_name[n] for n in mesh.models] + [m]
         floor = sum(
-            math.ceil(x.max_model_len * x.kv_bytes_per_token_per_gpu / PAGE_BYTES) for x in members
+            math.ceil(x.max_model_len * x.kv_bytes_per_token_per_gpu / snap.page_bytes)
+            for x in members
         )
         return sum(x.pages_per_gpu for x in members) + floor <= pool and m.name not in mesh.models
 
@@ -125,8 +125,7 @@ class MuxServeController(Controller):
             weight = sum(m.kv_bytes_per_token_per_gpu for m in members)
             for m in members:
                 share = int(kv_total * m.kv_bytes_per_token_per_gpu / weight)
-                inst_id = self._next_instance
-                self._next_instance += 1
+                inst_id = self._new_instance_id()
                 start = StartInstance(inst_id, m.name, mesh.gpus, StartPath.COLD, None, share, True)
                 cluster.apply([start])
-                self._instances[inst_id] = _Instance(m.name, now, last_active_s=now)
+                self._add_instance(inst_id, m.name, now)

@@ -34,7 +34,7 @@ class StaticController(Controller):
             self.sizes[m.name] = max(1, math.ceil((mean or 0.0) / cfg.capacity_per_instance))
 
     def _autoscale(self, name: ModelName, now: float, cluster: ClusterHandle) -> None:
-        live = sum(1 for i in self._instances.values() if i.model == name)
+        live = self._live_instances(name)
         for _ in range(self.sizes[name] - live):
             if not self._start(name, now, cluster):
                 break  # the cluster is full: fewer instances than sized

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from warmserve.control.forecaster import SlotHistory, cycle_slots
-from warmserve.sim.workload import concurrency_windows
 from warmserve.traces import load_csv_trace
+from warmserve.workload.concurrency import observe_intervals
 
 
 def seed_histories(
@@ -32,9 +32,7 @@ def seed_histories(
             continue
         t = trace.arrival_s[sel] % span
         ends = t + trace.output_tokens[sel] * service_s_per_token
-        avg, peak = concurrency_windows(t, ends, span, window_s)
         hist = SlotHistory.empty(slots)
-        for w in range(len(avg)):
-            hist.observe(w, float(avg[w]), float(peak[w]))
+        observe_intervals(hist, t, ends, span, window_s)
         out[name] = hist
     return out

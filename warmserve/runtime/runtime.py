@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from warmserve.clock import Clock, WallClock, seconds_into_day, seconds_into_week
-from warmserve.control.api import RequestInfo, ServedModel
-from warmserve.control.controller import Controller
+from warmserve.control.api import ControlPlane, RequestInfo, ServedModel
 from warmserve.control.forecaster import make_forecaster
 from warmserve.control.registry import get_policy
 from warmserve.engine.request import SamplingParams
+from warmserve.hardware import pages_for
 from warmserve.runtime import messages as m
 from warmserve.runtime import views
 from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
@@ -79,7 +79,7 @@ class ServingRuntime:
         served: list[ServedModel] = []
         for rm in models:
             _, total = weights_layout(checkpoint_files(rm.model_dir))
-            pages = max(1, -(-total // page_bytes))
+            pages = max(1, pages_for(total, page_bytes))
             files[rm.name] = ModelFiles(rm.name, str(rm.model_dir), pages)
             served.append(
                 ServedModel(
@@ -96,7 +96,7 @@ class ServingRuntime:
                     f"model {rm.name!r} needs {pages} pages of {cfg.workers.page_mib} MiB; a "
                     f"worker pool has {cfg.workers.num_pages} (raise workers.pool_mib)"
                 )
-        self.cluster = RuntimeCluster(n, files, spec.unified_memory, self._send, self._dispatch)
+        self.cluster = RuntimeCluster(n, files, self._send, self._dispatch, page_bytes)
         ctl = cfg.control
         self.forecaster = make_forecaster(ctl)
         fc_cfg = cfg.forecast
@@ -110,9 +110,7 @@ class ServingRuntime:
         offset = seconds_into_day() if ctl.forecast_cycle == "day" else seconds_into_week()
         for rm in models:
             self.forecaster.add_model(rm.name, offset, histories.get(rm.name))
-        built = self.policy.build(ctl, served, self.forecaster)
-        assert isinstance(built, Controller)
-        self.controller: Controller = built
+        self.controller: ControlPlane = self.policy.build(ctl, served, self.forecaster)
         self.requests: dict[int, RuntimeRequest] = {}
         self._workers: list[WorkerLink | None] = [None] * n
         # Without unified memory (vanilla autoscaling) every instance is a new engine: its
@@ -191,9 +189,7 @@ class ServingRuntime:
     def submit(self, model: str, prompt_ids: list[int], params: SamplingParams) -> RuntimeRequest:
         if not self._accepting:
             raise ShuttingDown("the server is not accepting requests")
-        queued = sum(
-            1 for r in self.requests.values() if r.model == model and r.instance_id is None
-        )
+        queued = self.controller.num_queued(ModelName(model)) if model in self.models else 0
         if queued >= self.cfg.limits.max_queued_requests:
             raise Overloaded(f"model {model!r} has {queued} requests queued; try again later")
         now = self.clock.now()
@@ -233,7 +229,7 @@ class ServingRuntime:
 
     def _dispatch(self, request_id: int, instance_id: int) -> None:
         req = self.requests[request_id]
-        wid = self.cluster.instances[instance_id].worker_id
+        (wid,) = self.cluster.instances[instance_id].devices
         req.instance_id, req.worker_id = instance_id, wid
         self._send(wid, m.AddRequest(request_id, req.prompt_ids, req.params))
 
@@ -268,8 +264,8 @@ class ServingRuntime:
                 tpot = (now - req.first_token_s) / (req.generated - 1)
                 self.metrics.tpot.labels(req.model).observe(tpot)
         if inst_id is not None:
-            self.controller.on_request_done(now, req.request_id, self.cluster)
             self.cluster.request_done(req.request_id, inst_id)
+            self.controller.on_request_done(now, req.request_id, self.cluster)
 
     def _fail(self, req: RuntimeRequest, err: StreamError, reason: str) -> None:
         req.queue.put_nowait(err)
@@ -320,9 +316,7 @@ class ServingRuntime:
         elif isinstance(ev, m.Loaded):
             self.cluster.mark_loaded(wid, ev.token)
         elif isinstance(ev, m.Activated):
-            inst = self.cluster.mark_running(
-                wid, ev.kv_blocks, ev.block_bytes, self.cfg.workers.page_bytes
-            )
+            inst = self.cluster.mark_running(wid, ev.kv_blocks, ev.block_bytes)
             if inst is not None:
                 self.metrics.activation.labels(inst.model).observe(ev.seconds)
         elif isinstance(ev, m.RequestFailed):

@@ -22,7 +22,7 @@ def model_state(cluster: RuntimeCluster, name: str) -> str:
     if InstanceState.STARTING in states:
         return "starting"
     reps = [r for r in cluster.replicas.values() if r.model == name and r.owner is None]
-    if any(r.ready for r in reps):
+    if any(r.is_ready for r in reps):
         return "prewarmed"
     return "loading" if reps else "cold"
 
@@ -46,11 +46,10 @@ def refresh_gauges(
         mt.instance_starts.labels(model, str(path)).inc()
     cluster.starts.clear()
     for dev in cluster.devices:
-        wid = dev.worker_id
-        weights = sum(r.pages for r in cluster.replicas.values() if r.worker_id == wid)
-        insts = [i for i in cluster.instances.values() if i.worker_id == wid]
-        kv = sum(i.kv_pages for i in insts)
-        for use, n in (("free", dev.free_pages), ("weights", weights), ("kv", kv)):
+        wid = dev.device_id
+        weights = dev.prewarm_pages + dev.weights_pages
+        insts = [cluster.instances[i] for i in dev.instance_ids]
+        for use, n in (("free", dev.free_pages), ("weights", weights), ("kv", dev.kv_pages)):
             mt.pool_pages.labels(str(wid), use).set(n)
         mt.kv_lent_pages.labels(str(wid)).set(sum(i.kv_lent_pages for i in insts))
 
@@ -65,8 +64,8 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
         "runtime": rt.links.kind,
         "workers": [
             {
-                "worker": d.worker_id,
-                "node": rt.links.nodes[d.worker_id],
+                "worker": d.device_id,
+                "node": rt.links.nodes[d.device_id],
                 "alive": d.alive,
                 "pages_total": d.total_pages,
                 "pages_free": d.free_pages,
@@ -78,13 +77,13 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
             {
                 "instance": i.instance_id,
                 "model": i.model,
-                "worker": i.worker_id,
+                "worker": i.devices[0],
                 "state": str(i.state),
                 "start_path": str(i.path),
                 "kv_pages": i.kv_pages,
                 "kv_lent_pages": i.kv_lent_pages,
-                "kv_blocks": i.kv_blocks,
-                "kv_used_blocks": i.kv_used_blocks,
+                "kv_blocks": kv.blocks if (kv := cluster.engine_kv.get(i.instance_id)) else 0,
+                "kv_used_blocks": kv.used_blocks if kv else 0,
                 "requests": len(i.requests),
             }
             for i in cluster.instances.values()
@@ -93,9 +92,9 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
             {
                 "replica": r.replica_id,
                 "model": r.model,
-                "worker": r.worker_id,
-                "pages": r.pages,
-                "ready": r.ready,
+                "worker": r.devices[0],
+                "pages": r.pages_per_device,
+                "ready": r.is_ready,
                 "serving": r.owner is not None,
             }
             for r in cluster.replicas.values()
@@ -106,9 +105,7 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
                 "load": rt.controller.load(ModelName(name), now),
                 "forecast_avg": fc[name].avg,
                 "forecast_peak": fc[name].peak,
-                "queued": sum(
-                    1 for r in rt.requests.values() if r.model == name and r.instance_id is None
-                ),
+                "queued": rt.controller.num_queued(ModelName(name)),
             }
             for name in rt.models
         },

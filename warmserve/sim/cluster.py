@@ -1,9 +1,9 @@
-"""Simulated GPU nodes behind the control plane's `ClusterHandle`.
+"""Simulated GPU nodes behind the control plane's `ClusterHandle`: the books plus time.
 
-Every GPU's memory is counted in 2 MiB pages, each page in exactly one of: free, prewarmed
-weights (replicas not serving), running weights, KV cache. KV pages an instance lends to
-prewarming return to `free` (and may then hold prewarmed replicas). Weight loads run one shard
-at a time per GPU at the source's bandwidth; a replica is ready when all its shards are.
+The page books are `warmserve.cluster.books` (shared with the serving runtime); this module
+gives their effects a duration. Weight loads run one shard at a time per GPU at the source's
+bandwidth, and a replica is ready when all its shards are; an engine attaches to ready
+weights, or starts cold (a plain engine, or through the host checkpoint caches).
 """
 
 from __future__ import annotations
@@ -12,20 +12,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from warmserve.control.api import (
-    Action,
-    ClusterSnapshot,
-    Dispatch,
-    Evict,
-    GpuView,
-    InstanceView,
-    Prewarm,
-    ReplicaView,
-    ServedModel,
-    SetKvPages,
-    StartInstance,
-    StopInstance,
+from warmserve.cluster.books import Books
+from warmserve.cluster.effects import (
+    Activate,
+    Deactivate,
+    DropWeights,
+    LoadWeights,
+    ResizeKv,
+    Route,
 )
+from warmserve.control.api import Action, ClusterSnapshot, ServedModel
 from warmserve.sim.costs import StartupCosts
 from warmserve.sim.host_cache import NodeCheckpointCache
 from warmserve.sim.instance import SharedDevice, SimInstance, SimRequest
@@ -43,32 +39,13 @@ class SimModel:
 
 
 @dataclass(slots=True)
-class SimGpu:
+class LoadQueue:
+    """One GPU's weight loads, by load serial, one shard at a time."""
+
     gpu_id: int
-    node_id: int
-    total_pages: int
-    free_pages: int
-    prewarm_pages: int = 0
-    weights_pages: int = 0
-    kv_pages: int = 0
-    instance_ids: list[int] = field(default_factory=list)  # several only when co-located
-    load_queue: deque[int] = field(default_factory=deque)
+    queue: deque[int] = field(default_factory=deque)
     loading: int | None = None
-    load_token: int = 0
-
-
-@dataclass(slots=True)
-class SimReplica:
-    replica_id: int
-    model: str
-    gpus: tuple[int, ...]
-    pages_per_gpu: int
-    pending: set[int]  # GPUs whose shard is not loaded yet
-    owner: int | None = None  # the instance serving from these weights
-
-    @property
-    def is_ready(self) -> bool:
-        return not self.pending
+    token: int = 0  # bumped to cancel the shard in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,23 +64,21 @@ class SimCluster:
         pages_per_gpu: int,
         models: dict[str, SimModel],
         costs: StartupCosts,
-        unified_memory: bool,
         host_caches: list[NodeCheckpointCache] | None,
         on_first_token: Callable[[int, float], None],
         on_finish: Callable[[int, float], None],
     ) -> None:
         self.loop = loop
-        self.gpus_per_node = gpus_per_node
-        self.gpus = [
-            SimGpu(g, g // gpus_per_node, pages_per_gpu, pages_per_gpu)
-            for g in range(num_nodes * gpus_per_node)
-        ]
+        num_gpus = num_nodes * gpus_per_node
+        weights = {name: m.served.pages_per_gpu for name, m in models.items()}
+        self.books = Books(num_gpus, gpus_per_node, weights, pages_per_device=pages_per_gpu)
+        self.loads = [LoadQueue(g) for g in range(num_gpus)]
         self.models = models
         self.costs = costs
-        self.unified_memory = unified_memory
         self.host_caches = host_caches  # None: starts load as a plain engine (vanilla)
+        if host_caches is not None:
+            self.books.host_view = self._host_view
         self.load_tiers: list[str] = []  # "dram" / "ssd" per host-cache load, for metrics
-        self.replicas: dict[int, SimReplica] = {}
         self.instances: dict[int, SimInstance] = {}
         self.starts: list[StartRecord] = []
         self.requests: dict[int, SimRequest] = {}
@@ -111,119 +86,77 @@ class SimCluster:
         self.on_kv_pressure: Callable[[int], None] | None = None  # set by the driver
         self._on_first_token = on_first_token
         self._on_finish = on_finish
-        # Layout (GPUs, replicas, instance set) and usage (KV in use) change at different rates;
-        # snapshot parts are rebuilt only when their own version moved.
-        self._layout_version = 0
-        self._usage_version = 0
-        self._snapshot: ClusterSnapshot | None = None
-        self._snapshot_versions = (-1, -1)
 
     # ----- ClusterHandle ----------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
-        versions = (self._layout_version, self._usage_version)
-        if self._snapshot is None or self._snapshot_versions != versions:
-            self._snapshot = self._build_snapshot(versions[0] != self._snapshot_versions[0])
-            self._snapshot_versions = versions
-        return self._snapshot
+        return self.books.snapshot()
 
     def apply(self, actions: Sequence[Action]) -> None:
-        for a in actions:
-            if isinstance(a, Dispatch):
-                self.instances[a.instance_id].add(self.requests[a.request_id])
-            elif isinstance(a, StartInstance):
-                self._start(a)
-            elif isinstance(a, StopInstance):
-                self._stop(a.instance_id)
-            elif isinstance(a, Prewarm):
-                self._prewarm(a)
-            elif isinstance(a, Evict):
-                self._evict(a.replica_id)
-            elif isinstance(a, SetKvPages):
-                self._set_kv(a.instance_id, a.kv_pages)
-            else:  # pragma: no cover - the Action union is closed
-                raise TypeError(f"unknown action {a!r}")
-            if not isinstance(a, Dispatch):
-                self._layout_version += 1
+        for e in self.books.apply(actions):
+            if isinstance(e, Route):
+                self.instances[e.instance_id].add(self.requests[e.request_id])
+            elif isinstance(e, Activate):
+                self._activate(e)
+            elif isinstance(e, Deactivate):
+                del self.instances[e.instance_id]  # its pending events find it gone
+            elif isinstance(e, LoadWeights):
+                self._queue_load(e)
+            elif isinstance(e, DropWeights):
+                self._cancel_load(e)
+            elif isinstance(e, ResizeKv):
+                inst = self.instances[e.instance_id]
+                inst.kv_pages = e.kv_pages
+                inst.kv_lent_pages = self.books.instances[e.instance_id].kv_lent_pages
+                if e.grew:
+                    inst.kv_changed()
+            else:  # pragma: no cover - the Effect union is closed
+                raise TypeError(f"unknown effect {e!r}")
 
-    def touch(self) -> None:
-        """KV use changed: the next snapshot needs fresh instance views."""
-        self._usage_version += 1
+    def check_invariants(self) -> None:
+        self.books.check_invariants()
+        for inst in self.instances.values():
+            book = self.books.instances[inst.instance_id]
+            assert book.kv_pages == inst.kv_pages and book.kv_used_pages == inst.kv_used_pages
+
+    def _host_view(self) -> tuple[tuple[frozenset[str], ...], tuple[float, ...]]:
+        caches = self.host_caches or []
+        return tuple(frozenset(c.cached) for c in caches), tuple(c.ssd_busy_until_s for c in caches)
 
     # ----- instances --------------------------------------------------------------------
-    def _start(self, a: StartInstance) -> None:
-        m = self.models[a.model]
-        pages = m.served.pages_per_gpu
-        for g in a.gpus:
-            assert a.colocate or not self.gpus[g].instance_ids, f"GPU {g} already serves"
+    def _activate(self, e: Activate) -> None:
+        m = self.models[e.model]
         inst = SimInstance(
-            a.instance_id,
-            a.model,
-            a.gpus,
+            e.instance_id,
+            e.model,
+            e.devices,
             m.step_model,
             m.served.kv_bytes_per_token_per_gpu,
             self.loop,
             self._on_first_token,
             self._finished,
-            self.touch,
-            self._devices.setdefault(a.gpus, SharedDevice()) if a.colocate else None,
+            self._kv_used,
+            self._devices.setdefault(e.devices, SharedDevice()) if e.shared else None,
             self._kv_pressure,
         )
+        book = self.books.instances[e.instance_id]
+        inst.kv_pages = book.kv_pages
         now = self.loop.now()
-        if a.replica_id is not None:
-            rep = self.replicas[a.replica_id]
-            assert rep.model == a.model and rep.gpus == a.gpus and rep.owner is None
-            expected = StartPath.PREWARM_HIT if rep.is_ready else StartPath.INPROGRESS_HIT
-            assert a.path == expected, f"start path {a.path} but replica is {expected}"
-            for g in a.gpus:
-                self.gpus[g].prewarm_pages -= pages
-                self.gpus[g].weights_pages += pages
-        elif self.unified_memory:
-            # A miss loads weights into a slot on the critical path, like a prewarm.
-            assert a.path == StartPath.COLD
-            self._take_free(a.gpus, pages)
-            rep = self._new_replica(-(a.instance_id + 1), a.model, a.gpus, pages)
-        else:
-            rep = None
-            self._take_free(a.gpus, pages)
-            self.loop.at(now + self._cold_start_s(a, m, now), self._ready, inst)
-        inst.weights_pages = pages
-        if rep is not None:
-            rep.owner = a.instance_id
-            inst.replica_id = rep.replica_id
-            if rep.is_ready:
-                self.loop.at(now + self._attach_s(), self._ready, inst)
-        kv = min(self.gpus[g].free_pages for g in a.gpus)
-        if a.kv_pages is not None:  # a static share (co-located instances split the memory)
-            assert a.kv_pages <= kv, f"KV share {a.kv_pages} > {kv} free pages"
-            kv = a.kv_pages
-        for g in a.gpus:
-            gpu = self.gpus[g]
-            gpu.free_pages -= kv
-            gpu.kv_pages += kv
-            gpu.instance_ids.append(a.instance_id)
-        inst.kv_pages = kv
-        self.instances[a.instance_id] = inst
-        self.starts.append(StartRecord(now, a.model, a.path))
+        if e.replica_serial is None:
+            self.loop.at(now + self._cold_start_s(e, m, now), self._ready, inst)
+        elif e.weights_ready:
+            self.loop.at(now + self._attach_s(), self._ready, inst)
+        # else: the last shard's load schedules the attach (`_shard_done`)
+        self.instances[e.instance_id] = inst
+        self.starts.append(StartRecord(now, e.model, e.path))
 
-    def _cold_start_s(self, a: StartInstance, m: SimModel, now: float) -> float:
+    def _cold_start_s(self, e: Activate, m: SimModel, now: float) -> float:
         if self.host_caches is None:
             return m.vanilla_start_s
-        cache = self.host_caches[self.gpus[a.gpus[0]].node_id]
+        cache = self.host_caches[self.books.devices[e.devices[0]].node_id]
         total = m.served.shard_bytes * m.served.tp
-        load_s, tier = cache.load_s(a.model, total, m.served.shard_bytes, now)
+        load_s, tier = cache.load_s(e.model, total, m.served.shard_bytes, now)
         self.load_tiers.append(tier)
         return self.costs.serverless_engine_init_s + load_s
-
-    def _kv_pressure(self, inst: SimInstance) -> None:
-        if self.on_kv_pressure is not None and inst.instance_id in self.instances:
-            self.on_kv_pressure(inst.instance_id)
-
-    def _take_free(self, gpus: tuple[int, ...], pages: int) -> None:
-        for g in gpus:
-            gpu = self.gpus[g]
-            assert gpu.free_pages >= pages, f"GPU {g}: {gpu.free_pages} free < {pages}"
-            gpu.free_pages -= pages
-            gpu.weights_pages += pages
 
     def _attach_s(self) -> float:
         return (
@@ -232,196 +165,59 @@ class SimCluster:
         )
 
     def _ready(self, inst: SimInstance) -> None:
-        if inst.state == InstanceState.STARTING and inst.instance_id in self.instances:
+        if inst.state == InstanceState.STARTING and self.instances.get(inst.instance_id) is inst:
+            self.books.mark_running(inst.instance_id)
             inst.mark_ready()
-            self._layout_version += 1
 
-    def _stop(self, inst_id: int) -> None:
-        inst = self.instances[inst_id]
-        if inst.num_requests == 0:
-            self._release(inst)
-        else:
-            inst.state = InstanceState.STOPPING
+    def _kv_used(self, inst: SimInstance) -> None:
+        if self.instances.get(inst.instance_id) is inst:
+            self.books.set_kv_used(inst.instance_id, inst.kv_used_pages)
+
+    def _kv_pressure(self, inst: SimInstance) -> None:
+        if self.on_kv_pressure is not None and inst.instance_id in self.instances:
+            self.on_kv_pressure(inst.instance_id)
 
     def _finished(self, inst: SimInstance, req: SimRequest, now: float) -> None:
         del self.requests[req.request_id]
-        self._on_finish(req.request_id, now)  # may dispatch more work here
-        # Several requests can finish in one step: release once, after the first that empties it.
-        released = inst.instance_id not in self.instances
-        if inst.state == InstanceState.STOPPING and inst.num_requests == 0 and not released:
-            self._release(inst)
+        self.books.request_done(inst.instance_id, req.request_id)
+        self._on_finish(req.request_id, now)  # may dispatch more work, or release `inst`
 
-    def _release(self, inst: SimInstance) -> None:
-        """Drop the KV; keep the weights as a prewarmed replica under unified memory."""
-        del self.instances[inst.instance_id]
-        pages = inst.weights_pages
-        for g in inst.gpus:
-            gpu = self.gpus[g]
-            gpu.free_pages += inst.kv_pages
-            gpu.kv_pages -= inst.kv_pages
-            gpu.weights_pages -= pages
-            gpu.instance_ids.remove(inst.instance_id)
-            if self.unified_memory:
-                gpu.prewarm_pages += pages
-            else:
-                gpu.free_pages += pages
-        if self.unified_memory:
-            assert inst.replica_id is not None
-            rep = self.replicas.pop(inst.replica_id)
-            rep.owner = None
-            rep.replica_id = -(inst.instance_id + 1)
-            self.replicas[rep.replica_id] = rep
-            for g in rep.gpus:  # keep queued shard loads pointing at the renamed replica
-                gpu = self.gpus[g]
-                gpu.load_queue = deque(
-                    rep.replica_id if r == inst.replica_id else r for r in gpu.load_queue
-                )
-                if gpu.loading == inst.replica_id:
-                    gpu.loading = rep.replica_id
-        inst.state = InstanceState.STOPPING
-        self._layout_version += 1
+    # ----- weight loads -----------------------------------------------------------------
+    def _queue_load(self, e: LoadWeights) -> None:
+        for g in e.devices:
+            q = self.loads[g]
+            q.queue.append(e.serial)
+            if q.loading is None:
+                self._start_next_load(q)
 
-    def _set_kv(self, inst_id: int, kv_pages: int) -> None:
-        inst = self.instances[inst_id]
-        delta = kv_pages - inst.kv_pages
-        assert kv_pages >= inst.kv_used_pages, "cannot lend pages in use"
-        assert inst.kv_lent_pages - delta >= 0, "cannot reclaim more than was lent"
-        for g in inst.gpus:
-            gpu = self.gpus[g]
-            assert gpu.free_pages >= delta, f"GPU {g} lacks {delta} free pages to reclaim"
-            gpu.free_pages -= delta
-            gpu.kv_pages += delta
-        inst.kv_pages = kv_pages
-        inst.kv_lent_pages -= delta
-        if delta > 0:
-            inst.kv_changed()
-
-    # ----- prewarmed replicas -----------------------------------------------------------
-    def _prewarm(self, a: Prewarm) -> None:
-        m = self.models[a.model]
-        pages = m.served.pages_per_gpu
-        for g in a.gpus:
-            gpu = self.gpus[g]
-            assert gpu.free_pages >= pages, f"GPU {g}: {gpu.free_pages} free < {pages}"
-            gpu.free_pages -= pages
-            gpu.prewarm_pages += pages
-        self._new_replica(a.replica_id, a.model, a.gpus, pages)
-
-    def _new_replica(self, rid: int, model: str, gpus: tuple[int, ...], pages: int) -> SimReplica:
-        assert rid not in self.replicas, f"replica id {rid} reused"
-        rep = SimReplica(rid, model, gpus, pages, set(gpus))
-        self.replicas[rid] = rep
-        for g in gpus:
-            gpu = self.gpus[g]
-            gpu.load_queue.append(rid)
-            if gpu.loading is None:
-                self._start_next_load(gpu)
-        return rep
-
-    def _start_next_load(self, gpu: SimGpu) -> None:
-        while gpu.load_queue:
-            rid = gpu.load_queue.popleft()
-            rep = self.replicas.get(rid)
+    def _start_next_load(self, q: LoadQueue) -> None:
+        while q.queue:
+            serial = q.queue.popleft()
+            rep = self.books.replica_by_serial(serial)
             if rep is None:
                 continue
-            gpu.loading = rid
-            gpu.load_token += 1
+            q.loading = serial
+            q.token += 1
             duration = self.models[rep.model].prewarm_load_s
-            self.loop.at(self.loop.now() + duration, self._shard_done, gpu, gpu.load_token)
+            self.loop.at(self.loop.now() + duration, self._shard_done, q, q.token)
             return
-        gpu.loading = None
+        q.loading = None
 
-    def _shard_done(self, gpu: SimGpu, token: int) -> None:
-        if token != gpu.load_token or gpu.loading is None:
+    def _shard_done(self, q: LoadQueue, token: int) -> None:
+        if token != q.token or q.loading is None:
             return  # cancelled
-        rep = self.replicas[gpu.loading]
-        rep.pending.discard(gpu.gpu_id)
-        gpu.loading = None
-        if rep.is_ready:
-            self._layout_version += 1
-            if rep.owner is not None:
-                inst = self.instances[rep.owner]
-                self.loop.at(self.loop.now() + self._attach_s(), self._ready, inst)
-        self._start_next_load(gpu)
+        rep = self.books.mark_loaded(q.loading, q.gpu_id)
+        q.loading = None
+        if rep is not None and rep.owner is not None:  # ready, and an instance waits on it
+            inst = self.instances[rep.owner]
+            self.loop.at(self.loop.now() + self._attach_s(), self._ready, inst)
+        self._start_next_load(q)
 
-    def _evict(self, rid: int) -> None:
-        rep = self.replicas.pop(rid)
-        assert rep.owner is None, "cannot evict weights that are serving"
-        for g in rep.gpus:
-            gpu = self.gpus[g]
-            gpu.prewarm_pages -= rep.pages_per_gpu
-            gpu.free_pages += rep.pages_per_gpu
-            if gpu.loading == rid:
-                gpu.load_token += 1
-                self._start_next_load(gpu)
-            elif rid in gpu.load_queue:
-                gpu.load_queue.remove(rid)
-
-    # ----- views and checks -------------------------------------------------------------
-    def _build_snapshot(self, layout_changed: bool) -> ClusterSnapshot:
-        if layout_changed or self._snapshot is None:
-            gpus = tuple(
-                GpuView(
-                    g.gpu_id,
-                    g.node_id,
-                    g.total_pages,
-                    g.free_pages,
-                    g.instance_ids[0] if g.instance_ids else None,
-                )
-                for g in self.gpus
-            )
-            replicas = tuple(
-                ReplicaView(r.replica_id, r.model, r.gpus, r.pages_per_gpu, r.is_ready)
-                for r in self.replicas.values()
-                if r.owner is None
-            )
-        else:  # the same objects: consumers may test identity to skip work
-            gpus, replicas = self._snapshot.gpus, self._snapshot.replicas
-        instances = tuple(
-            InstanceView(
-                i.instance_id,
-                i.model,
-                i.gpus,
-                i.state,
-                i.kv_pages,
-                i.kv_used_pages,
-                i.kv_lent_pages,
-            )
-            for i in self.instances.values()
-        )
-        caches = self.host_caches or []
-        return ClusterSnapshot(
-            gpus,
-            replicas,
-            instances,
-            self.gpus_per_node,
-            tuple(frozenset(c.cached) for c in caches),
-            tuple(c.ssd_busy_until_s for c in caches),
-        )
-
-    def check_invariants(self) -> None:
-        """Pages conserved on every GPU, and every page's owner accounted for."""
-        prewarm = [0] * len(self.gpus)
-        weights = [0] * len(self.gpus)
-        models_on: list[set[str]] = [set() for _ in self.gpus]
-        for r in self.replicas.values():
-            for g in r.gpus:
-                (weights if r.owner is not None else prewarm)[g] += r.pages_per_gpu
-                assert r.model not in models_on[g], f"two replicas of {r.model} on GPU {g}"
-                models_on[g].add(r.model)
-        for inst in self.instances.values():
-            if inst.replica_id is None:
-                for g in inst.gpus:
-                    weights[g] += inst.weights_pages
-            used = inst.kv_used_pages
-            assert 0 <= used <= inst.kv_pages and inst.kv_lent_pages >= 0
-            for g in inst.gpus:
-                assert inst.instance_id in self.gpus[g].instance_ids
-        for g in self.gpus:
-            assert min(g.free_pages, g.prewarm_pages, g.weights_pages, g.kv_pages) >= 0
-            total = g.free_pages + g.prewarm_pages + g.weights_pages + g.kv_pages
-            assert total == g.total_pages, f"GPU {g.gpu_id}: {total} pages != {g.total_pages}"
-            assert g.prewarm_pages == prewarm[g.gpu_id], f"GPU {g.gpu_id} prewarm books"
-            assert g.weights_pages == weights[g.gpu_id], f"GPU {g.gpu_id} weight books"
-            kv = sum(self.instances[i].kv_pages for i in g.instance_ids)
-            assert g.kv_pages == kv, f"GPU {g.gpu_id}: KV books {g.kv_pages} != {kv}"
+    def _cancel_load(self, e: DropWeights) -> None:
+        for g in e.devices:
+            q = self.loads[g]
+            if q.loading == e.serial:
+                q.token += 1
+                self._start_next_load(q)
+            elif e.serial in q.queue:
+                q.queue.remove(e.serial)

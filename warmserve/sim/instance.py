@@ -71,7 +71,7 @@ class SimInstance:
         loop: EventLoop,
         on_first_token: Callable[[int, float], None],
         on_finish: Callable[[SimInstance, SimRequest, float], None],
-        on_kv_change: Callable[[], None],
+        on_kv_change: Callable[[SimInstance], None],
         device: SharedDevice | None = None,
         on_kv_pressure: Callable[[SimInstance], None] | None = None,
     ) -> None:
@@ -81,8 +81,6 @@ class SimInstance:
         self.state = InstanceState.STARTING
         self.kv_pages = 0
         self.kv_lent_pages = 0
-        self.weights_pages = 0
-        self.replica_id: int | None = None  # the replica that became this instance, if any
         self._steps = step_model
         self._kv_tok = kv_bytes_per_token_per_gpu
         self._loop = loop
@@ -160,7 +158,7 @@ class SimInstance:
         if self.waiting:
             self._report_pressure()
         if admitted:
-            self._on_kv_change()
+            self._on_kv_change(self)
             n = sum(r.input_tokens for r in admitted)
             sq = float(sum(r.input_tokens * r.input_tokens for r in admitted))
             self._set_busy(True)
@@ -221,7 +219,7 @@ class SimInstance:
         if not done:
             return
         self.running = [r for r in self.running if r.generated < r.output_tokens]
-        self._on_kv_change()
         for req in done:
             self.used_tokens -= req.kv_tokens
+            self._on_kv_change(self)  # before the finish: its handler may read the books
             self._on_finish(self, req, now)

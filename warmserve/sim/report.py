@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from warmserve.sim.runner import PolicyResult
+from warmserve.workload.records import write_request_rows
 
 _COLUMNS = [
     ("arrived", "arrived", "{}"),
@@ -79,6 +80,7 @@ def write_report(
         "Plots: `ttft_cdf.png`, `memory_<policy>.png` (pages per GPU by use over time).",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_request_rows(out / "requests.csv", (row for r in results for row in r.requests))
     _plot_ttft(out / "ttft_cdf.png", results)
     for r in results:
         _plot_memory(out / f"memory_{r.policy}.png", r)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,18 +18,19 @@ from warmserve.sim.host_cache import NodeCheckpointCache
 from warmserve.sim.instance import SimRequest
 from warmserve.sim.latency import StepTimeModel
 from warmserve.sim.loop import EventLoop
-from warmserve.sim.metrics import RequestLog, summarize_requests
-from warmserve.sim.workload import (
+from warmserve.traces import load_csv_trace
+from warmserve.types import ModelName
+from warmserve.workload.builders import (
     AzureSpec,
     ServeGenSpec,
     Workload,
     build_azure,
     build_servegen,
-    concurrency_windows,
     from_trace,
 )
-from warmserve.traces import load_csv_trace
-from warmserve.types import ModelName
+from warmserve.workload.concurrency import concurrency_windows
+from warmserve.workload.records import RequestLog, RequestRow, summarize_requests
+from warmserve.workload.trace_name import parse_trace_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,11 @@ class PolicyResult:
     log: RequestLog
     memory: MemoryTimeline
     num_events: int
+    requests: tuple[RequestRow, ...] = ()  # one a request, each with its one outcome
+
+
+class ConservationError(RuntimeError):
+    """An arrived request has no outcome, or more than one: the books lost or doubled it."""
 
 
 def build_models(exp: Experiment) -> dict[str, SimModel]:
@@ -161,6 +167,8 @@ def run_policy(
         log.first_token_s[rid] = t
 
     def finished(rid: int, t: float) -> None:
+        if not np.isnan(log.finish_s[rid]):
+            raise ConservationError(f"request {rid} finished twice")
         log.finish_s[rid] = t
         remaining[0] -= 1
         controller.on_request_done(t, rid, cluster)
@@ -172,7 +180,6 @@ def run_policy(
         exp.pool_pages,
         models,
         exp.costs,
-        policy.spec.unified_memory,
         host_caches(exp) if policy.spec.host_checkpoint_cache else None,
         first_token,
         finished,
@@ -199,7 +206,7 @@ def run_policy(
         now = loop.now()
         controller.tick(now, cluster)
         if ticks[0] % sample_every == 0:
-            g = cluster.gpus
+            g = cluster.books.devices
             samples.append((now, [x.free_pages for x in g], [x.prewarm_pages for x in g],
                             [x.weights_pages for x in g], [x.kv_pages for x in g]))  # fmt: skip
         ticks[0] += 1
@@ -213,6 +220,7 @@ def run_policy(
         end_s, after_event=cluster.check_invariants if check_invariants else None, progress=progress
     )
 
+    outcomes = request_outcomes(log, controller.queued_request_ids(), cluster)
     forecast_errors = [e for m in names for e in forecaster.peak_rel_errors(m)]
     starts = [s.path for s in cluster.starts]
     summary = summarize_requests(
@@ -229,7 +237,50 @@ def run_policy(
         )
     summary["per_model"] = per_model
     memory = MemoryTimeline(*(np.array([s[i] for s in samples]) for i in range(5)))
-    return PolicyResult(policy_name, summary, log, memory, loop.num_events)
+    rows = tuple(request_rows(policy_name, wl, log, outcomes))
+    return PolicyResult(policy_name, summary, log, memory, loop.num_events, rows)
+
+
+def request_rows(
+    policy: str, wl: Workload, log: RequestLog, outcomes: tuple[str, ...]
+) -> Iterator[RequestRow]:
+    """One row per request, in the columns `warmserve bench` writes."""
+    ttft = log.first_token_s - log.arrival_s
+    latency = log.finish_s - log.arrival_s
+    for k, outcome in enumerate(outcomes):
+        done = not outcome
+        yield RequestRow(
+            float(log.arrival_s[k]),
+            wl.model_names[int(wl.model_idx[k])],
+            int(wl.input_tokens[k]),
+            int(wl.output_tokens[k]),
+            None if np.isnan(ttft[k]) else float(ttft[k]),
+            float(latency[k]) if done else None,
+            int(wl.output_tokens[k]) if done else 0,
+            outcome,
+            policy,
+        )
+
+
+def request_outcomes(log: RequestLog, queued: set[int], cluster: SimCluster) -> tuple[str, ...]:
+    """Each request's one outcome, counted from where it is, not as arrived - completed: it
+    finished, or it still waits in the controller's queue, or it is still on an instance."""
+    on_instance: dict[int, list[str]] = {}
+    for inst in cluster.books.instances.values():
+        for rid in inst.requests:
+            where = f"unfinished: on instance {inst.instance_id} ({inst.state}) at the end"
+            on_instance.setdefault(rid, []).append(where)
+    out = []
+    for k in range(len(log.arrival_s)):
+        found = [] if np.isnan(log.finish_s[k]) else [""]
+        if k in queued:
+            found.append("queued: no instance took it by the end")
+        found += on_instance.get(k, [])
+        if len(found) != 1:
+            what = "no outcome" if not found else f"{len(found)} outcomes {found}"
+            raise ConservationError(f"{cluster.__class__.__name__}: request {k} has {what}")
+        out.append(found[0])
+    return tuple(out)
 
 
 def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) -> Workload:
@@ -241,9 +292,12 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
     # Each request's isolated service time: how forecast history turns arrivals into load.
     times = [models[n].step_model.isolated_service_s for n in names]
     w = exp.workload
-    if w.trace.startswith("servegen:"):
+    trace = parse_trace_name(w.trace)
+    if trace is None:  # parse_experiment rejects these
+        raise ValueError(f"workload.trace: {w.trace!r} names no trace")
+    if trace.kind == "servegen":
         sg = ServeGenSpec(
-            model=w.trace.removeprefix("servegen:"),
+            model=trace.arg,
             rps=w.rps,
             day=w.days[0] if w.days else 13,
             start_hour=w.start_hour,
@@ -253,18 +307,13 @@ def make_workload(exp: Experiment, models: dict[str, SimModel] | None = None) ->
             max_output_tokens=w.max_output_tokens,
         )
         return build_servegen(sg, names, lens, times, exp.control.forecast_window_s, exp.seed)
-    if w.trace.endswith(".csv"):
-        trace = load_csv_trace(exp.base_dir / w.trace)
+    if trace.kind == "csv":
+        csv = load_csv_trace(exp.base_dir / trace.arg)
         return from_trace(
-            names,
-            trace.arrival_s,
-            trace.model,
-            trace.input_tokens,
-            trace.output_tokens,
-            w.duration_s,
+            names, csv.arrival_s, csv.model, csv.input_tokens, csv.output_tokens, w.duration_s
         )
     spec = AzureSpec(
-        service=w.trace.removeprefix("azure-"),
+        service=trace.arg,
         rps=w.rps,
         alpha=w.alpha,
         start_hour=w.start_hour,

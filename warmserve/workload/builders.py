@@ -28,6 +28,7 @@ from warmserve.traces import (
     azure_week_counts,
     servegen_clients,
 )
+from warmserve.workload.concurrency import observe_intervals
 
 ServiceTime = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -112,25 +113,6 @@ def _lengths(
     return inp, out
 
 
-def concurrency_windows(
-    starts: np.ndarray, ends: np.ndarray, span_s: float, window_s: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Time-weighted mean and peak of the number of open intervals, per window of [0, span)."""
-    n_win = int(np.ceil(span_s / window_s))
-    bounds = np.arange(n_win + 1) * window_s
-    t = np.concatenate([starts, np.minimum(ends, span_s), bounds])
-    d = np.concatenate([np.ones(len(starts)), -np.ones(len(ends)), np.zeros(len(bounds))])
-    order = np.lexsort((d, t))  # at equal times, ends before starts
-    t, d = t[order], d[order]
-    level = np.cumsum(d)
-    seg = np.diff(t, append=t[-1])
-    win = np.minimum((t // window_s).astype(np.int64), n_win - 1)
-    avg = np.bincount(win, weights=level * seg, minlength=n_win) / window_s
-    peak = np.zeros(n_win)
-    np.maximum.at(peak, win, level)
-    return avg, peak
-
-
 def build_azure(
     spec: AzureSpec,
     model_names: Sequence[str],
@@ -170,10 +152,9 @@ def build_azure(
             hrng = np.random.default_rng([seed, i, 1000 + d])
             ht = thinned_arrivals(week, d * 86_400, 86_400, q, hrng)
             hin, hout = _lengths(spec.service, len(ht), spec, max_model_lens[i], hrng)
-            avg, peak = concurrency_windows(ht, ht + service_times[i](hin, hout), 86_400, window_s)
             first = 0 if cycle == "day" else int(d * 86_400 // window_s)
-            for w in range(len(avg)):
-                hist.observe(first + w, float(avg[w]), float(peak[w]))
+            ends = ht + service_times[i](hin, hout)
+            observe_intervals(hist, ht, ends, 86_400, window_s, first)
         histories[name] = hist if day > 0 else None
     return _merge(tuple(model_names), arrivals, idxs, inps, outs, histories, offsets)
 
@@ -342,9 +323,8 @@ def build_servegen(
             hin, hout = _servegen_lengths(
                 clients, client, ht + d * 86_400, spec, max_model_lens[i], hrng
             )
-            avg, peak = concurrency_windows(ht, ht + service_times[i](hin, hout), 86_400, window_s)
-            for k in range(len(avg)):
-                hist.observe(k, float(avg[k]), float(peak[k]))
+            ends = ht + service_times[i](hin, hout)
+            observe_intervals(hist, ht, ends, 86_400, window_s)
         histories[name] = hist if spec.day > 0 else None
     offsets = dict.fromkeys(model_names, spec.start_hour * 3600.0)
     return _merge(tuple(model_names), arrivals, idxs, inps, outs, histories, offsets)

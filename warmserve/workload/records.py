@@ -1,9 +1,12 @@
-"""Per-request records of a simulated run, and their summary (the `summary.json` contract)."""
+"""Per-request records of a run, their summary (the `summary.json` contract) and their rows
+(`requests.csv`, the same columns from `warmserve simulate` and `warmserve bench`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,3 +93,44 @@ def summarize_requests(
         "inprogress_hits": sum(1 for p in starts if p == StartPath.INPROGRESS_HIT),
         "forecast_peak_rel_error": float(np.mean(forecast_errors)) if forecast_errors else None,
     }
+
+
+# One row a request: times are seconds from its arrival; `error` is empty for a completed
+# request and says what became of any other.
+REQUEST_COLUMNS = (
+    "arrival_s",
+    "model",
+    "input_tokens",
+    "output_tokens_asked",
+    "ttft_s",
+    "finish_s",
+    "output_tokens",
+    "error",
+    "policy",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    arrival_s: float
+    model: str
+    input_tokens: int
+    output_tokens_asked: int
+    ttft_s: float | None
+    finish_s: float | None
+    output_tokens: int
+    error: str
+    policy: str
+
+
+def write_request_rows(path: Path, rows: Iterable[RequestRow]) -> None:
+    def t(x: float | None) -> str:
+        return "" if x is None else f"{x:.4f}"
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(REQUEST_COLUMNS)
+        for r in rows:
+            asked = r.output_tokens_asked
+            w.writerow([f"{r.arrival_s:.4f}", r.model, r.input_tokens, asked, t(r.ttft_s),
+                        t(r.finish_s), r.output_tokens, r.error, r.policy])  # fmt: skip

@@ -1,0 +1,6 @@
+"""The cluster's books, shared by the simulator and the serving runtime.
+
+`books.py` keeps the page and instance records and turns each control-plane action into
+neutral `effects.py` records; a driver (`warmserve.sim.cluster`, `warmserve.runtime.cluster`)
+gives those effects their time or their worker commands. Pure stdlib: no torch, no asyncio.
+"""
