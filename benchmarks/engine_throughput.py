@@ -9,8 +9,9 @@ and keep each one's best, since these machines are noisy.
 
 The roofline: a decode step reads every weight once, so `concurrency` sequences decode at most
 `concurrency × read bandwidth / weight bytes` tokens/s. The script measures the machine's read
-bandwidth itself (a sum over a 1 GiB buffer on the same threads, best of 3) and reports both
-engines' fraction of that bound. `--threads` sets torch's threads (default 1: one thread per
+bandwidth itself (a sum over a 1 GiB buffer on the same threads, best of 3, again before each
+concurrency: a shared machine's bandwidth moves) and reports both engines' fraction of that
+bound. `--threads` sets torch's threads (default 1: one thread per
 worker process, as `serve` runs on a CPU host with as many workers as cores).
 
     python benchmarks/engine_throughput.py --json results/bench/engine_throughput.json
@@ -108,15 +109,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bandwidth = read_bandwidth()
-    print(f"threads {torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"threads {torch.get_num_threads()}")
     tok = AutoTokenizer.from_pretrained(prepare_smollm2())
     rows = []
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for dtype_name in args.dtypes.split(","):
         dtype = dtypes[dtype_name]
         model_dir = prepare_smollm2(dtype="float32" if dtype == torch.float32 else "bfloat16")
-        roof_per_seq = bandwidth / weight_bytes(model_dir)  # tok/s of one sequence at the bound
+        weights = weight_bytes(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         worker, engine = serving_engine(model_dir)
         for c in (int(x) for x in args.concurrency.split(",")):
@@ -126,10 +126,13 @@ def main() -> None:
             for _ in range(args.repeat):
                 w = max(w, ours(engine, ids, args.tokens))
                 t = max(t, transformers_generate(model, tok, ids, args.tokens))
-            roof = c * roof_per_seq
+            bandwidth = read_bandwidth()
+            roof = c * bandwidth / weights  # every weight read once a step
             row = {"concurrency": c, "dtype": dtype_name, "warmserve_tok_s": round(w, 1),
                    "transformers_tok_s": round(t, 1), "ratio": round(w / t, 2),
-                   "roofline_tok_s": round(roof, 1), "warmserve_roofline": round(w / roof, 3),
+                   "weight_bytes": weights, "read_gb_s": round(bandwidth / 1e9, 1),
+                   "roofline_tok_s": round(roof, 1),
+                   "warmserve_roofline": round(w / roof, 3),
                    "transformers_roofline": round(t / roof, 3)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -138,7 +141,6 @@ def main() -> None:
     write_json(args.json, {"benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct",
                            "tokens_per_request": args.tokens, "repeat": args.repeat,
                            "threads": torch.get_num_threads(),
-                           "read_bandwidth_gb_s": round(bandwidth / 1e9, 1),
                            "results": rows})  # fmt: skip
 
 

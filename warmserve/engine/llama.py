@@ -344,6 +344,7 @@ class PagedLlama:
             bounds.append(bounds[-1] + len(q.token_ids))
         decode = [n for n, q in enumerate(seqs) if len(q.token_ids) == 1]
         decode_rows = self._tensor([bounds[n] for n in decode])
+        all_decode = len(decode) == len(seqs)
         if decode:
             tables, dec_masks = self._decode_meta([seqs[n] for n in decode], bs)
         multi = [self._multi_meta(seqs[n], bounds[n], bounds[n + 1], bs)
@@ -373,8 +374,11 @@ class PagedLlama:
             k = k * cos + _rotate_half(k) * sin
             cache.k[li, slots_b, slots_o] = k.to(cache.k.dtype)
             cache.v[li, slots_b, slots_o] = v.to(cache.v.dtype)
-            out = torch.empty_like(q)
-            if decode:  # all one-token sequences in one attention call
+            if all_decode:  # the common step: no rows to pick out or put back
+                out = self._decode_attention(q, cache, li, tables, dec_masks[layer.window])
+            else:
+                out = torch.empty_like(q)
+            if decode and not all_decode:  # all one-token sequences in one attention call
                 out[decode_rows] = self._decode_attention(
                     q[decode_rows], cache, li, tables, dec_masks[layer.window]
                 )
