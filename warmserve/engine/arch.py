@@ -75,6 +75,8 @@ class Variant:
     # whole projection before it is split into heads (OLMo 2)
     norms: str = "pre"  # a key of NORM_PLACES
     gemma: bool = False  # (1 + w) norms, embeddings scaled by sqrt(hidden), query_pre_attn_scalar
+    norm_scale_fp32: bool = False  # norms scale in fp32 before the cast back (OLMo 2; Llama
+    # casts first): the same in fp32, closer to transformers in bf16
     fused_checkpoint: bool = False  # one qkv_proj and one gate_up_proj tensor per layer (Phi-3)
     # How the config states sliding windows: "none", "all" (`sliding_window` applies to every
     # layer when set), or "layer_types" (per layer, `sliding_attention` ones use it).
@@ -100,7 +102,11 @@ ARCHITECTURES: dict[str, Variant] = {
     ),
     "Phi3ForCausalLM": Variant("phi3", fused_checkpoint=True, sliding="all"),
     "Olmo2ForCausalLM": Variant(
-        "olmo2", bias_keys=("attention_bias",), qk_norm="full", norms="post"
+        "olmo2",
+        bias_keys=("attention_bias",),
+        qk_norm="full",
+        norms="post",
+        norm_scale_fp32=True,
     ),
 }
 _BY_MODEL_TYPE = {v.model_type: arch for arch, v in ARCHITECTURES.items()}

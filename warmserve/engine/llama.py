@@ -122,9 +122,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * _rms(x, eps).to(x.dtype)
 
 
-def _rms_norm_1p(x: torch.Tensor, one_plus_w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma's RMSNorm: scaled by (1 + w) in fp32, then cast (`one_plus_w` is fp32)."""
-    return (_rms(x, eps) * one_plus_w).to(x.dtype)
+def _rms_norm_fp32(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's and OLMo 2's RMSNorm: scaled in fp32, then cast (`scale` is fp32: 1 + w for
+    Gemma, w for OLMo 2)."""
+    return (_rms(x, eps) * scale).to(x.dtype)
 
 
 def adjacent_view(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
@@ -214,11 +215,15 @@ class PagedLlama:
         if fuse is None:
             fuse = self.device.type == "cuda"
         self.lm_head = self.embed if shape.tie_word_embeddings else p["lm_head.weight"]
-        # Gemma's (1 + w) norm weights are made once here (a few KB a layer, in fp32 as
-        # transformers computes them), not on every step.
-        self._norm = _rms_norm_1p if v.gemma else _rms_norm
+        # Gemma's (1 + w) and OLMo 2's norm scales are made once here in fp32, as transformers
+        # computes them (a few KB a layer), not on every step.
+        self._norm = _rms_norm_fp32 if v.gemma or v.norm_scale_fp32 else _rms_norm
         self._qk_norm = v.qk_norm
-        prep = (lambda t: 1.0 + t.float()) if v.gemma else (lambda t: t)
+        offset = 1.0 if v.gemma else 0.0
+
+        def prep(t: torch.Tensor) -> torch.Tensor:
+            return t.float() + offset if v.gemma or v.norm_scale_fp32 else t
+
         self.norm = prep(p["model.norm.weight"])
         self.embed_scale = (
             torch.tensor(shape.hidden_size**0.5, dtype=self.embed.dtype, device=self.device)
