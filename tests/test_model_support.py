@@ -205,3 +205,12 @@ def test_models_check_command(moe_dir, tmp_path, capsys):
 def test_a_config_naming_no_architecture_falls_back_to_model_type(tmp_path):
     cfg = json.loads(json.dumps(config("olmo2", architectures=None)))
     assert LlamaShape.from_hf_config(cfg).architecture == "Olmo2ForCausalLM"
+
+
+def test_qwen_sliding_window_applies_only_with_use_sliding_window():
+    # Qwen2.5's own config.json: a sliding_window value, switched off, no layer_types.
+    off = config("qwen2", use_sliding_window=False, sliding_window=131072, layer_types=None)
+    assert LlamaShape.from_hf_config(off).windows == ()
+    on = config("qwen2", use_sliding_window=True, sliding_window=7, max_window_layers=2,
+                layer_types=None)  # fmt: skip
+    assert LlamaShape.from_hf_config(on).windows == (None, None, 7)

@@ -12,7 +12,7 @@ feature, so a model is refused where it is prepared or loaded rather than served
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,12 +302,16 @@ def _architecture(name: str, cfg: Mapping[str, Any]) -> str:
     return arch
 
 
-def _windows(cfg: Mapping[str, Any], v: Variant, layers: int, refuse) -> tuple[int | None, ...]:
+def _windows(
+    cfg: Mapping[str, Any], v: Variant, layers: int, refuse: Callable[[str], UnsupportedModel]
+) -> tuple[int | None, ...]:
     window = cfg.get("sliding_window")
     if v.sliding == "none":
         return ()
     if v.sliding == "all":
         return (int(window),) * layers if window else ()
+    if not v.gemma and not cfg.get("use_sliding_window"):
+        window = None  # Qwen2/3 keep `sliding_window` in configs that do not use it
     types = cfg.get("layer_types")
     if types is None:  # configs written before transformers stored layer types
         if v.gemma:
@@ -316,8 +320,7 @@ def _windows(cfg: Mapping[str, Any], v: Variant, layers: int, refuse) -> tuple[i
                      for i in range(layers)]  # fmt: skip
         else:
             start = int(cfg.get("max_window_layers") or 0)
-            slide = bool(cfg.get("use_sliding_window")) and window is not None
-            types = ["sliding_attention" if slide and i >= start else "full_attention"
+            types = ["sliding_attention" if window and i >= start else "full_attention"
                      for i in range(layers)]  # fmt: skip
     if len(types) != layers:
         raise refuse(f"layer_types of {len(types)} entries for {layers} layers")
@@ -333,7 +336,10 @@ def _windows(cfg: Mapping[str, Any], v: Variant, layers: int, refuse) -> tuple[i
 
 
 def _rope(
-    cfg: Mapping[str, Any], v: Variant, windows: tuple[int | None, ...], refuse
+    cfg: Mapping[str, Any],
+    v: Variant,
+    windows: tuple[int | None, ...],
+    refuse: Callable[[str], UnsupportedModel],
 ) -> tuple[dict[str, Any], float | None]:
     """The full-attention layers' RoPE parameters, and the sliding layers' base if different."""
     raw = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
