@@ -83,8 +83,10 @@ class UniversalWorker:
         t0 = time.perf_counter()
         try:
             cfg = json.loads((model_dir / "config.json").read_text())
-            shape = LlamaShape.from_hf_config(cfg)
+            shape = LlamaShape.from_hf_config(cfg, name)
             layout, total = weights_layout(checkpoint_files(model_dir))
+            # Refused before a page is taken: a tensor missing, unused or of the wrong shape.
+            shape.check_tensors(name, {t.name: t.shape for t in layout})
             pages = max(1, -(-total // self.pool.page_bytes))
             with self._lock:
                 slot = self.pool.new_slot(PageUse.WEIGHTS)
@@ -173,7 +175,9 @@ class UniversalWorker:
         buf = slot_view(self.pool, kv, free_pages * self.pool.page_bytes)
         cache = PagedKVCache.from_buffer(s, buf, num_blocks, self.block_size, dtype)
         sched = Scheduler(BlockAllocator(num_blocks, self.block_size))
-        self.engine = Engine(PagedLlama(s, model.params), cache, sched, model.eos_token_id)
+        self.engine = Engine(
+            PagedLlama(s, model.params, name=name), cache, sched, model.eos_token_id
+        )
         self._kv_slot, self.serving = kv, name
         self._block_bytes = block_bytes
         return self.engine
