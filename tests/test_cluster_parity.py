@@ -142,7 +142,9 @@ class Parity(RuleBasedStateMachine):
         for inst in b.instances.values():
             if inst.state != InstanceState.STOPPING:
                 out.append(Dispatch(self.next_request, inst.instance_id))
-            if not inst.requests:  # weights in a slot stay, under the controller's id rule
+            if inst.state == InstanceState.STARTING:
+                pass  # the controller never stops a starting instance (its load is in flight)
+            elif not inst.requests:  # weights in a slot stay, under the controller's id rule
                 kept = None if inst.replica_id is None else -(inst.instance_id + 1)
                 out.append(ReleaseInstance(inst.instance_id, kept))
             elif inst.state == InstanceState.RUNNING:
