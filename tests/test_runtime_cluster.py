@@ -9,13 +9,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from warmserve.control.api import RequestInfo, ServedModel
+from warmserve.control.api import ReleaseInstance, RequestInfo, ServedModel, StartInstance
 from warmserve.control.config import ControlConfig
 from warmserve.control.forecaster import Forecaster, SlotHistory, cycle_slots
 from warmserve.control.registry import POLICIES
 from warmserve.runtime import messages as m
 from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
-from warmserve.types import InstanceState, ModelName
+from warmserve.types import InstanceState, ModelName, StartPath
 
 PAGES = {"a": 30, "b": 30, "c": 45}
 TOTAL = 100
@@ -225,3 +225,23 @@ def test_the_runtime_never_stops_a_starting_instance():
         assert second.instance_id in cluster.instances
     assert cluster.instances[0].state == InstanceState.STOPPING  # the running one drains
     assert not any(isinstance(c, m.Deactivate) for w, c in sent if w == 1)
+
+
+def test_a_late_activated_never_marks_the_next_instance_on_its_worker_running():
+    """The worker echoes the instance id it activated: an `Activated` that arrives after its
+    instance was released (and another started on the same worker) is not taken for the new
+    one, which would otherwise be dispatched to before its engine exists."""
+    files = {"a": ModelFiles("a", "/models/a", 30), "b": ModelFiles("b", "/models/b", 30)}
+    sent: list[tuple[int, m.Command]] = []
+    cluster = RuntimeCluster(1, files, lambda w, c: sent.append((w, c)), lambda r, i: None)
+    cluster.worker_ready(0, TOTAL)
+    cluster.apply([StartInstance(0, ModelName("a"), (0,), StartPath.COLD, None)])
+    cluster.mark_running(0, 64, 1 << 21, instance_id=0)
+    cluster.apply([ReleaseInstance(0, None)])
+    cluster.apply([StartInstance(1, ModelName("b"), (0,), StartPath.COLD, None)])
+    activates = [c for _, c in sent if isinstance(c, m.Activate)]
+    assert [c.instance_id for c in activates] == [0, 1]
+    assert cluster.mark_running(0, 64, 1 << 21, instance_id=0) is None  # instance 0's echo
+    assert cluster.instances[1].state == InstanceState.STARTING
+    assert cluster.mark_running(0, 64, 1 << 21, instance_id=1) is not None
+    assert cluster.instances[1].state == InstanceState.RUNNING

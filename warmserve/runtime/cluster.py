@@ -89,7 +89,7 @@ class RuntimeCluster:
             (wid,) = e.devices
             if isinstance(e, Activate):
                 self.starts.append((e.model, e.path))
-                self._send(wid, m.Activate(e.model, self.models[e.model].model_dir))
+                self._send(wid, m.Activate(e.model, self.models[e.model].model_dir, e.instance_id))
             elif isinstance(e, Deactivate):
                 self.engine_kv.pop(e.instance_id, None)
                 self._send(wid, m.Deactivate(keep_weights=e.keep_weights))
@@ -117,8 +117,14 @@ class RuntimeCluster:
     def mark_loaded(self, wid: int, token: int) -> None:
         self.books.mark_loaded(token, wid)
 
-    def mark_running(self, wid: int, kv_blocks: int, block_bytes: int) -> InstanceBook | None:
+    def mark_running(
+        self, wid: int, kv_blocks: int, block_bytes: int, instance_id: InstanceId | None = None
+    ) -> InstanceBook | None:
+        """The worker's engine is up. `instance_id`: the one it was activated for; an echo
+        that arrives after that instance was released is not taken for the next one."""
         inst_id = self.books.devices[wid].instance_id
+        if instance_id is not None and inst_id != instance_id:
+            return None
         inst = self.books.mark_running(inst_id) if inst_id is not None else None
         if inst is not None:
             self.engine_kv[inst.instance_id] = EngineKv(kv_blocks, block_bytes)

@@ -28,6 +28,7 @@ class Evict:
 class Activate:
     name: str
     model_dir: str  # loaded first (a cold start) when not resident
+    instance_id: int = -1  # echoed in `Activated`: a late one never marks a newer instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ class Loaded:
 @dataclass(frozen=True, slots=True)
 class Activated:
     name: str
+    instance_id: int
     kv_blocks: int
     block_bytes: int
     seconds: float  # activation alone (a cold start's load is not included)

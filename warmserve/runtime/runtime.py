@@ -316,7 +316,7 @@ class ServingRuntime:
         elif isinstance(ev, m.Loaded):
             self.cluster.mark_loaded(wid, ev.token)
         elif isinstance(ev, m.Activated):
-            inst = self.cluster.mark_running(wid, ev.kv_blocks, ev.block_bytes)
+            inst = self.cluster.mark_running(wid, ev.kv_blocks, ev.block_bytes, ev.instance_id)
             if inst is not None:
                 self.metrics.activation.labels(inst.model).observe(ev.seconds)
         elif isinstance(ev, m.RequestFailed):

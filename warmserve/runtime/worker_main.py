@@ -135,7 +135,11 @@ class _Loop:
             t0 = time.perf_counter()
             self.engine = w.activate(cmd.name)
             blocks = self.engine.scheduler.alloc.num_blocks
-            self.send(m.Activated(cmd.name, blocks, w._block_bytes, time.perf_counter() - t0))
+            self.send(
+                m.Activated(
+                    cmd.name, cmd.instance_id, blocks, w._block_bytes, time.perf_counter() - t0
+                )
+            )
         elif isinstance(cmd, m.Deactivate):
             w.deactivate(cmd.keep_weights)
             self.engine = None

@@ -11,7 +11,6 @@ them); tensor copies and engine steps run outside it.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +23,7 @@ from warmserve.engine.engine import Engine
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama
 from warmserve.engine.scheduler import Scheduler
+from warmserve.model_spec import read_hf_config
 from warmserve.worker.layout import checkpoint_files, weights_layout
 from warmserve.worker.pool import PagePool, PageUse, Slot
 from warmserve.worker.weights import LoadCancelled, copy_into_slot, slot_view
@@ -82,7 +82,7 @@ class UniversalWorker:
     def _load(self, name: str, model_dir: Path, cancel: threading.Event) -> float:
         t0 = time.perf_counter()
         try:
-            cfg = json.loads((model_dir / "config.json").read_text())
+            cfg = read_hf_config(model_dir)
             shape = LlamaShape.from_hf_config(cfg, name)
             layout, total = weights_layout(checkpoint_files(model_dir))
             # Refused before a page is taken: a tensor missing, unused or of the wrong shape.
