@@ -53,7 +53,7 @@ def test_workers_are_ray_actors_and_serve_every_model(live, client):
     nodes = {w["node"] for w in view["workers"]}
     assert len(nodes) == 1 and ray.get_runtime_context().get_node_id() in nodes
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # loopback only
-    pids = {w.pid for w in live.server.runtime._workers}
+    pids = {w.pid for w in live.server.runtime.supervisor.workers}
     assert os.getpid() not in pids and len(pids) == 2  # actor processes of their own
     out = client.chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -74,7 +74,7 @@ def test_a_killed_actor_fails_its_stream_clearly_and_the_model_comes_back(live, 
     (inst,) = [i for i in live.admin()["instances"] if i["model"] == "tiny-a"]
     wid = inst["worker"]
     restarts = live.metric("warmserve:worker_restarts_total", worker=str(wid))
-    os.kill(live.server.runtime._workers[wid].pid, signal.SIGKILL)
+    os.kill(live.server.runtime.supervisor.workers[wid].pid, signal.SIGKILL)
     with pytest.raises(openai.APIError):
         for _ in it:
             pass
@@ -104,7 +104,7 @@ def test_no_accepted_request_is_silently_lost_when_an_actor_dies(live, client):
     live.wait_for(lambda: any(i["model"] == "tiny-b" and i["requests"] > 0
                               for i in live.admin()["instances"]), 30, "dispatch")  # fmt: skip
     wid = next(i["worker"] for i in live.admin()["instances"] if i["model"] == "tiny-b")
-    os.kill(live.server.runtime._workers[wid].pid, signal.SIGKILL)
+    os.kill(live.server.runtime.supervisor.workers[wid].pid, signal.SIGKILL)
     for t in threads:
         t.join(150)
     assert len(outcomes) == 6, outcomes

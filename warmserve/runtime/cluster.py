@@ -22,6 +22,7 @@ from warmserve.cluster.effects import (
     Route,
 )
 from warmserve.control.api import Action, ClusterSnapshot, StartInstance
+from warmserve.engine.request import SamplingParams
 from warmserve.hardware import PAGE_BYTES
 from warmserve.runtime import messages as m
 from warmserve.types import InstanceId, ReplicaId, RequestId, StartPath
@@ -51,7 +52,10 @@ class RuntimeCluster:
         send: Callable[[int, m.Command], None],
         on_dispatch: Callable[[RequestId, InstanceId], None],
         page_bytes: int = PAGE_BYTES,
+        payload: Callable[[RequestId], tuple[tuple[int, ...], SamplingParams]] | None = None,
     ) -> None:
+        """`on_dispatch(request, instance)`: a request was routed (after its `AddRequest`
+        went out, when `payload` gives each request's prompt and sampling parameters)."""
         weights = {name: f.weight_pages for name, f in models.items()}
         # Every worker is one device on its own; none is up until it reports ready.
         self.books = Books(num_workers, num_workers, weights, alive=False, page_bytes=page_bytes)
@@ -61,6 +65,7 @@ class RuntimeCluster:
         self.engine_kv: dict[InstanceId, EngineKv] = {}
         self._send = send
         self._on_dispatch = on_dispatch
+        self._payload = payload
 
     @property
     def devices(self) -> list[DeviceBook]:
@@ -84,6 +89,9 @@ class RuntimeCluster:
                 raise NotImplementedError("the serving runtime runs one model per worker (TP = 1)")
         for e in self.books.apply(actions):
             if isinstance(e, Route):
+                if self._payload is not None:
+                    (wid,) = self.books.instances[e.instance_id].devices
+                    self._send(wid, m.AddRequest(e.request_id, *self._payload(e.request_id)))
                 self._on_dispatch(e.request_id, e.instance_id)
                 continue
             (wid,) = e.devices
