@@ -164,7 +164,7 @@ class Parity(RuleBasedStateMachine):
         for wid, pipe in enumerate(self.pipes):
             while pipe:
                 cmd = pipe.pop(0)
-                if isinstance(cmd, m.Prewarm):
+                if isinstance(cmd, m.LoadModel):
                     self.rt.mark_loaded(wid, cmd.token)
                 elif isinstance(cmd, m.Activate):
                     self.rt.mark_running(wid, 1024, self.rt.page_bytes)

@@ -34,10 +34,10 @@ class FakeWorker:
         assert sum(PAGES[n] for n in self.resident) + self.kv <= TOTAL, "pages over-committed"
 
     def _run(self, cmd: m.Command) -> None:
-        if isinstance(cmd, m.Prewarm):
+        if isinstance(cmd, m.LoadModel):
             assert cmd.name not in self.resident
             self.resident.add(cmd.name)
-        elif isinstance(cmd, m.Evict):
+        elif isinstance(cmd, m.UnloadModel):
             assert cmd.name in self.resident and cmd.name != self.serving
             self.resident.remove(cmd.name)
         elif isinstance(cmd, m.Activate):
@@ -51,7 +51,7 @@ class FakeWorker:
                 self.resident.discard(self.serving)
             self.serving = None
             self.kv = 0
-        elif isinstance(cmd, m.SetKvPages):
+        elif isinstance(cmd, m.MapKvPages):
             assert self.serving is not None and cmd.pages >= 1
             self.kv = cmd.pages
         elif isinstance(cmd, m.AddRequest):
@@ -88,8 +88,8 @@ class RuntimeBooks(RuleBasedStateMachine):
             self.cluster.worker_ready(w, TOTAL)
 
     def send(self, wid: int, cmd: m.Command) -> None:
-        self.prewarms += isinstance(cmd, m.Prewarm)
-        self.lends += isinstance(cmd, m.SetKvPages)
+        self.prewarms += isinstance(cmd, m.LoadModel)
+        self.lends += isinstance(cmd, m.MapKvPages)
         self.workers[wid].pending.append(cmd)
 
     def dispatched(self, rid: int, inst: int) -> None:
@@ -127,7 +127,7 @@ class RuntimeBooks(RuleBasedStateMachine):
             while w.pending:
                 cmd = w.pending.pop(0)
                 w.run(cmd)
-                if isinstance(cmd, m.Prewarm):
+                if isinstance(cmd, m.LoadModel):
                     self.cluster.mark_loaded(wid, cmd.token)
                 elif isinstance(cmd, m.Activate):
                     self.cluster.mark_running(wid, 64, 1 << 21)

@@ -106,11 +106,11 @@ class RuntimeCluster:
                     self.books.mark_loaded(e.kept_serial, wid)
             elif isinstance(e, LoadWeights):
                 if not e.for_activation:  # otherwise the Activate that follows loads them
-                    self._send(wid, m.Prewarm(e.model, self.models[e.model].model_dir, e.serial))
+                    self._send(wid, m.LoadModel(e.model, self.models[e.model].model_dir, e.serial))
             elif isinstance(e, DropWeights):
-                self._send(wid, m.Evict(e.model))
+                self._send(wid, m.UnloadModel(e.model))
             elif isinstance(e, ResizeKv):
-                self._send(wid, m.SetKvPages(e.kv_pages))
+                self._send(wid, m.MapKvPages(e.kv_pages))
             else:  # pragma: no cover - the Effect union is closed
                 raise TypeError(f"unknown effect {e!r}")
 
