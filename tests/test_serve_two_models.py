@@ -21,8 +21,8 @@ def test_default_serve_file_lists_gemma3_as_a_packaged_model(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_and_gemma3_are_served_side_by_side(smollm2_dir, gemma3_dir, tmp_path):
-    # Token ids, BOS included as each tokenizer adds it: the gateway encodes text prompts
-    # without special tokens, and Gemma without its BOS answers badly.
+    # As text: the gateway adds each tokenizer's special tokens (Gemma's BOS, without which it
+    # answers badly), as the reference below does.
     prompt = "The Eiffel Tower is in the city of"
     want, prompts = {}, {}
     for name, path in (("smollm2", smollm2_dir), ("gemma3-270m", gemma3_dir)):
@@ -49,9 +49,10 @@ def test_smollm2_and_gemma3_are_served_side_by_side(smollm2_dir, gemma3_dir, tmp
         for name in ("gemma3-270m", "smollm2"):
             r = httpx.post(
                 srv.url + "/v1/completions",
-                json={"model": name, "prompt": prompts[name], "max_tokens": 6, "temperature": 0},
+                json={"model": name, "prompt": prompt, "max_tokens": 6, "temperature": 0},
                 timeout=300,
             )
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want[name]
+            assert r.json()["usage"]["prompt_tokens"] == len(prompts[name])  # BOS counted
     assert "Paris" in want["gemma3-270m"]
