@@ -5,6 +5,7 @@ client and the admin view saw, as one JSON line."""
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -12,6 +13,16 @@ if __name__ == "__main__":
     from live_server import LiveServer
 
     address, model_dir = sys.argv[1], sys.argv[2]
+    import ray
+
+    # Both nodes must have joined before the server places its workers (a busy machine can
+    # take a while to start the second one).
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    deadline = time.perf_counter() + 180
+    while sum(n["Alive"] for n in ray.nodes()) < 2:
+        if time.perf_counter() > deadline:
+            raise SystemExit("the second Ray node did not join")
+        time.sleep(0.5)
     raw = {
         "workers": {"count": 1, "pool_mib": 640, "threads": 1},
         "models": [

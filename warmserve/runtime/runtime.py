@@ -28,12 +28,12 @@ from warmserve.runtime import views
 from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
 from warmserve.runtime.history import seed_histories
 from warmserve.runtime.metrics import ServeMetrics
+from warmserve.runtime.outputs import OutputProcessor
 from warmserve.runtime.requests import (
     Overloaded,
     RuntimeRequest,
     ShuttingDown,
     StreamError,
-    TokenDelta,
 )
 from warmserve.runtime.supervisor import Supervisor
 from warmserve.runtime.transport import WorkerLinks
@@ -107,7 +107,7 @@ class ServingRuntime:
         for rm in models:
             self.forecaster.add_model(rm.name, offset, histories.get(rm.name))
         self.controller: ControlPlane = self.policy.build(ctl, served, self.forecaster)
-        self.requests: dict[int, RuntimeRequest] = {}
+        self.outputs = OutputProcessor(self.metrics, self.clock, self._released)
         # Without unified memory (vanilla autoscaling) every instance is a new engine.
         self.supervisor = Supervisor(
             self.links, not spec.unified_memory, self._on_event, self._on_worker_death
@@ -117,13 +117,10 @@ class ServingRuntime:
         self._next_id = 0
         self._accepting = False
         self._closing = False
-        self._all_done: asyncio.Event | None = None
 
     # ----- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._all_done = asyncio.Event()
-        self._all_done.set()
         try:
             await self.supervisor.start(self.cfg.workers.startup_timeout_s)
         except TimeoutError:
@@ -136,11 +133,11 @@ class ServingRuntime:
         """Stop accepting, let in-flight requests finish for `grace_s`, then fail the rest
         (503 for those that sent nothing yet, an error event in a stream)."""
         self._accepting = False
-        if self._all_done is not None and self.requests and grace_s > 0:
+        if self.requests and grace_s > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_done.wait(), grace_s)
+                await self.outputs.wait_all_done(grace_s)
         for req in list(self.requests.values()):
-            self._fail(req, StreamError(503, "the server is shutting down"), "shutdown")
+            self.outputs.fail(req, StreamError(503, "the server is shutting down"), "shutdown")
 
     async def shutdown(self, grace_s: float) -> None:
         """`drain`, then stop the workers."""
@@ -156,6 +153,11 @@ class ServingRuntime:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def requests(self) -> dict[int, RuntimeRequest]:
+        """Accepted requests not yet ended, by id."""
+        return self.outputs.requests
+
     # ----- requests ---------------------------------------------------------------------
     def submit(self, model: str, prompt_ids: list[int], params: SamplingParams) -> RuntimeRequest:
         if not self._accepting:
@@ -167,10 +169,7 @@ class ServingRuntime:
         rid = self._next_id
         self._next_id += 1
         req = RuntimeRequest(rid, model, tuple(prompt_ids), params, now)
-        self.requests[rid] = req
-        assert self._all_done is not None
-        self._all_done.clear()
-        self.metrics.prompt_tokens.labels(model).inc(len(prompt_ids))
+        self.outputs.add(req)
         self.controller.on_request(now, self._info(req), self.cluster)
         return req
 
@@ -187,16 +186,8 @@ class ServingRuntime:
         """End a request early and free its KV now: the client went away (`client`), or a
         stop string matched (`stop`, a success)."""
         req = self.requests.get(request_id)
-        if req is None or req.done:
-            return
-        if reason == "client":
-            self.metrics.request_aborted.labels(req.model).inc()
-        if req.instance_id is None:
-            self.controller.cancel_queued(self.clock.now(), request_id)
-            self._close(req)
-        else:
-            self._send(req.worker_id, m.AbortRequest(request_id))
-            self._finish(req, "stop" if reason == "stop" else "abort")
+        if req is not None and not req.done:
+            self.outputs.abort(req, reason)
 
     def _payload(self, request_id: int) -> tuple[tuple[int, ...], SamplingParams]:
         req = self.requests[request_id]
@@ -211,43 +202,26 @@ class ServingRuntime:
     def _send(self, wid: int | None, cmd: m.Command) -> None:
         self.supervisor.send(wid, cmd)
 
-    def _finish(self, req: RuntimeRequest, reason: str) -> None:
+    def _released(self, req: RuntimeRequest, abort_on_worker: bool) -> None:
+        """A request ended (`OutputProcessor`): take it out of the control plane's books,
+        and off its worker when it may still be running there."""
         now = self.clock.now()
-        inst_id = req.instance_id
-        self._close(req)
-        if reason != "abort":
-            self.metrics.request_success.labels(req.model, reason).inc()
-            self.metrics.e2e.labels(req.model).observe(now - req.arrival_s)
-            if req.generated > 1 and req.first_token_s is not None:
-                tpot = (now - req.first_token_s) / (req.generated - 1)
-                self.metrics.tpot.labels(req.model).observe(tpot)
-        if inst_id is not None:
-            self.cluster.request_done(req.request_id, inst_id)
-            self.controller.on_request_done(now, req.request_id, self.cluster)
-
-    def _fail(self, req: RuntimeRequest, err: StreamError, reason: str) -> None:
-        req.queue.put_nowait(err)
-        self.metrics.request_failure.labels(req.model, reason).inc()
-        if req.instance_id is not None and req.instance_id in self.cluster.instances:
+        if req.instance_id is None:  # still queued (or its instance died under it)
+            self.controller.cancel_queued(now, req.request_id)
+            return
+        if req.instance_id not in self.cluster.instances:
+            return
+        if abort_on_worker:
             self._send(req.worker_id, m.AbortRequest(req.request_id))
-            self._finish(req, "abort")
-        else:
-            if req.instance_id is None:
-                self.controller.cancel_queued(self.clock.now(), req.request_id)
-            self._close(req)
-
-    def _close(self, req: RuntimeRequest) -> None:
-        req.done = True
-        self.requests.pop(req.request_id, None)
-        if not self.requests and self._all_done is not None:
-            self._all_done.set()
+        self.cluster.request_done(req.request_id, req.instance_id)
+        self.controller.on_request_done(now, req.request_id, self.cluster)
 
     # ----- worker events (on the loop thread) -------------------------------------------
     def _on_event(self, wid: int, ev: m.Event, fresh: bool) -> None:
         if self._closing:
             return
         if isinstance(ev, m.TokenBatch):
-            self._on_tokens(ev)
+            self.outputs.tokens(ev)
             inst = self.cluster.mark_kv_used(wid, ev.kv_used_blocks)
             if inst is not None and ev.waiting and inst.kv_lent_pages:
                 # Requests wait for KV on an instance that lent pages: reclaim them now.
@@ -270,7 +244,7 @@ class ServingRuntime:
                     err = StreamError(503, f"the worker refused the request: {ev.message}")
                 else:  # its own step failed: never retried, it would fail again
                     err = StreamError(500, f"the engine failed on this request: {ev.message}")
-                self._fail(req, err, "worker_refused" if ev.refused else "engine_error")
+                self.outputs.fail(req, err, "worker_refused" if ev.refused else "engine_error")
         elif isinstance(ev, m.StepFailed):
             log.error("worker %d: an engine step failed; its requests were dropped: %s",
                       wid, ev.detail)  # fmt: skip
@@ -278,24 +252,6 @@ class ServingRuntime:
             # The worker's state no longer matches the books: replace the process.
             log.error("worker %d: %s failed: %s; restarting it", wid, ev.command, ev.message)
             self.supervisor.kill(wid)
-
-    def _on_tokens(self, ev: m.TokenBatch) -> None:
-        now = self.clock.now()
-        for item in ev.items:
-            req = self.requests.get(item.request_id)
-            if req is None or req.done:
-                continue  # aborted: the worker had already sampled this step
-            if req.first_token_s is None:
-                req.first_token_s = now
-                self.metrics.ttft.labels(req.model).observe(now - req.arrival_s)
-            n = len(item.token_ids)
-            req.generated += n
-            self.metrics.generation_tokens.labels(req.model).inc(n)
-            req.queue.put_nowait(
-                TokenDelta(item.token_ids, item.finish_reason, item.logprobs, item.prompt_logprobs)
-            )
-            if item.finish_reason is not None:
-                self._finish(req, item.finish_reason)
 
     def _on_worker_death(self, wid: int) -> None:
         """Fail over a dead worker's requests; the supervisor restarts it."""
@@ -318,9 +274,9 @@ class ServingRuntime:
                     # A poison pill, or very bad luck: never a third worker for it.
                     log.error("request %d was on two workers that died; failing it", rid)
                     msg = "two workers died while running this request; it is not retried again"
-                    self._fail(req, StreamError(502, msg), "worker_died_twice")
+                    self.outputs.fail(req, StreamError(502, msg), "worker_died_twice")
                 else:
-                    self._fail(
+                    self.outputs.fail(
                         req, StreamError(502, "the worker serving this request died"), "worker_died"
                     )
 
@@ -347,7 +303,7 @@ class ServingRuntime:
         for req in [r for r in self.requests.values() if r.instance_id is None]:
             if now - req.arrival_s > limit:
                 msg = f"no instance of {req.model!r} became available within {limit:g} s"
-                self._fail(req, StreamError(503, msg), "queue_timeout")
+                self.outputs.fail(req, StreamError(503, msg), "queue_timeout")
 
     # ----- views ------------------------------------------------------------------------
     def model_state(self, name: str) -> str:
