@@ -103,6 +103,20 @@ class Engine:
         self.scheduler.abort(request_id)
         self._gens.pop(request_id, None)
 
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def has_request(self, request_id: int) -> bool:
+        return request_id in self.scheduler.requests
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.scheduler.alloc.num_blocks
+
+    def usage(self) -> tuple[int, int]:
+        """KV blocks in use, and requests waiting in the engine (e.g. for KV blocks)."""
+        return self.scheduler.alloc.num_used, len(self.scheduler.waiting)
+
     def abort_all(self) -> list[int]:
         ids = list(self.scheduler.requests)
         for rid in ids:

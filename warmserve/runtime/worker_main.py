@@ -69,7 +69,7 @@ class _Loop:
 
     def run(self) -> None:
         while True:
-            busy = self.engine is not None and self.engine.scheduler.has_work()
+            busy = self.engine is not None and self.engine.has_work()
             ready = wait([self.conn, self._wake_r], timeout=0 if busy else None)
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
@@ -79,7 +79,7 @@ class _Loop:
                     self.pending.append(self.conn.recv())
             if not self._drain_commands():
                 return
-            if self.engine is not None and self.engine.scheduler.has_work():
+            if self.engine is not None and self.engine.has_work():
                 self._step()
 
     def send(self, event: m.Event) -> None:
@@ -134,7 +134,7 @@ class _Loop:
                 w.prewarm(cmd.name, Path(cmd.model_dir))  # a cold start: load on the spot
             t0 = time.perf_counter()
             self.engine = w.activate(cmd.name)
-            blocks = self.engine.scheduler.alloc.num_blocks
+            blocks = self.engine.num_kv_blocks
             self.send(
                 m.Activated(
                     cmd.name, cmd.instance_id, blocks, w._block_bytes, time.perf_counter() - t0
@@ -151,7 +151,7 @@ class _Loop:
             self.engine.add(cmd.prompt_ids, cmd.params, cmd.request_id)
         elif isinstance(cmd, m.AbortRequest):
             eng = self.engine
-            if eng is not None and cmd.request_id in eng.scheduler.requests:
+            if eng is not None and eng.has_request(cmd.request_id):
                 eng.abort(cmd.request_id)
                 self._report(())  # the KV the abort freed
 
@@ -187,10 +187,9 @@ class _Loop:
         self._report(items)
 
     def _report(self, items: tuple[m.TokenOut, ...]) -> None:
-        eng = self.engine
-        assert eng is not None
-        sched = eng.scheduler
-        self.send(m.TokenBatch(items, sched.alloc.num_used, len(sched.waiting)))
+        assert self.engine is not None
+        used, waiting = self.engine.usage()
+        self.send(m.TokenBatch(items, used, waiting))
 
     def _set_kv(self, pages: int) -> bool:
         """Move toward `pages` mapped KV pages; False while a lend waits for held blocks."""
