@@ -62,7 +62,9 @@ DAY = int(DAY_S // W)
 TRACES = ("conv", "code", "servegen")
 NAIVE = ("previous_window", "same_window_yesterday", "same_window_last_week")
 MODELS = ("reference", "adaptive", "adaptive_provisioned")
-STEP = StepTimeModel(MODEL_PRESETS["llama-2-7b"], 1, load_profile("h100-sxm-80g").device, LatencyParams())
+STEP = StepTimeModel(
+    MODEL_PRESETS["llama-2-7b"], 1, load_profile("h100-sxm-80g").device, LatencyParams()
+)
 
 DayStream = Callable[[int], tuple[np.ndarray, np.ndarray]]  # day -> (arrivals, durations)
 

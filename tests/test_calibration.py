@@ -13,7 +13,7 @@ from warmserve.sim.latency import LatencyParams
 DEVICE = GpuSpec("test-cpu", peak_flops=2e11, hbm_bandwidth=2e10, memory_bytes=2 << 30,
                  host_to_device_bandwidth=5e9, nvlink_bandwidth=2e10)  # fmt: skip
 TRUE = LatencyParams(flops_efficiency=0.35, bandwidth_efficiency=0.6, step_overhead_s=0.004,
-                     layer_overhead_s=0.0003)  # fmt: skip
+                     layer_overhead_s=0.0003, seq_overhead_s=0.002)  # fmt: skip
 
 
 def llama(name: str, layers: int, hidden: int) -> object:
@@ -62,6 +62,7 @@ def test_fit_recovers_known_coefficients_exactly():
     assert p.bandwidth_efficiency == pytest.approx(TRUE.bandwidth_efficiency, rel=1e-6)
     assert p.step_overhead_s == pytest.approx(TRUE.step_overhead_s, rel=1e-6)
     assert p.layer_overhead_s == pytest.approx(TRUE.layer_overhead_s, rel=1e-6)
+    assert p.seq_overhead_s == pytest.approx(TRUE.seq_overhead_s, rel=1e-6)
     assert fit.layer_term and fit.max_abs_rel_error < 1e-6
 
 
@@ -72,6 +73,7 @@ def test_fit_with_noise_stays_close():
     assert p.bandwidth_efficiency == pytest.approx(TRUE.bandwidth_efficiency, rel=0.1)
     fixed = p.step_overhead_s + 30 * p.layer_overhead_s
     assert fixed == pytest.approx(TRUE.step_overhead_s + 30 * TRUE.layer_overhead_s, rel=0.1)
+    assert p.seq_overhead_s == pytest.approx(TRUE.seq_overhead_s, rel=0.2)
     assert 0.01 < fit.mean_abs_rel_error < 0.06  # the noise shows up as fit error
 
 
@@ -81,6 +83,7 @@ def test_one_model_merges_the_overheads():
     assert not fit.layer_term and fit.latency.layer_overhead_s == 0.0
     fixed = TRUE.step_overhead_s + 30 * TRUE.layer_overhead_s
     assert fit.latency.step_overhead_s == pytest.approx(fixed, rel=1e-6)
+    assert fit.latency.seq_overhead_s == pytest.approx(TRUE.seq_overhead_s, rel=1e-6)
     assert fit.max_abs_rel_error < 1e-6
 
 
@@ -90,6 +93,17 @@ def test_fit_rejects_too_few_or_bad_samples():
     bad = [dataclasses.replace(s, seconds=0.0) for s in grid()]
     with pytest.raises(ValueError, match="> 0"):
         fit_step_model(bad, SPECS, DEVICE)
+
+
+def test_overheads_are_never_negative():
+    # A synthetic engine with no fixed cost at all: the fit must not go below zero to chase
+    # the noise, and it still finds the bandwidth and FLOP/s.
+    zero = LatencyParams(flops_efficiency=0.35, bandwidth_efficiency=0.6, step_overhead_s=0.0,
+                         layer_overhead_s=0.0)  # fmt: skip
+    fit = fit_step_model(synthetic(grid(), params=zero, noise=0.01, seed=5), SPECS, DEVICE)
+    p = fit.latency
+    assert min(p.step_overhead_s, p.layer_overhead_s, p.seq_overhead_s) >= 0.0
+    assert p.flops_efficiency == pytest.approx(0.35, rel=0.1)
 
 
 def test_fit_bandwidth():

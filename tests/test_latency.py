@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from warmserve.profiles import load_profile
 from warmserve.model_spec import MODEL_PRESETS, spec_from_hf_config
+from warmserve.profiles import load_profile
 from warmserve.sim.latency import LatencyParams, StepTimeModel
 
 H100 = load_profile("h100-sxm-80g").device

@@ -15,6 +15,7 @@ source in a comment.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -106,7 +107,7 @@ def parse_profile(raw: Any, where: str) -> DeviceProfile:
             raise ProfileError(f"{where}: device.{field} must be > 0")
     latency = _section(LatencyParams, _mapping(raw.get("latency"), where, "latency"), where,
                        "latency")  # fmt: skip
-    if not (0 < latency.flops_efficiency and 0 < latency.bandwidth_efficiency):
+    if not (latency.flops_efficiency > 0 and latency.bandwidth_efficiency > 0):
         raise ProfileError(f"{where}: latency efficiencies must be > 0")
     if min(latency.step_overhead_s, latency.layer_overhead_s, latency.allreduce_latency_s) < 0:
         raise ProfileError(f"{where}: latency overheads must be >= 0")
@@ -145,14 +146,35 @@ def _section(cls: Any, data: dict[str, Any], where: str, key: str) -> Any:
         elif not isinstance(v, tp) or isinstance(v, bool):
             raise ProfileError(f"{where}: {key}.{k}: expected {tp.__name__}, got {v!r}")
         kwargs[k] = v
-    missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ProfileError(f"{where}: {key}: missing key {missing[0]!r}")
     try:
         return cls(**kwargs)
     except ValueError as e:
         raise ProfileError(f"{where}: {key}: {e}") from None
+
+
+def _scalar(value: Any) -> str:
+    """A YAML scalar that reads back to the same value; floats always with a dot (YAML 1.1
+    reads `1e+10` as a string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        mant, _, exp = text.partition("e")
+        if "." not in mant and mant not in ("inf", "-inf", "nan"):
+            mant += ".0"
+        return mant + (f"e{exp}" if exp else "")
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value)
 
 
 def profile_yaml(profile: DeviceProfile, comments: dict[str, str] | None = None,
@@ -162,7 +184,7 @@ def profile_yaml(profile: DeviceProfile, comments: dict[str, str] | None = None,
     lines = [f"# {h}" if h else "#" for h in header.splitlines()]
     lines.append(f"name: {profile.name}")
     if profile.description:
-        lines.append(f"description: {yaml.safe_dump(profile.description, width=1000).strip()}")
+        lines.append(f"description: {json.dumps(profile.description)}")  # JSON is YAML
     lines.append(f"shared_host: {'true' if profile.shared_host else 'false'}")
     for section in ("device", "latency", "costs"):
         lines.append(f"{section}:")
@@ -170,7 +192,6 @@ def profile_yaml(profile: DeviceProfile, comments: dict[str, str] | None = None,
             if section == "device" and f.name == "name":
                 continue
             value = getattr(getattr(profile, section), f.name)
-            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
             note = comments.get(f"{section}.{f.name}")
-            lines.append(f"  {f.name}: {text.strip()}" + (f"  # {note}" if note else ""))
+            lines.append(f"  {f.name}: {_scalar(value)}" + (f"  # {note}" if note else ""))
     return "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@
 
 At TP 1 the model says a step takes
 
-    t = step_overhead + layers · layer_overhead + max(bytes / B, flops / F)
+    t = step_overhead + layers · layer_overhead + seqs · seq_overhead + max(bytes / B, flops / F)
 
 where, for the step's model and batch, `bytes` is the weights plus the KV read and `flops` the
 matmuls plus attention, both exactly as `StepTimeModel` counts them, and B and F are the
@@ -77,27 +77,23 @@ def fit_step_model(
     if np.any(t <= 0):
         raise ValueError("step times must be > 0")
     mem, flop, layers = feats.T
+    seqs = np.array([s.batch for s in samples], dtype=np.float64)
     layer_term = len(set(layers.tolist())) > 1
+    # Overhead columns: per step, per layer (only if layer counts differ), per sequence.
+    over = [np.ones_like(t)] + ([layers] if layer_term else []) + [seqs]
     order = np.argsort(flop / mem, kind="stable")
     best: tuple[float, np.ndarray] | None = None
     w = 1.0 / t  # relative least squares
     for k in range(len(t) + 1):
         compute = np.zeros(len(t), dtype=bool)
         compute[order[k:]] = True
-        cols = [np.ones_like(t)]
-        if layer_term:
-            cols.append(layers)
-        cols += [np.where(compute, 0.0, mem), np.where(compute, flop, 0.0)]
-        a = np.stack(cols, axis=1)
-        # A regime without samples leaves its coefficient free: drop the column, bound it below.
-        keep = [j for j in range(a.shape[1]) if np.any(a[:, j])]
-        coef_k, *_ = np.linalg.lstsq(a[:, keep] * w[:, None], t * w, rcond=None)
-        coef = np.zeros(a.shape[1])
-        coef[keep] = coef_k
-        coef = _complete(coef, mem, flop, compute, layer_term)
+        a = np.stack([*over, np.where(compute, 0.0, mem), np.where(compute, flop, 0.0)], axis=1)
+        coef = _solve(a, t, w, len(over))
+        coef = _complete(coef, mem, flop, compute)
         if coef is None:
             continue
-        err = _predict(coef, mem, flop, layers, layer_term) / t - 1.0
+        err = (a[:, : len(over)] @ coef[: len(over)]
+               + np.maximum(coef[-2] * mem, coef[-1] * flop)) / t - 1.0  # fmt: skip
         score = float(np.sum(err**2))
         if best is None or score < best[0] - 1e-15:
             best = (score, coef)
@@ -105,24 +101,39 @@ def fit_step_model(
         raise ValueError("no physical fit (positive bandwidth and FLOP/s) for these samples")
     coef = best[1]
     inv_b, inv_f = coef[-2], coef[-1]
-    step = float(coef[0])
-    layer = float(coef[1]) if layer_term else 0.0
     bw, fl = float(1.0 / inv_b), float(1.0 / inv_f)
     params = LatencyParams(
         flops_efficiency=float(fl / device.peak_flops),
         bandwidth_efficiency=float(bw / device.hbm_bandwidth),
-        step_overhead_s=max(step, 0.0),
-        layer_overhead_s=max(layer, 0.0),
+        step_overhead_s=float(coef[0]),
+        layer_overhead_s=float(coef[1]) if layer_term else 0.0,
         allreduce_latency_s=LatencyParams().allreduce_latency_s,
+        seq_overhead_s=float(coef[len(over) - 1]),
     )
-    # The errors of the model as the simulator will run it (overheads floored at zero).
     errs = tuple(
         float(predict(s, specs[s.model], device, params) / s.seconds - 1.0) for s in samples
     )
     return StepFit(params, bw, fl, layer_term, errs)
 
 
-def _complete(coef, mem, flop, compute, layer_term) -> np.ndarray | None:
+def _solve(a: np.ndarray, t: np.ndarray, w: np.ndarray, num_over: int) -> np.ndarray:
+    """Weighted least squares with the overheads held >= 0: a negative one is dropped (set
+    to 0) and the rest refitted. A regime without samples leaves its column all zero: its
+    coefficient stays 0 here and `_complete` bounds it."""
+    active = [j for j in range(a.shape[1]) if np.any(a[:, j])]
+    coef = np.zeros(a.shape[1])
+    for _ in range(num_over + 1):
+        sol, *_ = np.linalg.lstsq(a[:, active] * w[:, None], t * w, rcond=None)
+        coef = np.zeros(a.shape[1])
+        coef[active] = sol
+        negative = [j for j in active if j < num_over and coef[j] < 0]
+        if not negative:
+            break
+        active = [j for j in active if j not in negative]
+    return coef
+
+
+def _complete(coef, mem, flop, compute) -> np.ndarray | None:
     """Give a regime with no samples the least coefficient that keeps every sample in the
     other one; reject unphysical fits (non-positive B or F)."""
     inv_b, inv_f = coef[-2], coef[-1]
@@ -137,16 +148,11 @@ def _complete(coef, mem, flop, compute, layer_term) -> np.ndarray | None:
     return coef
 
 
-def _predict(coef, mem, flop, layers, layer_term) -> np.ndarray:
-    fixed = coef[0] + (coef[1] * layers if layer_term else 0.0)
-    return fixed + np.maximum(coef[-2] * mem, coef[-1] * flop)
-
-
 def predict(s: StepSample, spec: ModelSpec, device: GpuSpec, params: LatencyParams) -> float:
     """The simulator's own step time for a sample (StepTimeModel, TP 1)."""
     m = StepTimeModel(spec, 1, device, params)
     if s.kind == "prefill":
-        return m.prefill(s.tokens, s.ctx)
+        return m.prefill(s.tokens, s.ctx, s.batch)
     return m.decode(s.batch, s.ctx)
 
 
