@@ -112,3 +112,32 @@ def test_fit_bandwidth():
     assert bw == pytest.approx(4e9) and fixed == pytest.approx(0.05)
     bw, fixed = fit_bandwidth([5e8], [0.25])
     assert bw == pytest.approx(2e9) and fixed == 0.0
+
+
+def test_calibrate_rejects_unknown_models(tmp_path, capsys):
+    from warmserve.cli import main
+
+    assert main(["calibrate", "--models", "gpt-9", "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "unknown model 'gpt-9'" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_profile_the_simulator_reads(tmp_path, capsys):
+    """The command end to end on a small random model (--quick). Nothing is asserted about
+    the times themselves, only that they were measured and written."""
+    from warmserve.cli import main
+    from warmserve.profiles import load_profile
+
+    out = tmp_path / "mine.yaml"
+    assert main(["calibrate", "--quick", "--quiet", "--models", "random-2l", "--out",
+                 str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "step-time fit: mean |error|" in text
+    p = load_profile(str(out))
+    assert p.name == "mine" and p.shared_host
+    assert p.latency.step_overhead_s + p.latency.seq_overhead_s > 0
+    assert p.costs.engine_attach_s >= 0 and p.costs.cold_engine_init_s > 0
+    report = tmp_path / "mine-report"
+    assert (report / "fit.png").stat().st_size > 0
+    assert "| random-2l prefill b=1" in (report / "report.md").read_text()

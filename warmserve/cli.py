@@ -79,9 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--out", type=Path, required=True, help="profile file to write (YAML)")
     cal.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (needs a GPU)")
-    cal.add_argument("--models", default="smollm2,random-2l",
+    cal.add_argument("--models", default="smollm2,random-2l,random-8l",
                      help="comma-separated: smollm2, random-2l, random-8l (random Llama-style "
                           "models of 2 and 8 layers, ~0.5 and ~1.2 GB)")  # fmt: skip
+    cal.add_argument("--steps-all", action="store_true",
+                     help="fit step times on every model (default: the first, the one served; "
+                          "the others give load and activation times by size)")  # fmt: skip
     cal.add_argument("--name", help="the profile's name (default: the file's stem)")
     cal.add_argument("--quick", action="store_true",
                      help="fewer points and one repeat (~1 minute); noisier")  # fmt: skip
@@ -204,7 +207,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                               f"(known: {', '.join(MODEL_CHOICES)})")  # fmt: skip
     threads = args.threads or WorkerConfig().torch_threads()
     cfg = CalibrationConfig(device=args.device, models=keys, quick=args.quick, threads=threads,
-                            pool_mib=args.pool_mib, drop_caches=args.drop_caches)  # fmt: skip
+                            pool_mib=args.pool_mib, drop_caches=args.drop_caches,
+                            steps_all=args.steps_all)  # fmt: skip
     with tqdm(total=total_ticks(cfg), desc="calibrate", unit="step", disable=args.quiet) as bar:
 
         def tick(what: str) -> None:
@@ -219,9 +223,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         f"Measured by `warmserve calibrate --device {args.device} --models {','.join(keys)}"
-        f"{' --quick' if args.quick else ''}` on {when}:\n{meas.device_name}, "
-        f"{threads} torch thread(s). Step times are medians of {cfg.repeats} repeat(s); the "
-        f"report is in {args.out.stem}-report/." + (f"\n{args.note}" if args.note else "")
+        f"{' --quick' if args.quick else ''}{' --steps-all' if args.steps_all else ''}` on "
+        f"{when}:\n{meas.device_name}, {threads} torch thread(s). Step times: the fastest of "
+        f"{cfg.repeats} repeat(s); the report is in {args.out.stem}-report/."
+        + (f"\n{args.note}" if args.note else "")
     )
     profile, fit, folder = write_outputs(meas, name, args.out, header)
     for label, real, model in fit_table(meas, profile):
