@@ -133,3 +133,24 @@ def test_good_profile_takes_defaults_for_missing_sections():
 def test_unknown_profile_names_the_shipped_ones():
     with pytest.raises(ProfileError, match="unknown profile 'nope' \\(shipped: a100-80g"):
         load_profile("nope")
+
+
+def test_the_cpu_profile_simulates_the_served_model(smollm2_dir):
+    from warmserve.sim.runner import make_workload, run_policy
+
+    raw = {
+        "seed": 1,
+        "cluster": {"nodes": 1, "gpus_per_node": 2, "profile": "cpu-2core-shared",
+                    "pool_fraction": 1.0},
+        "models": [{"name": "smollm2", "config": str(smollm2_dir / "config.json"),
+                    "max_model_len": 640}],
+        "workload": {"trace": "azure-conv", "rps": 0.2, "duration_s": 120,
+                     "max_input_tokens": 512, "max_output_tokens": 64},
+        "policies": ["warmserve"],
+    }  # fmt: skip
+    exp = parse_experiment(raw, Path())
+    result = run_policy(exp, "warmserve", make_workload(exp))
+    s = result.summary
+    assert s["arrived"] > 0 and s["completed"] == s["arrived"]
+    # The CPU's step times, not an H100's: a first token takes tens of ms at least.
+    assert s["ttft_p50_s"] > 0.05

@@ -86,6 +86,7 @@ def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit
         if fit.layer_term
         else "not separable with one layer count: merged into step_overhead_s",
         "latency.allreduce_latency_s": "not measured (TP 1 only): the H100 profile's",
+        "latency.seq_overhead_s": "fitted",
         "costs.engine_attach_s": f"measured: activation ({acts}) less its KV mapping",
         "costs.remap_bandwidth": "measured: mapping fresh KV pages into a slot",
         "costs.kv_initial_map_bytes": "measured: the KV an activation maps (the pool's free pages)",
@@ -151,7 +152,7 @@ def report_text(meas: Measurements, profile: DeviceProfile, fit: StepFit, out: P
         f"# Calibration of {profile.name}",
         "",
         f"Device: {meas.device_name} ({meas.device}), {meas.threads} torch thread(s). "
-        f"Profile: `{out}`.",
+        f"Profile: `{out.name}`.",
         "",
         "## Step-time fit",
         "",
