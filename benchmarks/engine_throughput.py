@@ -7,6 +7,13 @@ and once with transformers `generate` on the same prompts (left-padded batch), i
 process. Reports generated tokens per second of wall time; `--repeat` runs alternate the two
 and keep each one's best, since these machines are noisy.
 
+The roofline: a decode step reads every weight once, so `concurrency` sequences decode at most
+`concurrency × read bandwidth / weight bytes` tokens/s. The script measures the machine's read
+bandwidth itself (a sum over a 1 GiB buffer on the same threads, best of 3, again before each
+concurrency: a shared machine's bandwidth moves) and reports both engines' fraction of that
+bound. `--threads` sets torch's threads (default 1: one thread per
+worker process, as `serve` runs on a CPU host with as many workers as cores).
+
     python benchmarks/engine_throughput.py --json results/bench/engine_throughput.json
 """
 
@@ -24,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from warmserve.engine.engine import Engine
 from warmserve.engine.request import SamplingParams
 from warmserve.models import prepare_smollm2
-from warmserve.worker.layout import weight_pages
+from warmserve.worker.layout import checkpoint_files, weight_pages, weights_layout
 from warmserve.worker.pages import CpuPages
 from warmserve.worker.pool import PagePool
 from warmserve.worker.worker import UniversalWorker
@@ -74,6 +81,21 @@ def transformers_generate(model, tok, ids: list[list[int]], tokens: int) -> floa
     return len(ids) * tokens / wall
 
 
+def read_bandwidth(gib: float = 1.0, repeat: int = 3) -> float:
+    """Bytes per second a reduction streams from memory on torch's current threads."""
+    buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best
+
+
+def weight_bytes(model_dir: Path) -> int:
+    return sum(t.nbytes for t in weights_layout(checkpoint_files(model_dir))[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,11 +104,19 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each; best kept")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads {torch.get_num_threads()}")
     tok = AutoTokenizer.from_pretrained(prepare_smollm2())
     rows = []
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for dtype_name in args.dtypes.split(","):
+        dtype = dtypes[dtype_name]
         model_dir = prepare_smollm2(dtype="float32" if dtype == torch.float32 else "bfloat16")
+        weights = weight_bytes(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         worker, engine = serving_engine(model_dir)
         for c in (int(x) for x in args.concurrency.split(",")):
@@ -96,14 +126,21 @@ def main() -> None:
             for _ in range(args.repeat):
                 w = max(w, ours(engine, ids, args.tokens))
                 t = max(t, transformers_generate(model, tok, ids, args.tokens))
+            bandwidth = read_bandwidth()
+            roof = c * bandwidth / weights  # every weight read once a step
             row = {"concurrency": c, "dtype": dtype_name, "warmserve_tok_s": round(w, 1),
-                   "transformers_tok_s": round(t, 1), "ratio": round(w / t, 2)}  # fmt: skip
+                   "transformers_tok_s": round(t, 1), "ratio": round(w / t, 2),
+                   "weight_bytes": weights, "read_gb_s": round(bandwidth / 1e9, 1),
+                   "roofline_tok_s": round(roof, 1),
+                   "warmserve_roofline": round(w / roof, 3),
+                   "transformers_roofline": round(t / roof, 3)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
         worker.close()
         worker.pool.close()
     write_json(args.json, {"benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct",
                            "tokens_per_request": args.tokens, "repeat": args.repeat,
+                           "threads": torch.get_num_threads(),
                            "results": rows})  # fmt: skip
 
 

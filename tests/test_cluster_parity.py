@@ -142,7 +142,9 @@ class Parity(RuleBasedStateMachine):
         for inst in b.instances.values():
             if inst.state != InstanceState.STOPPING:
                 out.append(Dispatch(self.next_request, inst.instance_id))
-            if not inst.requests:  # weights in a slot stay, under the controller's id rule
+            if inst.state == InstanceState.STARTING:
+                pass  # the controller never stops a starting instance (its load is in flight)
+            elif not inst.requests:  # weights in a slot stay, under the controller's id rule
                 kept = None if inst.replica_id is None else -(inst.instance_id + 1)
                 out.append(ReleaseInstance(inst.instance_id, kept))
             elif inst.state == InstanceState.RUNNING:
@@ -162,7 +164,7 @@ class Parity(RuleBasedStateMachine):
         for wid, pipe in enumerate(self.pipes):
             while pipe:
                 cmd = pipe.pop(0)
-                if isinstance(cmd, m.Prewarm):
+                if isinstance(cmd, m.LoadModel):
                     self.rt.mark_loaded(wid, cmd.token)
                 elif isinstance(cmd, m.Activate):
                     self.rt.mark_running(wid, 1024, self.rt.page_bytes)

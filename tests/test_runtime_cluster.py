@@ -9,13 +9,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from warmserve.control.api import RequestInfo, ServedModel
+from warmserve.control.api import ReleaseInstance, RequestInfo, ServedModel, StartInstance
 from warmserve.control.config import ControlConfig
 from warmserve.control.forecaster import Forecaster, SlotHistory, cycle_slots
 from warmserve.control.registry import POLICIES
 from warmserve.runtime import messages as m
 from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
-from warmserve.types import InstanceState, ModelName
+from warmserve.types import InstanceState, ModelName, StartPath
 
 PAGES = {"a": 30, "b": 30, "c": 45}
 TOTAL = 100
@@ -34,10 +34,10 @@ class FakeWorker:
         assert sum(PAGES[n] for n in self.resident) + self.kv <= TOTAL, "pages over-committed"
 
     def _run(self, cmd: m.Command) -> None:
-        if isinstance(cmd, m.Prewarm):
+        if isinstance(cmd, m.LoadModel):
             assert cmd.name not in self.resident
             self.resident.add(cmd.name)
-        elif isinstance(cmd, m.Evict):
+        elif isinstance(cmd, m.UnloadModel):
             assert cmd.name in self.resident and cmd.name != self.serving
             self.resident.remove(cmd.name)
         elif isinstance(cmd, m.Activate):
@@ -51,7 +51,7 @@ class FakeWorker:
                 self.resident.discard(self.serving)
             self.serving = None
             self.kv = 0
-        elif isinstance(cmd, m.SetKvPages):
+        elif isinstance(cmd, m.MapKvPages):
             assert self.serving is not None and cmd.pages >= 1
             self.kv = cmd.pages
         elif isinstance(cmd, m.AddRequest):
@@ -88,8 +88,8 @@ class RuntimeBooks(RuleBasedStateMachine):
             self.cluster.worker_ready(w, TOTAL)
 
     def send(self, wid: int, cmd: m.Command) -> None:
-        self.prewarms += isinstance(cmd, m.Prewarm)
-        self.lends += isinstance(cmd, m.SetKvPages)
+        self.prewarms += isinstance(cmd, m.LoadModel)
+        self.lends += isinstance(cmd, m.MapKvPages)
         self.workers[wid].pending.append(cmd)
 
     def dispatched(self, rid: int, inst: int) -> None:
@@ -127,7 +127,7 @@ class RuntimeBooks(RuleBasedStateMachine):
             while w.pending:
                 cmd = w.pending.pop(0)
                 w.run(cmd)
-                if isinstance(cmd, m.Prewarm):
+                if isinstance(cmd, m.LoadModel):
                     self.cluster.mark_loaded(wid, cmd.token)
                 elif isinstance(cmd, m.Activate):
                     self.cluster.mark_running(wid, 64, 1 << 21)
@@ -225,3 +225,23 @@ def test_the_runtime_never_stops_a_starting_instance():
         assert second.instance_id in cluster.instances
     assert cluster.instances[0].state == InstanceState.STOPPING  # the running one drains
     assert not any(isinstance(c, m.Deactivate) for w, c in sent if w == 1)
+
+
+def test_a_late_activated_never_marks_the_next_instance_on_its_worker_running():
+    """The worker echoes the instance id it activated: an `Activated` that arrives after its
+    instance was released (and another started on the same worker) is not taken for the new
+    one, which would otherwise be dispatched to before its engine exists."""
+    files = {"a": ModelFiles("a", "/models/a", 30), "b": ModelFiles("b", "/models/b", 30)}
+    sent: list[tuple[int, m.Command]] = []
+    cluster = RuntimeCluster(1, files, lambda w, c: sent.append((w, c)), lambda r, i: None)
+    cluster.worker_ready(0, TOTAL)
+    cluster.apply([StartInstance(0, ModelName("a"), (0,), StartPath.COLD, None)])
+    cluster.mark_running(0, 64, 1 << 21, instance_id=0)
+    cluster.apply([ReleaseInstance(0, None)])
+    cluster.apply([StartInstance(1, ModelName("b"), (0,), StartPath.COLD, None)])
+    activates = [c for _, c in sent if isinstance(c, m.Activate)]
+    assert [c.instance_id for c in activates] == [0, 1]
+    assert cluster.mark_running(0, 64, 1 << 21, instance_id=0) is None  # instance 0's echo
+    assert cluster.instances[1].state == InstanceState.STARTING
+    assert cluster.mark_running(0, 64, 1 << 21, instance_id=1) is not None
+    assert cluster.instances[1].state == InstanceState.RUNNING

@@ -207,7 +207,7 @@ def test_killed_worker_fails_streaming_request_and_model_comes_back(live, client
     next(it)
     (inst,) = [i for i in live.admin()["instances"] if i["model"] == "tiny-a"]
     wid = inst["worker"]
-    pid = live.server.runtime._workers[wid].process.pid
+    pid = live.server.runtime.supervisor.workers[wid].process.pid
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(openai.APIError):
         for _ in it:
@@ -303,7 +303,7 @@ def test_worker_death_before_any_token_retries_elsewhere(live, client):
 
     live.wait_for(lambda: bool(dispatched()), 30, "the long prompt to be dispatched")
     wid = dispatched()[0]["worker"]
-    os.kill(live.server.runtime._workers[wid].process.pid, signal.SIGKILL)
+    os.kill(live.server.runtime.supervisor.workers[wid].process.pid, signal.SIGKILL)
     t.join(180)
     assert result.get("ok") in ("stop", "length"), result
     assert live.metric("warmserve:request_failure_total", model_name="smollm2",
@@ -355,14 +355,16 @@ def test_vanilla_autoscaling_starts_a_new_engine_per_instance(tiny_dir, tmp_path
     with LiveServer(raw, tmp_path) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         runtime = srv.server.runtime
-        first = runtime._workers[0].process.pid
+        first = runtime.supervisor.workers[0].process.pid
         assert client.completions.create(model="tiny", prompt="a", max_tokens=2).choices
         # Scale-down stops the instance's engine process: nothing stays resident.
         srv.wait_for(lambda: srv.states()["tiny"] == "cold", 30, "scale-down")
-        srv.wait_for(lambda: not runtime._workers[0].process.is_alive(), 30, "engine exit")
+        srv.wait_for(
+            lambda: not runtime.supervisor.workers[0].process.is_alive(), 30, "engine exit"
+        )
         out = client.completions.create(model="tiny", prompt="b", max_tokens=2)
         assert out.choices[0].finish_reason in ("stop", "length")
-        assert runtime._workers[0].process.pid != first  # a fresh engine served it
+        assert runtime.supervisor.workers[0].process.pid != first  # a fresh engine served it
         assert srv.metric("warmserve:instance_starts_total", model_name="tiny", path="cold") == 2
         assert srv.metric("warmserve:worker_restarts_total", worker="0") == 0  # not a failure
         runtime.cluster.check()
@@ -432,7 +434,7 @@ def test_a_request_on_two_workers_that_die_is_failed_not_retried_again(smollm2_d
             live.wait_for(lambda: bool(holding(killed)) or bool(result), 60, "a dispatch")
             assert not result, result
             inst, wid = holding(killed)[0]
-            os.kill(live.server.runtime._workers[wid].process.pid, signal.SIGKILL)
+            os.kill(live.server.runtime.supervisor.workers[wid].process.pid, signal.SIGKILL)
             killed.add(inst)
         t.join(180)
         assert result.get("status") == 502 and "two workers died" in result["body"]["message"]

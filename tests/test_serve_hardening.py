@@ -333,14 +333,14 @@ def test_a_dead_worker_is_reaped_at_once_and_restarted_after_half_a_second(live,
     client.completions.create(model="tiny-b", prompt="warm", max_tokens=2)
     runtime = live.server.runtime
     wid = next(i["worker"] for i in live.admin()["instances"] if i["model"] == "tiny-b")
-    proc = runtime._workers[wid].process
+    proc = runtime.supervisor.workers[wid].process
     restarts = live.metric("warmserve:worker_restarts_total", worker=str(wid))
     os.kill(proc.pid, 9)
-    live.wait_for(lambda: runtime._respawns[wid] is not None
+    live.wait_for(lambda: runtime.supervisor.respawns[wid] is not None
                   and live.metric("warmserve:worker_restarts_total", worker=str(wid))
                   == restarts + 1, 10, "the death to be handled")  # fmt: skip
-    handle = runtime._respawns[wid]
-    loop = runtime._loop
+    handle = runtime.supervisor.respawns[wid]
+    loop = runtime.supervisor.loop
     delay = handle.when() - loop.time()
     assert 0 < delay <= 0.5  # the first restart waits 0.5 s (it waited 1 s, then 4, 16)
     assert proc.exitcode is not None  # reaped, not a zombie until the next spawn
@@ -348,7 +348,7 @@ def test_a_dead_worker_is_reaped_at_once_and_restarted_after_half_a_second(live,
 
 
 def test_restart_back_off_doubles_from_half_a_second():
-    from warmserve.runtime.runtime import restart_delay
+    from warmserve.runtime.supervisor import restart_delay
 
     assert [restart_delay(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
 

@@ -1,4 +1,5 @@
-"""`warmserve` command line: `serve`, `bench`, `simulate`, `calibrate` and `models prepare`."""
+"""`warmserve` command line: `serve`, `bench`, `simulate`, `calibrate`, `models prepare` and
+`models check`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from warmserve.bench import BenchError
 from warmserve.control.registry import POLICIES
 from warmserve.experiment import Experiment, ExperimentError, load_experiment
-from warmserve.models import ModelPrepError
+from warmserve.models import PACKAGED, ModelPrepError
 from warmserve.traces import TraceError
 
 
@@ -100,12 +101,17 @@ def _parser() -> argparse.ArgumentParser:
         "--note", help="a line for the profile's header (e.g. how noisy the machine was)"
     )
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
-    models = sub.add_parser("models", help="prepare the packaged real models")
+    models = sub.add_parser("models", help="prepare the packaged real models; check a folder")
     msub = models.add_subparsers(dest="models_command", required=True)
-    prep = msub.add_parser("prepare", help="convert SmolLM2-135M-Instruct once into an HF folder")
+    prep = msub.add_parser("prepare", help="convert a packaged model once into an HF folder")
+    prep.add_argument("model", nargs="?", default="smollm2", choices=tuple(PACKAGED),
+                      help="smollm2 (SmolLM2-135M-Instruct, the default) or gemma3-270m "
+                           "(needs the optional gemma extra)")  # fmt: skip
     prep.add_argument("--dir", type=Path, help="cache folder (default ~/.cache/warmserve/models)")
     prep.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
                       help="weights dtype (float32, the default, is what serve uses)")  # fmt: skip
+    check = msub.add_parser("check", help="whether the engine runs an HF model folder exactly")
+    check.add_argument("path", type=Path, help="a folder with config.json and *.safetensors")
     return p
 
 
@@ -143,7 +149,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from warmserve.serve_config import (
         DEFAULT_YAML,
-        PACKAGED,
+        PACKAGED_PATHS,
         default_config,
         load_serve_config,
         with_overrides,
@@ -156,35 +162,43 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = with_overrides(cfg, args.host, args.port, args.ray)
     from warmserve.server import run_server
 
-    def prepare() -> Path:
-        from warmserve.models import is_prepared, prepare_smollm2, smollm2_dir
-
-        if is_prepared(smollm2_dir(None, "float32")):
-            return smollm2_dir(None, "float32")
-        with tqdm(total=3, desc="SmolLM2-135M-Instruct (first run)", unit="step") as bar:
-            path = prepare_smollm2(
-                None, lambda name: (bar.set_postfix_str(name), bar.update()), dtype="float32"
-            )
-            bar.update(bar.total - bar.n)
-        return path
+    def prepare(key: str) -> Path:
+        return _prepare_packaged(key, None, "float32", " (first run)")
 
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    needs = any(m.path == PACKAGED for m in cfg.models)
+    needs = any(m.path in PACKAGED_PATHS for m in cfg.models)
     run_server(cfg, prepare if needs else None)
     return 0
 
 
-def _models_prepare(args: argparse.Namespace) -> int:
-    from warmserve.models import prepare_smollm2
+def _prepare_packaged(key: str, cache_dir: Path | None, dtype: str, first: str = "") -> Path:
+    """A packaged model's folder, converted (with a progress bar) if it is not yet."""
+    from warmserve.models import is_prepared, model_dir, prepare
 
-    with tqdm(total=3, desc="SmolLM2-135M-Instruct", unit="step") as bar:
-        path = prepare_smollm2(
-            args.dir, lambda name: (bar.set_postfix_str(name), bar.update()), dtype=args.dtype
+    if is_prepared(model_dir(key, cache_dir, dtype)):
+        return model_dir(key, cache_dir, dtype)
+    model = PACKAGED[key]
+    with tqdm(total=len(model.steps), desc=model.title + first, unit="step") as bar:
+        path = prepare(
+            key, cache_dir, lambda name: (bar.set_postfix_str(name), bar.update()), dtype=dtype
         )
         bar.update(bar.total - bar.n)
-    print(path)
+    return path
+
+
+def _models(args: argparse.Namespace) -> int:
+    if args.models_command == "check":
+        from warmserve.engine.arch import UnsupportedModel, check_model_dir
+
+        try:
+            shape = check_model_dir(args.path.name, args.path)
+        except (UnsupportedModel, FileNotFoundError) as e:
+            raise ModelPrepError(str(e)) from None
+        print(f"{args.path}: {shape.architecture}, {shape.num_layers} layers: supported")
+        return 0
+    print(_prepare_packaged(args.model, args.dir, args.dtype))
     return 0
 
 
@@ -328,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "simulate":
             return _simulate(args)
         if args.command == "models":
-            return _models_prepare(args)
+            return _models(args)
         if args.command == "serve":
             return _serve(args)
         if args.command == "bench":

@@ -20,6 +20,9 @@ from warmserve.experiment import ExperimentError, build_section, convert_value, 
 from warmserve.model_spec import read_hf_config
 
 PACKAGED = "smollm2"  # a model path naming the packaged SmolLM2-135M-Instruct
+# Model paths naming packaged models (`warmserve.models.PACKAGED`), converted on first use;
+# gemma3-270m needs the optional gemma extra (Gemma Terms of Use).
+PACKAGED_PATHS = (PACKAGED, "gemma3-270m")
 
 
 class ServeConfigError(ExperimentError):
@@ -71,7 +74,8 @@ class WorkerConfig:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
-    path: str = PACKAGED  # an HF directory (config.json + *.safetensors + tokenizer), or "smollm2"
+    # An HF directory (config.json + *.safetensors + tokenizer), or one of PACKAGED_PATHS.
+    path: str = PACKAGED
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     tp: int = 1
 
@@ -142,7 +146,7 @@ class ServeConfig:
     base_dir: Path = Path()
 
     def model_path(self, m: ModelConfig, prepared: Path | None) -> Path:
-        if m.path == PACKAGED:
+        if m.path in PACKAGED_PATHS:
             assert prepared is not None
             return prepared
         return (self.base_dir / m.path).resolve()
@@ -155,6 +159,9 @@ models:
   - {name: smollm2-a, path: smollm2, max_model_len: 2048}
   - {name: smollm2-b, path: smollm2, max_model_len: 2048}
   - {name: smollm2-c, path: smollm2, max_model_len: 2048}
+  # A second, different model (Gemma 3, the pretrained base: /v1/completions), once the optional
+  # gemma extra is installed (Gemma Terms of Use; see the README):
+  # - {name: gemma3-270m, path: gemma3-270m, max_model_len: 2048}
 policy: warmserve
 control:
   capacity_per_instance: 8   # a CPU worker batches far fewer requests than an H100
@@ -225,7 +232,7 @@ def _validate(cfg: ServeConfig) -> None:
             )
         if m.max_model_len is not None and m.max_model_len < 2:
             raise ServeConfigError(f"models[{k}].max_model_len must be >= 2")
-        if m.path != PACKAGED:
+        if m.path not in PACKAGED_PATHS:
             path = cfg.base_dir / m.path
             if not (path / "config.json").is_file():
                 raise ServeConfigError(f"models[{k}].path: no config.json in {path}")

@@ -16,31 +16,38 @@ from warmserve.gateway.http import FLUSH_S, DrainingServer, header_timeout_proto
 from warmserve.gateway.serving import ModelCard, OpenAIServing
 from warmserve.model_spec import read_hf_config
 from warmserve.runtime.runtime import RuntimeModel, ServingRuntime
-from warmserve.serve_config import PACKAGED, ServeConfig, ServeConfigError, model_max_len
+from warmserve.serve_config import PACKAGED_PATHS, ServeConfig, ServeConfigError, model_max_len
 
 log = logging.getLogger("warmserve.server")
 
 
 def resolve_models(
-    cfg: ServeConfig, prepare: Callable[[], Path] | None = None
+    cfg: ServeConfig, prepare: Callable[[str], Path] | None = None
 ) -> tuple[list[RuntimeModel], list[ModelCard]]:
-    """Each served model's folder, context length, KV size and tokenizer."""
+    """Each served model's folder, context length, KV size and tokenizer. A model the engine
+    does not run exactly is refused here, before any worker starts. `prepare` gives a
+    packaged model's folder from its path name (e.g. "smollm2")."""
     from transformers import AutoTokenizer
 
-    prepared: Path | None = None
-    if any(m.path == PACKAGED for m in cfg.models):
-        if prepare is None:
-            from warmserve.models import prepare_smollm2
+    from warmserve.engine.arch import UnsupportedModel, check_model_dir
 
-            def prepare() -> Path:
-                return prepare_smollm2(dtype="float32")
+    if prepare is None:
+        from warmserve.models import prepare as prepare_packaged
 
-        prepared = prepare()
+        def prepare(key: str) -> Path:
+            return prepare_packaged(key, dtype="float32")
+
+    prepared = {p: prepare(p) for p in dict.fromkeys(m.path for m in cfg.models)
+                if p in PACKAGED_PATHS}  # fmt: skip
     runtime_models, cards = [], []
     tokenizers: dict[Path, object] = {}
     now = unix_time()
     for m in cfg.models:
-        path = cfg.model_path(m, prepared)
+        path = cfg.model_path(m, prepared.get(m.path))
+        try:
+            check_model_dir(m.name, path)
+        except UnsupportedModel as e:
+            raise ServeConfigError(str(e)) from None
         hf = read_hf_config(path)
         try:
             heads = int(hf["num_attention_heads"])
@@ -69,7 +76,7 @@ def resolve_models(
 class Server:
     """The runtime and the ASGI app, wired; `uvicorn` or a test drives `app`."""
 
-    def __init__(self, cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
+    def __init__(self, cfg: ServeConfig, prepare: Callable[[str], Path] | None = None) -> None:
         self.cfg = cfg
         models, cards = resolve_models(cfg, prepare)
         try:
@@ -110,7 +117,7 @@ class Server:
         )
 
 
-def run_server(cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
+def run_server(cfg: ServeConfig, prepare: Callable[[str], Path] | None = None) -> None:
     class _Uvicorn(DrainingServer):
         """uvicorn re-raises SIGINT/SIGTERM after a graceful shutdown, so the process would
         die by the signal; a shutdown we completed on request exits with status 0."""
@@ -142,7 +149,7 @@ class BackgroundServer:
     Workers are spawned processes, which re-import the main module: a script using this
     needs the usual `if __name__ == "__main__":` guard."""
 
-    def __init__(self, cfg: ServeConfig, prepare: Callable[[], Path] | None = None) -> None:
+    def __init__(self, cfg: ServeConfig, prepare: Callable[[str], Path] | None = None) -> None:
         import threading
 
         self.server = Server(cfg, prepare)

@@ -215,6 +215,9 @@ class Books:
     def _release(self, a: ReleaseInstance) -> Deactivate:
         inst = self.instances.pop(a.instance_id)
         assert not inst.requests, f"instance {a.instance_id} still holds {len(inst.requests)}"
+        # A starting instance's load is in flight: releasing it would keep weights that are
+        # not there yet (the autoscaler never stops one).
+        assert inst.state != InstanceState.STARTING, f"instance {a.instance_id} is starting"
         keep = a.keep_as is not None
         assert keep == (inst.replica_id is not None), "weights kept exactly when in a slot"
         kept_serial = None

@@ -1,4 +1,5 @@
-"""Llama-family decoder over a paged KV cache (Llama, SmolLM2, Mistral; Qwen2 with qkv bias).
+"""Llama-family decoder over a paged KV cache: Llama (SmolLM2), Mistral, Qwen2, Qwen3, Gemma 3,
+Phi-3 and OLMo 2, each Llama plus the few differences `engine.arch` names and checks.
 
 Parameters are plain tensors taken from an HF state dict (they may be views into a memory pool
 slot). Where a layer's Q, K and V projections (and its gate and up projections) lie back to back
@@ -16,88 +17,38 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from warmserve.engine.arch import NORM_PLACES, LlamaShape, RopeScaling, UnsupportedModel
 
-@dataclass(frozen=True, slots=True)
-class RopeScaling:
-    """Context extension of RoPE: `linear` (positions / factor) or `llama3` (per-frequency
-    interpolation between low and high wavelengths, as in Llama 3.1)."""
-
-    kind: str
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    @classmethod
-    def from_hf(cls, raw: Mapping[str, Any] | None) -> RopeScaling | None:
-        if not raw:
-            return None
-        kind = raw.get("rope_type", raw.get("type"))
-        if kind in (None, "default"):
-            return None
-        if kind == "linear":
-            return cls("linear", float(raw["factor"]))
-        if kind == "llama3":
-            return cls("llama3", float(raw["factor"]), float(raw["low_freq_factor"]),
-                       float(raw["high_freq_factor"]),
-                       int(raw["original_max_position_embeddings"]))  # fmt: skip
-        raise NotImplementedError(f"RoPE scaling {kind!r} is not supported (linear and llama3 are)")
-
-    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linear":
-            return inv_freq / self.factor
-        old = self.original_max_position_embeddings
-        low_wavelen = old / self.low_freq_factor
-        high_wavelen = old / self.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        # Long wavelengths are interpolated by `factor`, short ones kept, the band between
-        # blended linearly in 1 / wavelength.
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
-        smooth = (old / wavelen - self.low_freq_factor) / (
-            self.high_freq_factor - self.low_freq_factor
-        )
-        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, blended, scaled)
+__all__ = [
+    "LlamaShape",
+    "PagedKVCache",
+    "PagedLlama",
+    "RopeScaling",
+    "SeqInput",
+    "UnsupportedModel",
+]
 
 
-@dataclass(frozen=True, slots=True)
-class LlamaShape:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-    rope_scaling: RopeScaling | None = None
-
-    @classmethod
-    def from_hf_config(cls, cfg: Mapping[str, Any]) -> LlamaShape:
-        heads = int(cfg["num_attention_heads"])
-        scaling = RopeScaling.from_hf(cfg.get("rope_scaling") or cfg.get("rope_parameters"))
-        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)
-        return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_scaling=scaling,
-        )
+def _scaled_inv_freq(scaling: RopeScaling, inv_freq: torch.Tensor) -> torch.Tensor:
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    old = scaling.original_max_position_embeddings
+    low_wavelen = old / scaling.low_freq_factor
+    high_wavelen = old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are interpolated by `factor`, short ones kept, the band between
+    # blended linearly in 1 / wavelength.
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,11 +112,20 @@ class PagedKVCache:
         return cache
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: normalised in fp32, cast back, then scaled."""
+    return weight * _rms(x, eps).to(x.dtype)
+
+
+def _rms_norm_fp32(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's and OLMo 2's RMSNorm: scaled in fp32, then cast (`scale` is fp32: 1 + w for
+    Gemma, w for OLMo 2)."""
+    return (_rms(x, eps) * scale).to(x.dtype)
 
 
 def adjacent_view(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
@@ -192,60 +152,150 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _window_mask(
+    qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, limit: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Which keys each query sees: causal (key <= query), within `window` positions of it (the
+    query's own included, as transformers' sliding layers), and below `limit` if given."""
+    mask = kpos[None, :] <= qpos[:, None]
+    if window is not None:
+        mask &= kpos[None, :] > qpos[:, None] - window
+    if limit is not None:
+        mask &= kpos[None, :] < limit[:, None]
+    return mask
+
+
+@dataclass(slots=True)
+class _Layer:
+    w: dict[str, torch.Tensor]
+    qkv: torch.Tensor | None  # Q/K/V as one weight (a view over the three, or Phi-3's tensor)
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor | None
+    norms: tuple[torch.Tensor | None, ...]  # NORM_PLACES order; Gemma's hold 1 + w in fp32
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    window: int | None
+    local_rope: bool  # this layer's RoPE is the sliding layers' own base (Gemma 3)
+
+
 class PagedLlama:
+    """The Llama decoder with the named differences of `arch.Variant` (Mistral, Qwen2, Qwen3,
+    Gemma 3, Phi-3 and OLMo 2 are Llama plus a few of them)."""
+
     def __init__(
-        self, shape: LlamaShape, params: Mapping[str, torch.Tensor], fuse: bool | None = None
+        self,
+        shape: LlamaShape,
+        params: Mapping[str, torch.Tensor],
+        fuse: bool | None = None,
+        name: str = "model",
     ) -> None:
         """`fuse`: run Q/K/V and gate/up as one matmul each where they lie back to back. By
         default only on a GPU: on this project's 2-core CPUs the wider matmuls were no faster
-        (SmolLM2 at 8 concurrent: 53 tok/s fused, 61 separate; 1.2 GB Llama prefill slower)."""
+        (SmolLM2 at 8 concurrent: 53 tok/s fused, 61 separate; 1.2 GB Llama prefill slower).
+        Phi-3 checkpoints store them fused, and run so everywhere.
+
+        The parameters must be exactly those the shape needs (`UnsupportedModel` otherwise);
+        an in-memory `lm_head.weight` that is the embedding itself (a tied model's state
+        dict) is accepted."""
         self.shape = shape
+        v = shape.variant
         p = dict(params)
-        self.embed = p["model.embed_tokens.weight"]
+        self.embed = p.get("model.embed_tokens.weight")
+        head = p.get("lm_head.weight")
+        if (
+            shape.tie_word_embeddings
+            and head is not None
+            and self.embed is not None
+            and (head.data_ptr() == self.embed.data_ptr())
+        ):
+            del p["lm_head.weight"]
+        shape.check_tensors(name, {k: t.shape for k, t in p.items()})
+        assert self.embed is not None
         self.device = self.embed.device
         if fuse is None:
             fuse = self.device.type == "cuda"
-        self.norm = p["model.norm.weight"]
         self.lm_head = self.embed if shape.tie_word_embeddings else p["lm_head.weight"]
-        self.layers = []
+        # Gemma's (1 + w) and OLMo 2's norm scales are made once here in fp32, as transformers
+        # computes them (a few KB a layer), not on every step.
+        self._norm = _rms_norm_fp32 if v.gemma or v.norm_scale_fp32 else _rms_norm
+        self._qk_norm = v.qk_norm
+        offset = 1.0 if v.gemma else 0.0
+
+        def prep(t: torch.Tensor) -> torch.Tensor:
+            return t.float() + offset if v.gemma or v.norm_scale_fp32 else t
+
+        self.norm = prep(p["model.norm.weight"])
+        self.embed_scale = (
+            torch.tensor(shape.hidden_size**0.5, dtype=self.embed.dtype, device=self.device)
+            if v.gemma
+            else None
+        )
+        self.layers: list[_Layer] = []
         for i in range(shape.num_layers):
             prefix = f"model.layers.{i}."
-            w = {k.removeprefix(prefix): v for k, v in p.items() if k.startswith(prefix)}
-            qkv = [w[f"self_attn.{n}_proj.weight"] for n in "qkv"]
-            qkv_bias = [w.get(f"self_attn.{n}_proj.bias") for n in "qkv"]
-            gate_up = [w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]
-            fused: dict[str, torch.Tensor | None] = dict.fromkeys(("qkv", "qkv_bias", "gate_up"))
-            if fuse:
-                fused["qkv"] = adjacent_view(qkv)
-                fused["gate_up"] = adjacent_view(gate_up)
-                if qkv_bias[0] is not None:  # biased projections fuse only with their biases
-                    fused["qkv_bias"] = adjacent_view(qkv_bias)
-                    if fused["qkv_bias"] is None:
-                        fused["qkv"] = None
-            self.layers.append((w, fused))
-        self.fused_layers = sum(f["qkv"] is not None for _, f in self.layers)
-        inv = 1.0 / (
-            shape.rope_theta ** (torch.arange(0, shape.head_dim, 2).float() / shape.head_dim)
+            w = {k.removeprefix(prefix): t for k, t in p.items() if k.startswith(prefix)}
+            qkv = qkv_bias = gate_up = None
+            if v.fused_checkpoint:
+                qkv, gate_up = w["self_attn.qkv_proj.weight"], w["mlp.gate_up_proj.weight"]
+            elif fuse:
+                qkv = adjacent_view([w[f"self_attn.{n}_proj.weight"] for n in "qkv"])
+                gate_up = adjacent_view([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
+                if shape.qkv_bias:  # biased projections fuse only with their biases
+                    qkv_bias = adjacent_view([w[f"self_attn.{n}_proj.bias"] for n in "qkv"])
+                    if qkv_bias is None:
+                        qkv = None
+                if shape.mlp_bias:
+                    gate_up = None
+            norms = tuple(None if n is None else prep(w[f"{n}.weight"])
+                          for n in NORM_PLACES[v.norms])  # fmt: skip
+            q_norm = k_norm = None
+            if v.qk_norm is not None:
+                q_norm = prep(w["self_attn.q_norm.weight"])
+                k_norm = prep(w["self_attn.k_norm.weight"])
+            window = shape.window(i)
+            local = window is not None and shape.local_rope_theta is not None
+            self.layers.append(_Layer(w, qkv, qkv_bias, gate_up, norms, q_norm, k_norm, window,
+                                      local))  # fmt: skip
+        self.fused_layers = sum(layer.qkv is not None for layer in self.layers)
+        self._inv_freq = self._inv(shape.rope_theta, shape.rope_scaling)
+        self._local_inv_freq = (
+            self._inv(shape.local_rope_theta, None) if shape.local_rope_theta is not None else None
         )
-        if shape.rope_scaling is not None:
-            inv = shape.rope_scaling.apply(inv)
-        self._inv_freq = inv.to(self.device)
+        self._windows = sorted({layer.window for layer in self.layers}, key=lambda w: w or 0)
+        self._act = (
+            (lambda t: F.gelu(t, approximate="tanh"))
+            if shape.activation == "gelu_pytorch_tanh"
+            else F.silu
+        )
 
+    def _inv(self, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+        d = self.shape.head_dim
+        inv = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
+        if scaling is not None:
+            inv = _scaled_inv_freq(scaling, inv)
+        return inv.to(self.device)
+
+    @staticmethod
     def _rope(
-        self, positions: torch.Tensor, dtype: torch.dtype
+        inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self._inv_freq[None, :]
+        freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def _decode_meta(self, seqs: Sequence[SeqInput], bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded block tables `[B, max_blocks]` and a key mask `[B, max_blocks * bs]`."""
+    def _decode_meta(
+        self, seqs: Sequence[SeqInput], bs: int
+    ) -> tuple[torch.Tensor, dict[int | None, torch.Tensor]]:
+        """Padded block tables `[B, max_blocks]` and, per window, a key mask
+        `[B, 1, 1, max_blocks * bs]`."""
         lens = [q.start + 1 for q in seqs]
         width = max(-(-n // bs) for n in lens)
         rows = [list(q.block_table[: -(-n // bs)]) for q, n in zip(seqs, lens, strict=True)]
         tables = self._tensor([r + [0] * (width - len(r)) for r in rows])
-        mask = torch.arange(width * bs, device=self.device)[None, :] < self._tensor(lens)[:, None]
-        return tables, mask
+        qpos = self._tensor([q.start for q in seqs])
+        kpos = torch.arange(width * bs, device=self.device)
+        masks = {w: _window_mask(qpos, kpos, w)[:, None, None, :] for w in self._windows}
+        return tables, masks
 
     def _tensor(self, data: Sequence) -> torch.Tensor:
         """Host-built indices on the model's device (one transfer each on a GPU)."""
@@ -256,10 +306,9 @@ class PagedLlama:
         q: torch.Tensor,
         cache: PagedKVCache,
         layer: int,
-        meta: tuple[torch.Tensor, torch.Tensor] | None,
+        tables: torch.Tensor,
+        mask: torch.Tensor,
     ) -> torch.Tensor:
-        assert meta is not None
-        tables, mask = meta
         s = self.shape
         b = q.shape[0]
         kk = cache.k[layer][tables].reshape(b, -1, s.num_kv_heads, s.head_dim).to(q.dtype)
@@ -268,10 +317,14 @@ class PagedLlama:
             q[:, :, None, :],  # [B, heads, 1, head_dim]
             kk.transpose(1, 2),
             vv.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
+            attn_mask=mask,
             enable_gqa=True,
+            scale=s.query_scale,
         )
         return o[:, :, 0, :]
+
+    def _linear(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
     @torch.inference_mode()
     def forward(
@@ -289,71 +342,99 @@ class PagedLlama:
         )
         slots_o = positions % bs
         x = self.embed[ids]
-        cos, sin = self._rope(positions, x.dtype)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        ropes = {False: self._rope(self._inv_freq, positions, x.dtype)}
+        if self._local_inv_freq is not None:
+            ropes[True] = self._rope(self._local_inv_freq, positions, x.dtype)
         bounds = [0]
         for q in seqs:
             bounds.append(bounds[-1] + len(q.token_ids))
         decode = [n for n, q in enumerate(seqs) if len(q.token_ids) == 1]
-        multi = [n for n, q in enumerate(seqs) if len(q.token_ids) != 1]
         decode_rows = self._tensor([bounds[n] for n in decode])
-        dec_meta = self._decode_meta([seqs[n] for n in decode], bs) if decode else None
+        all_decode = len(decode) == len(seqs)
+        if decode:
+            tables, dec_masks = self._decode_meta([seqs[n] for n in decode], bs)
+        multi = [self._multi_meta(seqs[n], bounds[n], bounds[n + 1], bs)
+                 for n, q in enumerate(seqs) if len(q.token_ids) != 1]  # fmt: skip
         q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        for li, (w, fused) in enumerate(self.layers):
-            h = _rms_norm(x, w["input_layernorm.weight"], s.rms_norm_eps)
-            if fused["qkv"] is not None:
-                qkv = F.linear(h, fused["qkv"], fused["qkv_bias"])
+        eps, norm = s.rms_norm_eps, self._norm
+        for li, layer in enumerate(self.layers):
+            w = layer.w
+            attn_in, attn_out, mlp_in, mlp_out = layer.norms
+            h = x if attn_in is None else norm(x, attn_in, eps)
+            if layer.qkv is not None:
+                qkv = F.linear(h, layer.qkv, layer.qkv_bias)
                 q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
             else:
-                q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
-                k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
-                v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+                q = self._linear(h, w, "self_attn.q_proj")
+                k = self._linear(h, w, "self_attn.k_proj")
+                v = self._linear(h, w, "self_attn.v_proj")
+            if self._qk_norm == "full":  # OLMo 2: over the whole projection
+                q, k = norm(q, layer.q_norm, eps), norm(k, layer.k_norm, eps)
             q = q.reshape(-1, s.num_heads, s.head_dim)
             k = k.reshape(-1, s.num_kv_heads, s.head_dim)
             v = v.reshape(-1, s.num_kv_heads, s.head_dim)
-            q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
-            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+            if self._qk_norm == "head":  # Qwen3, Gemma 3: each head on its own
+                q, k = norm(q, layer.q_norm, eps), norm(k, layer.k_norm, eps)
+            cos, sin = ropes[layer.local_rope]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
             cache.k[li, slots_b, slots_o] = k.to(cache.k.dtype)
             cache.v[li, slots_b, slots_o] = v.to(cache.v.dtype)
-            out = torch.empty_like(q)
-            if decode:  # all one-token sequences in one attention call
-                out[decode_rows] = self._decode_attention(q[decode_rows], cache, li, dec_meta)
-            for n in multi:
-                seq = seqs[n]
-                lo, hi = bounds[n], bounds[n + 1]
+            if all_decode:  # the common step: no rows to pick out or put back
+                out = self._decode_attention(q, cache, li, tables, dec_masks[layer.window])
+            else:
+                out = torch.empty_like(q)
+            if decode and not all_decode:  # all one-token sequences in one attention call
+                out[decode_rows] = self._decode_attention(
+                    q[decode_rows], cache, li, tables, dec_masks[layer.window]
+                )
+            for lo, hi, blocks, masks in multi:
                 # 4-D inputs: torch's CPU flash kernel takes only those (3-D ones run the
                 # slower math path).
                 qq = q[lo:hi].transpose(0, 1)[None]
-                if seq.start == 0:  # a whole prompt: its keys are this step's, plain causal
-                    o = F.scaled_dot_product_attention(
-                        qq, k[lo:hi].transpose(0, 1)[None], v[lo:hi].transpose(0, 1)[None],
-                        is_causal=True, enable_gqa=True,
-                    )  # fmt: skip
-                    out[lo:hi] = o[0].transpose(0, 1)
-                    continue
-                total = seq.start + (hi - lo)
-                blocks = self._tensor(list(seq.block_table[: -(-total // bs)]))
-                kk = cache.k[li, blocks].reshape(-1, s.num_kv_heads, s.head_dim)[:total]
-                vv = cache.v[li, blocks].reshape(-1, s.num_kv_heads, s.head_dim)[:total]
-                # Causal over the whole context: query j (absolute start + j) sees keys <= it.
-                qpos = torch.arange(seq.start, total, device=self.device)[:, None]
-                mask = torch.arange(total, device=self.device)[None, :] <= qpos
+                mask = masks[layer.window]
+                if blocks is None:  # a whole prompt: its keys are this step's
+                    kk, vv = k[lo:hi], v[lo:hi]
+                else:
+                    total = mask.shape[-1]
+                    kk = cache.k[li, blocks].reshape(-1, s.num_kv_heads, s.head_dim)[:total]
+                    vv = cache.v[li, blocks].reshape(-1, s.num_kv_heads, s.head_dim)[:total]
                 o = F.scaled_dot_product_attention(
                     qq, kk.to(q.dtype).transpose(0, 1)[None], vv.to(q.dtype).transpose(0, 1)[None],
-                    attn_mask=mask, enable_gqa=True,
+                    attn_mask=mask, is_causal=mask is None, enable_gqa=True, scale=s.query_scale,
                 )  # fmt: skip
                 out[lo:hi] = o[0].transpose(0, 1)
-            x = x + F.linear(
-                out.reshape(-1, s.num_heads * s.head_dim), w["self_attn.o_proj.weight"]
-            )
-            h = _rms_norm(x, w["post_attention_layernorm.weight"], s.rms_norm_eps)
-            if fused["gate_up"] is not None:
-                gate, up = F.linear(h, fused["gate_up"]).chunk(2, dim=-1)
+            a = self._linear(out.reshape(-1, q_width), w, "self_attn.o_proj")
+            x = x + (a if attn_out is None else norm(a, attn_out, eps))
+            h = x if mlp_in is None else norm(x, mlp_in, eps)
+            if layer.gate_up is not None:
+                gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
             else:
-                gate = F.linear(h, w["mlp.gate_proj.weight"])
-                up = F.linear(h, w["mlp.up_proj.weight"])
-            x = x + F.linear(F.silu(gate) * up, w["mlp.down_proj.weight"])
+                gate = self._linear(h, w, "mlp.gate_proj")
+                up = self._linear(h, w, "mlp.up_proj")
+            m = self._linear(self._act(gate) * up, w, "mlp.down_proj")
+            x = x + (m if mlp_out is None else norm(m, mlp_out, eps))
         last = self._tensor(bounds[1:]) - 1 if rows is None else self._tensor(list(rows))
-        h = _rms_norm(x[last], self.norm, s.rms_norm_eps)
+        h = norm(x[last], self.norm, eps)
         # `W @ h.T`, not `h @ W.T`: with a tall vocabulary matrix and a few rows, the CPU BLAS
         # runs the former 1.5-2x faster (SmolLM2, 32 rows: 34 vs 53 ms); same result.
         return torch.mm(self.lm_head, h.t()).t().contiguous()
+
+    def _multi_meta(
+        self, seq: SeqInput, lo: int, hi: int, bs: int
+    ) -> tuple[int, int, torch.Tensor | None, dict[int | None, torch.Tensor | None]]:
+        """A multi-token sequence's rows, the blocks of its context (None for a whole prompt,
+        whose keys are this step's own) and its masks per window (None: plain causal), built
+        once a step rather than once a layer."""
+        total = seq.start + (hi - lo)
+        qpos = torch.arange(seq.start, total, device=self.device)
+        kpos = torch.arange(total, device=self.device)
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for w in self._windows:
+            plain = seq.start == 0 and (w is None or w >= total)
+            masks[w] = None if plain else _window_mask(qpos, kpos, w)
+        if seq.start == 0:
+            return lo, hi, None, masks
+        return lo, hi, self._tensor(list(seq.block_table[: -(-total // bs)])), masks

@@ -239,7 +239,9 @@ class OpenAIServing:
         gens: list[Generation] = []
         for k, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                ids = card.tokenizer.encode(prompt, add_special_tokens=False)
+                # With the tokenizer's special tokens (a BOS where the model expects one, as
+                # Gemma does), as vLLM encodes completion prompts; token-id prompts go as given.
+                ids = card.tokenizer.encode(prompt, add_special_tokens=True)
                 text = prompt
             else:
                 if any(not 0 <= t < vocab for t in prompt):

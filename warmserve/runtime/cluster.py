@@ -22,6 +22,7 @@ from warmserve.cluster.effects import (
     Route,
 )
 from warmserve.control.api import Action, ClusterSnapshot, StartInstance
+from warmserve.engine.request import SamplingParams
 from warmserve.hardware import PAGE_BYTES
 from warmserve.runtime import messages as m
 from warmserve.types import InstanceId, ReplicaId, RequestId, StartPath
@@ -51,7 +52,10 @@ class RuntimeCluster:
         send: Callable[[int, m.Command], None],
         on_dispatch: Callable[[RequestId, InstanceId], None],
         page_bytes: int = PAGE_BYTES,
+        payload: Callable[[RequestId], tuple[tuple[int, ...], SamplingParams]] | None = None,
     ) -> None:
+        """`on_dispatch(request, instance)`: a request was routed (after its `AddRequest`
+        went out, when `payload` gives each request's prompt and sampling parameters)."""
         weights = {name: f.weight_pages for name, f in models.items()}
         # Every worker is one device on its own; none is up until it reports ready.
         self.books = Books(num_workers, num_workers, weights, alive=False, page_bytes=page_bytes)
@@ -61,6 +65,7 @@ class RuntimeCluster:
         self.engine_kv: dict[InstanceId, EngineKv] = {}
         self._send = send
         self._on_dispatch = on_dispatch
+        self._payload = payload
 
     @property
     def devices(self) -> list[DeviceBook]:
@@ -84,12 +89,15 @@ class RuntimeCluster:
                 raise NotImplementedError("the serving runtime runs one model per worker (TP = 1)")
         for e in self.books.apply(actions):
             if isinstance(e, Route):
+                if self._payload is not None:
+                    (wid,) = self.books.instances[e.instance_id].devices
+                    self._send(wid, m.AddRequest(e.request_id, *self._payload(e.request_id)))
                 self._on_dispatch(e.request_id, e.instance_id)
                 continue
             (wid,) = e.devices
             if isinstance(e, Activate):
                 self.starts.append((e.model, e.path))
-                self._send(wid, m.Activate(e.model, self.models[e.model].model_dir))
+                self._send(wid, m.Activate(e.model, self.models[e.model].model_dir, e.instance_id))
             elif isinstance(e, Deactivate):
                 self.engine_kv.pop(e.instance_id, None)
                 self._send(wid, m.Deactivate(keep_weights=e.keep_weights))
@@ -98,11 +106,11 @@ class RuntimeCluster:
                     self.books.mark_loaded(e.kept_serial, wid)
             elif isinstance(e, LoadWeights):
                 if not e.for_activation:  # otherwise the Activate that follows loads them
-                    self._send(wid, m.Prewarm(e.model, self.models[e.model].model_dir, e.serial))
+                    self._send(wid, m.LoadModel(e.model, self.models[e.model].model_dir, e.serial))
             elif isinstance(e, DropWeights):
-                self._send(wid, m.Evict(e.model))
+                self._send(wid, m.UnloadModel(e.model))
             elif isinstance(e, ResizeKv):
-                self._send(wid, m.SetKvPages(e.kv_pages))
+                self._send(wid, m.MapKvPages(e.kv_pages))
             else:  # pragma: no cover - the Effect union is closed
                 raise TypeError(f"unknown effect {e!r}")
 
@@ -117,8 +125,14 @@ class RuntimeCluster:
     def mark_loaded(self, wid: int, token: int) -> None:
         self.books.mark_loaded(token, wid)
 
-    def mark_running(self, wid: int, kv_blocks: int, block_bytes: int) -> InstanceBook | None:
+    def mark_running(
+        self, wid: int, kv_blocks: int, block_bytes: int, instance_id: InstanceId | None = None
+    ) -> InstanceBook | None:
+        """The worker's engine is up. `instance_id`: the one it was activated for; an echo
+        that arrives after that instance was released is not taken for the next one."""
         inst_id = self.books.devices[wid].instance_id
+        if instance_id is not None and inst_id != instance_id:
+            return None
         inst = self.books.mark_running(inst_id) if inst_id is not None else None
         if inst is not None:
             self.engine_kv[inst.instance_id] = EngineKv(kv_blocks, block_bytes)

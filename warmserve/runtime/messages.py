@@ -1,5 +1,7 @@
 """What the runtime and a worker process say to each other over their pipe (pickled).
 
+The worker's commands are named apart from the controller's actions (`Prewarm`, `Evict`,
+`SetKvPages` in `control/api.py`), which reach a worker only as the books' effects.
 Commands run on the worker in the order sent; that order is what lets the runtime send
 `AddRequest` right after `Activate` (the request waits in the worker, not in a poll loop).
 """
@@ -13,14 +15,18 @@ from warmserve.engine.request import SamplingParams, TokenLogprobs
 
 # ----- runtime -> worker ----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class Prewarm:
+class LoadModel:
+    """Load a model's weights into a slot in the background (a prewarm)."""
+
     name: str
     model_dir: str
     token: int  # echoed in `Loaded`, so a stale load is never taken for a newer one
 
 
 @dataclass(frozen=True, slots=True)
-class Evict:
+class UnloadModel:
+    """Free a model's weights (cancelling a load still running)."""
+
     name: str
 
 
@@ -28,6 +34,7 @@ class Evict:
 class Activate:
     name: str
     model_dir: str  # loaded first (a cold start) when not resident
+    instance_id: int = -1  # echoed in `Activated`: a late one never marks a newer instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +43,7 @@ class Deactivate:
 
 
 @dataclass(frozen=True, slots=True)
-class SetKvPages:
+class MapKvPages:
     """Lend (fewer) or reclaim (more) KV pages so that `pages` stay mapped in the KV slot."""
 
     pages: int
@@ -60,7 +67,14 @@ class Shutdown:
 
 
 Command = (
-    Prewarm | Evict | Activate | Deactivate | SetKvPages | AddRequest | AbortRequest | Shutdown
+    LoadModel
+    | UnloadModel
+    | Activate
+    | Deactivate
+    | MapKvPages
+    | AddRequest
+    | AbortRequest
+    | Shutdown
 )
 
 
@@ -81,6 +95,7 @@ class Loaded:
 @dataclass(frozen=True, slots=True)
 class Activated:
     name: str
+    instance_id: int
     kv_blocks: int
     block_bytes: int
     seconds: float  # activation alone (a cold start's load is not included)

@@ -35,19 +35,13 @@ from warmserve.runtime.requests import (
     StreamError,
     TokenDelta,
 )
-from warmserve.runtime.transport import WorkerLink, WorkerLinks
+from warmserve.runtime.supervisor import Supervisor
+from warmserve.runtime.transport import WorkerLinks
 from warmserve.serve_config import ServeConfig
 from warmserve.types import ModelName
 from warmserve.worker.layout import checkpoint_files, weights_layout
 
 log = logging.getLogger("warmserve.runtime")
-
-
-def restart_delay(deaths: int) -> float:
-    """Back off when a worker keeps dying (e.g. it cannot allocate its pool): 0.5 s, 1 s,
-    2 s, … up to 30 s after 1, 2, 3, … deaths in a row, so a crash loop does not spin; a
-    worker that starts resets the count."""
-    return min(30.0, 0.5 * 2 ** (max(1, deaths) - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +90,9 @@ class ServingRuntime:
                     f"model {rm.name!r} needs {pages} pages of {cfg.workers.page_mib} MiB; a "
                     f"worker pool has {cfg.workers.num_pages} (raise workers.pool_mib)"
                 )
-        self.cluster = RuntimeCluster(n, files, self._send, self._dispatch, page_bytes)
+        self.cluster = RuntimeCluster(
+            n, files, self._send, self._routed, page_bytes, payload=self._payload
+        )
         ctl = cfg.control
         self.forecaster = make_forecaster(ctl)
         fc_cfg = cfg.forecast
@@ -112,17 +108,10 @@ class ServingRuntime:
             self.forecaster.add_model(rm.name, offset, histories.get(rm.name))
         self.controller: ControlPlane = self.policy.build(ctl, served, self.forecaster)
         self.requests: dict[int, RuntimeRequest] = {}
-        self._workers: list[WorkerLink | None] = [None] * n
-        # Without unified memory (vanilla autoscaling) every instance is a new engine: its
-        # worker process stops at scale-down ("parked") and a new one starts with the next
-        # instance, paying process start-up, engine init and the weight load.
-        self._engine_per_instance = not spec.unified_memory
-        self._parked: set[int] = set()
-        self._fresh: set[int] = set()  # spawned for an instance: its Ready keeps the books
-        self._incarnation = [0] * n
-        self._deaths = [0] * n  # consecutive, for the restart back-off
-        self._respawns: list[asyncio.TimerHandle | None] = [None] * n
-        self._ready: list[asyncio.Future[None] | None] = [None] * n
+        # Without unified memory (vanilla autoscaling) every instance is a new engine.
+        self.supervisor = Supervisor(
+            self.links, not spec.unified_memory, self._on_event, self._on_worker_death
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._next_id = 0
@@ -135,26 +124,13 @@ class ServingRuntime:
         self._loop = asyncio.get_running_loop()
         self._all_done = asyncio.Event()
         self._all_done.set()
-        for wid in range(self.links.count):
-            self._spawn(wid)
-        waits = [f for f in self._ready if f is not None]
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), self.cfg.workers.startup_timeout_s)
+            await self.supervisor.start(self.cfg.workers.startup_timeout_s)
         except TimeoutError:
             await self.shutdown(0)
             raise RuntimeError("workers did not start in time") from None
         self._accepting = True
         self._tick_task = asyncio.create_task(self._tick_loop(), name="control-tick")
-
-    def _spawn(self, wid: int) -> None:
-        assert self._loop is not None
-        if self._closing:
-            return
-        self._incarnation[wid] += 1
-        self._ready[wid] = self._loop.create_future()
-        self._workers[wid] = self.links.spawn(
-            wid, self._incarnation[wid], self._event_threadsafe, self._exit_threadsafe
-        )
 
     async def drain(self, grace_s: float) -> None:
         """Stop accepting, let in-flight requests finish for `grace_s`, then fail the rest
@@ -170,16 +146,11 @@ class ServingRuntime:
         """`drain`, then stop the workers."""
         await self.drain(grace_s)
         self._closing = True
-        for handle in self._respawns:
-            if handle is not None:
-                handle.cancel()
         if self._tick_task is not None:
             self._tick_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tick_task
-        workers = [w for w in self._workers if w is not None]
-        await asyncio.gather(*(asyncio.to_thread(w.stop, 10.0) for w in workers))
-        self.links.close()
+        await self.supervisor.stop(10.0)
 
     @property
     def accepting(self) -> bool:
@@ -227,31 +198,18 @@ class ServingRuntime:
             self._send(req.worker_id, m.AbortRequest(request_id))
             self._finish(req, "stop" if reason == "stop" else "abort")
 
-    def _dispatch(self, request_id: int, instance_id: int) -> None:
+    def _payload(self, request_id: int) -> tuple[tuple[int, ...], SamplingParams]:
+        req = self.requests[request_id]
+        return req.prompt_ids, req.params
+
+    def _routed(self, request_id: int, instance_id: int) -> None:
+        """The cluster sent the request to its instance's worker: note where it runs."""
         req = self.requests[request_id]
         (wid,) = self.cluster.instances[instance_id].devices
         req.instance_id, req.worker_id = instance_id, wid
-        self._send(wid, m.AddRequest(request_id, req.prompt_ids, req.params))
 
     def _send(self, wid: int | None, cmd: m.Command) -> None:
-        if wid is None:
-            return
-        if self._engine_per_instance:
-            if isinstance(cmd, m.Deactivate):  # the instance's engine goes away with it
-                self._parked.add(wid)
-                w = self._workers[wid]
-                if w is not None:
-                    w.send(m.Shutdown())
-                return
-            if wid in self._parked:
-                if not isinstance(cmd, m.Activate):
-                    return  # nothing lives on a parked device
-                self._parked.discard(wid)
-                self._fresh.add(wid)
-                self._spawn(wid)  # the Activate waits in the new process's pipe
-        w = self._workers[wid]
-        if w is not None:
-            w.send(cmd)
+        self.supervisor.send(wid, cmd)
 
     def _finish(self, req: RuntimeRequest, reason: str) -> None:
         now = self.clock.now()
@@ -285,17 +243,9 @@ class ServingRuntime:
             self._all_done.set()
 
     # ----- worker events (on the loop thread) -------------------------------------------
-    def _event_threadsafe(self, wid: int, inc: int, event: m.Event) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._on_event, wid, inc, event)
-
-    def _exit_threadsafe(self, wid: int, inc: int) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._on_exit, wid, inc)
-
-    def _on_event(self, wid: int, inc: int, ev: m.Event) -> None:
-        if inc != self._incarnation[wid] or self._closing:
-            return  # from a worker process that has since been replaced
+    def _on_event(self, wid: int, ev: m.Event, fresh: bool) -> None:
+        if self._closing:
+            return
         if isinstance(ev, m.TokenBatch):
             self._on_tokens(ev)
             inst = self.cluster.mark_kv_used(wid, ev.kv_used_blocks)
@@ -303,20 +253,14 @@ class ServingRuntime:
                 # Requests wait for KV on an instance that lent pages: reclaim them now.
                 self.controller.on_kv_pressure(self.clock.now(), inst.instance_id, self.cluster)
         elif isinstance(ev, m.Ready):
-            self._deaths[wid] = 0
             self.metrics.worker_up.labels(str(wid)).set(1)
-            fut = self._ready[wid]
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-            if wid in self._fresh:  # a new engine for an instance the books already hold
-                self._fresh.discard(wid)
-            else:
+            if not fresh:  # (a fresh engine is for an instance the books already hold)
                 self.cluster.worker_ready(wid, ev.num_pages)
                 self._after_layout_change()
         elif isinstance(ev, m.Loaded):
             self.cluster.mark_loaded(wid, ev.token)
         elif isinstance(ev, m.Activated):
-            inst = self.cluster.mark_running(wid, ev.kv_blocks, ev.block_bytes)
+            inst = self.cluster.mark_running(wid, ev.kv_blocks, ev.block_bytes, ev.instance_id)
             if inst is not None:
                 self.metrics.activation.labels(inst.model).observe(ev.seconds)
         elif isinstance(ev, m.RequestFailed):
@@ -333,9 +277,7 @@ class ServingRuntime:
         elif isinstance(ev, m.CommandFailed):
             # The worker's state no longer matches the books: replace the process.
             log.error("worker %d: %s failed: %s; restarting it", wid, ev.command, ev.message)
-            w = self._workers[wid]
-            if w is not None:
-                w.kill()
+            self.supervisor.kill(wid)
 
     def _on_tokens(self, ev: m.TokenBatch) -> None:
         now = self.clock.now()
@@ -355,17 +297,8 @@ class ServingRuntime:
             if item.finish_reason is not None:
                 self._finish(req, item.finish_reason)
 
-    def _on_exit(self, wid: int, inc: int) -> None:
-        if inc != self._incarnation[wid] or self._closing or wid in self._parked:
-            return  # replaced, shutting down, or stopped with its instance on purpose
-        fut = self._ready[wid]
-        if fut is not None and not fut.done():
-            if not self._accepting:
-                fut.set_exception(RuntimeError(f"worker {wid} exited during start-up"))
-                return
-            fut.cancel()  # a replacement died while starting: handled as any death
-        self._fresh.discard(wid)
-        self._deaths[wid] += 1
+    def _on_worker_death(self, wid: int) -> None:
+        """Fail over a dead worker's requests; the supervisor restarts it."""
         log.error("worker %d died; failing over its requests and restarting it", wid)
         self.metrics.worker_up.labels(str(wid)).set(0)
         self.metrics.worker_restarts.labels(str(wid)).inc()
@@ -390,9 +323,6 @@ class ServingRuntime:
                     self._fail(
                         req, StreamError(502, "the worker serving this request died"), "worker_died"
                     )
-        delay = restart_delay(self._deaths[wid])
-        assert self._loop is not None
-        self._respawns[wid] = self._loop.call_later(delay, self._spawn, wid)
 
     def _after_layout_change(self) -> None:
         """A device came (back): let queued requests start without waiting for a tick."""

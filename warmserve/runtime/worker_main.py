@@ -3,7 +3,7 @@
 The loop runs engine steps while there is work and blocks on the pipe (or on a finished
 background load) when there is none: no sleeps, no polling. Loads run on the worker's loader
 thread, so prewarming never stalls the serving engine; a command that needs a load finished
-(`Activate`, `Evict` of a loading model) waits for it in order, as on the reference's
+(`Activate`, `UnloadModel` of a loading model) waits for it in order, as on the reference's
 per-GPU queue.
 """
 
@@ -95,7 +95,7 @@ class _Loop:
             if isinstance(cmd, m.Activate) and self._must_wait(cmd.name):
                 return True
             try:
-                if isinstance(cmd, m.SetKvPages) and not self._set_kv(cmd.pages):
+                if isinstance(cmd, m.MapKvPages) and not self._set_kv(cmd.pages):
                     return True  # the engine steps meanwhile; retried after each step
                 self.pending.popleft()
                 if isinstance(cmd, m.Shutdown):
@@ -124,10 +124,10 @@ class _Loop:
 
     def _run(self, cmd: m.Command) -> None:
         w = self.worker
-        if isinstance(cmd, m.Prewarm):
+        if isinstance(cmd, m.LoadModel):
             fut = w.prewarm(cmd.name, Path(cmd.model_dir), background=True)
             fut.add_done_callback(lambda f, c=cmd: self._loaded(c, f))
-        elif isinstance(cmd, m.Evict):
+        elif isinstance(cmd, m.UnloadModel):
             w.evict(cmd.name)
         elif isinstance(cmd, m.Activate):
             if cmd.name not in w.resident:
@@ -135,11 +135,15 @@ class _Loop:
             t0 = time.perf_counter()
             self.engine = w.activate(cmd.name)
             blocks = self.engine.scheduler.alloc.num_blocks
-            self.send(m.Activated(cmd.name, blocks, w._block_bytes, time.perf_counter() - t0))
+            self.send(
+                m.Activated(
+                    cmd.name, cmd.instance_id, blocks, w._block_bytes, time.perf_counter() - t0
+                )
+            )
         elif isinstance(cmd, m.Deactivate):
             w.deactivate(cmd.keep_weights)
             self.engine = None
-        elif isinstance(cmd, m.SetKvPages):
+        elif isinstance(cmd, m.MapKvPages):
             pass  # applied by `_set_kv` before it left the queue
         elif isinstance(cmd, m.AddRequest):
             if self.engine is None:
@@ -151,13 +155,13 @@ class _Loop:
                 eng.abort(cmd.request_id)
                 self._report(())  # the KV the abort freed
 
-    def _loaded(self, cmd: m.Prewarm, fut) -> None:  # on the loader thread
+    def _loaded(self, cmd: m.LoadModel, fut) -> None:  # on the loader thread
         try:
             seconds = fut.result()
         except LoadCancelled:
             pass  # evicted while loading: never reported as loaded
         except Exception as e:
-            self.send(m.CommandFailed("Prewarm", f"loading {cmd.name}: {e}"))
+            self.send(m.CommandFailed("LoadModel", f"loading {cmd.name}: {e}"))
         else:
             self.send(m.Loaded(cmd.name, cmd.token, seconds))
         os.write(self._wake_w, b"x")

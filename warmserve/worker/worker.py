@@ -11,7 +11,6 @@ them); tensor copies and engine steps run outside it.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +23,7 @@ from warmserve.engine.engine import Engine
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama
 from warmserve.engine.scheduler import Scheduler
+from warmserve.model_spec import read_hf_config
 from warmserve.worker.layout import checkpoint_files, weights_layout
 from warmserve.worker.pool import PagePool, PageUse, Slot
 from warmserve.worker.weights import LoadCancelled, copy_into_slot, slot_view
@@ -82,9 +82,11 @@ class UniversalWorker:
     def _load(self, name: str, model_dir: Path, cancel: threading.Event) -> float:
         t0 = time.perf_counter()
         try:
-            cfg = json.loads((model_dir / "config.json").read_text())
-            shape = LlamaShape.from_hf_config(cfg)
+            cfg = read_hf_config(model_dir)
+            shape = LlamaShape.from_hf_config(cfg, name)
             layout, total = weights_layout(checkpoint_files(model_dir))
+            # Refused before a page is taken: a tensor missing, unused or of the wrong shape.
+            shape.check_tensors(name, {t.name: t.shape for t in layout})
             pages = max(1, -(-total // self.pool.page_bytes))
             with self._lock:
                 slot = self.pool.new_slot(PageUse.WEIGHTS)
@@ -173,7 +175,9 @@ class UniversalWorker:
         buf = slot_view(self.pool, kv, free_pages * self.pool.page_bytes)
         cache = PagedKVCache.from_buffer(s, buf, num_blocks, self.block_size, dtype)
         sched = Scheduler(BlockAllocator(num_blocks, self.block_size))
-        self.engine = Engine(PagedLlama(s, model.params), cache, sched, model.eos_token_id)
+        self.engine = Engine(
+            PagedLlama(s, model.params, name=name), cache, sched, model.eos_token_id
+        )
         self._kv_slot, self.serving = kv, name
         self._block_bytes = block_bytes
         return self.engine
