@@ -39,8 +39,8 @@ from bench_output import write_json
 
 from warmserve.control.config import ControlConfig
 from warmserve.control.forecaster import Forecaster, make_forecaster
-from warmserve.hardware import GPU_PRESETS
 from warmserve.model_spec import MODEL_PRESETS
+from warmserve.profiles import load_profile
 from warmserve.sim.latency import LatencyParams, StepTimeModel
 from warmserve.traces import (
     WEEK_S,
@@ -62,7 +62,9 @@ DAY = int(DAY_S // W)
 TRACES = ("conv", "code", "servegen")
 NAIVE = ("previous_window", "same_window_yesterday", "same_window_last_week")
 MODELS = ("reference", "adaptive", "adaptive_provisioned")
-STEP = StepTimeModel(MODEL_PRESETS["llama-2-7b"], 1, GPU_PRESETS["H100-SXM-80G"], LatencyParams())
+STEP = StepTimeModel(
+    MODEL_PRESETS["llama-2-7b"], 1, load_profile("h100-sxm-80g").device, LatencyParams()
+)
 
 DayStream = Callable[[int], tuple[np.ndarray, np.ndarray]]  # day -> (arrivals, durations)
 

@@ -32,8 +32,9 @@ from warmserve.control.config import ControlConfig
 from warmserve.control.forecaster import Forecast
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.planner import PlanInput, plan_evict_aware
-from warmserve.hardware import GPU_PRESETS, PAGE_BYTES, pages_for
+from warmserve.hardware import PAGE_BYTES, pages_for
 from warmserve.model_spec import MODEL_PRESETS
+from warmserve.profiles import load_profile
 from warmserve.types import ModelName
 
 KINDS = [
@@ -45,7 +46,7 @@ KINDS = [
 
 
 def build(num_nodes: int, num_models: int, rng: np.random.Generator):
-    gpu = GPU_PRESETS["H100-SXM-80G"]
+    gpu = load_profile("h100-sxm-80g").device
     pages = int(gpu.memory_bytes * 0.9) // PAGE_BYTES
     gpus = tuple(GpuView(g, g // 8, pages, pages, None) for g in range(num_nodes * 8))
     snap = ClusterSnapshot(gpus, (), (), 8)

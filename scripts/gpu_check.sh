@@ -3,7 +3,9 @@
 #   - the `gpu`-marked tests: the CUDA VMM page backend (the pool state machine on device
 #     memory, remapping without a copy), the worker operations on the GPU (prewarm, activate,
 #     serve, deactivate, switch, KV lending) and the engine against transformers on the GPU;
-#   - the activation benchmark on the GPU (`benchmarks/activation.py --device cuda`).
+#   - the activation benchmark on the GPU (`benchmarks/activation.py --device cuda`);
+#   - `warmserve calibrate --device cuda`: a device profile of this GPU for the simulator
+#     (OUT_DIR/gpu-profile.yaml, its report in OUT_DIR/gpu-profile-report/).
 # It uses the machine's own python3 and its CUDA build of PyTorch, transformers, safetensors,
 # pytest and hypothesis (nothing is installed), with this checkout on PYTHONPATH.
 #
@@ -27,5 +29,8 @@ status=0
     2>&1 | tee "$OUT/pytest.log" || status=1
 (cd benchmarks && "$PY" activation.py --device cuda --models big --json "$OUT/activation.json") \
     2>&1 | tee "$OUT/activation.log" || status=1
+"$PY" -m warmserve.cli calibrate --device cuda --quiet --out "$OUT/gpu-profile.yaml" \
+    --note "Measured by scripts/gpu_check.sh on $(hostname)." \
+    2>&1 | tee "$OUT/calibrate.log" || status=1
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED); logs in $OUT"
 exit $status

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from warmserve.hardware import GPU_PRESETS
 from warmserve.model_spec import MODEL_PRESETS, spec_from_hf_config
+from warmserve.profiles import load_profile
 from warmserve.sim.latency import LatencyParams, StepTimeModel
 
-H100 = GPU_PRESETS["H100-SXM-80G"]
+H100 = load_profile("h100-sxm-80g").device
 
 # The reference system's offline service-time constants (prefill ms, decode ms per token).
 REFERENCE = {
@@ -42,7 +42,7 @@ def test_step_times_grow_with_work():
 
 def test_a100_is_slower_than_h100():
     spec = MODEL_PRESETS["llama-2-13b"]
-    a = StepTimeModel(spec, 2, GPU_PRESETS["A100-80G"], LatencyParams())
+    a = StepTimeModel(spec, 2, load_profile("a100-80g").device, LatencyParams())
     h = StepTimeModel(spec, 2, H100, LatencyParams())
     assert a.decode(1, 1000) > h.decode(1, 1000) and a.prefill(1000, 1e6) > h.prefill(1000, 1e6)
 

@@ -1,7 +1,9 @@
 """`warmserve bench`: replay a real trace against any OpenAI-compatible endpoint.
 
 Each trace stream becomes one served model name; every request is a streamed
-`/v1/completions` call whose prompt has about the trace's input length and whose output is
+`/v1/completions` call whose prompt has about the trace's input length (random common words,
+seeded: unique to the request, or after a per-model shared prefix with
+`--shared-prefix-tokens`) and whose output is
 the trace's output length (`ignore_eos`, a vLLM extension WarmServe also takes; servers that
 ignore it may stop early, and usage then reports what they produced). TTFT is measured from
 the request's scheduled arrival, so a slow client or server never hides queueing.
@@ -37,8 +39,37 @@ from warmserve.workload.records import (
 )
 from warmserve.workload.trace_name import TRACE_NAMES, parse_trace_name
 
+# 256 common English words, each one token (with or without a leading space) in SmolLM2's
+# vocabulary (tests/test_bench_prompts.py); common words are single tokens in most BPE
+# vocabularies.
+# Prompts draw them at random, so two prompts share a 16-token KV block with probability
+# 256^-16: no prefix-cache hits unless a shared prefix is asked for.
 _WORDS = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on",
-          "be", "at", "by", "this", "had", "not", "are", "but", "from", "or", "have")  # fmt: skip
+          "be", "at", "by", "this", "had", "not", "are", "but", "from", "or", "have", "an",
+          "they", "which", "one", "you", "were", "her", "all", "she", "there", "would", "their",
+          "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so",
+          "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other",
+          "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any",
+          "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made",
+          "after", "also", "did", "many", "before", "must", "through", "back", "years", "where",
+          "much", "your", "way", "well", "down", "should", "because", "each", "just", "those",
+          "people", "how", "too", "little", "state", "good", "very", "make", "world", "still",
+          "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being",
+          "under", "never", "day", "same", "another", "know", "while", "last", "might", "us",
+          "great", "old", "year", "off", "come", "since", "against", "go", "came", "right",
+          "used", "take", "three", "states", "few", "house", "use", "during", "without", "again",
+          "place", "around", "however", "home", "small", "found", "thought", "went", "say",
+          "part", "once", "general", "high", "upon", "school", "every", "does", "got", "left",
+          "number", "course", "war", "until", "always", "away", "something", "fact", "though",
+          "water", "less", "public", "put", "think", "almost", "hand", "enough", "far", "head",
+          "yet", "government", "system", "better", "set", "nothing", "night", "end", "why",
+          "called", "find", "going", "look", "later", "point", "next", "city", "give", "group",
+          "young", "let", "room", "president", "side", "social", "given", "present", "several",
+          "order", "national", "possible", "rather", "second", "face", "per", "among", "form",
+          "important", "often", "things", "early", "white", "case", "large", "big", "need",
+          "four", "within", "felt", "along", "best", "church", "ever", "least", "power",
+          "development", "light", "thing", "family", "interest", "want", "members", "mind",
+          "country", "area", "others")  # fmt: skip
 
 
 class BenchError(ValueError):
@@ -66,6 +97,9 @@ class BenchConfig:
     slo_ttft_s: float = 5.0
     slo_tpot_s: float = 0.5
     label: str = "endpoint"
+    # 0: every prompt is unique. N > 0: every prompt of a model longer than N tokens starts
+    # with the same N-token prefix (a shared system prompt), as a prefix cache would see.
+    shared_prefix_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -74,6 +108,8 @@ class BenchConfig:
             raise BenchError("--time-scale, --duration and --rps must be > 0")
         if self.max_requests < 1:
             raise BenchError("--max-requests must be >= 1")
+        if self.shared_prefix_tokens < 0:
+            raise BenchError("--shared-prefix-tokens must be >= 0")
         if not self.endpoint.startswith(("http://", "https://")):
             raise BenchError(f"--endpoint {self.endpoint!r} is not an http(s) URL")
 
@@ -109,9 +145,40 @@ def build_workload(cfg: BenchConfig) -> Workload:
                       cfg.duration_s)  # fmt: skip
 
 
-def prompt_text(num_tokens: int, k: int) -> str:
-    """About `num_tokens` tokens of plain words (one token each in common BPE vocabularies)."""
-    return " ".join(_WORDS[(k + j) % len(_WORDS)] for j in range(max(1, num_tokens)))
+def _words(rng: np.random.Generator, n: int) -> list[str]:
+    return [_WORDS[i] for i in rng.integers(0, len(_WORDS), size=n)]
+
+
+def prompt_text(num_tokens: int, k: int, seed: int = 0, prefix: str = "",
+                prefix_tokens: int = 0) -> str:  # fmt: skip
+    """Request `k`'s prompt: about `num_tokens` tokens of plain words drawn from a generator
+    seeded by (seed, k), so every request's prompt is its own and a rerun sends the same
+    ones. With `prefix` (of `prefix_tokens` words), the prompt starts with it and the
+    request's own words fill the rest."""
+    n = max(1, num_tokens)
+    own = _words(np.random.default_rng((seed, k)), n - prefix_tokens if prefix else n)
+    return " ".join(([prefix] if prefix else []) + own)
+
+
+def shared_prefix(model_index: int, num_tokens: int, seed: int = 0) -> str:
+    """The prefix every request of one model starts with in a shared-prefix workload (a
+    system prompt, say): `num_tokens` words, seeded by (seed, model)."""
+    # The 2**32 keeps these streams apart from the per-request ones (k < 2**32).
+    return " ".join(_words(np.random.default_rng((seed, 2**32, model_index)), num_tokens))
+
+
+def request_prompts(cfg: BenchConfig, wl: Workload, n: int) -> list[str]:
+    """The first `n` requests' prompts, of the trace's input lengths."""
+    p = cfg.shared_prefix_tokens
+    prefixes = [shared_prefix(m, p, cfg.seed) for m in range(len(wl.model_names))] if p else []
+    out = []
+    for k in range(n):
+        num = int(wl.input_tokens[k])
+        if p and num > p:
+            out.append(prompt_text(num, k, cfg.seed, prefixes[int(wl.model_idx[k])], p))
+        else:  # no longer than the prefix: the request's own words only
+            out.append(prompt_text(num, k, cfg.seed))
+    return out
 
 
 @dataclass(slots=True)
@@ -171,6 +238,7 @@ async def replay(cfg: BenchConfig, wl: Workload, quiet: bool = False) -> list[_R
                                  limits=limits, timeout=timeout) as client:  # fmt: skip
         bar = tqdm(total=n, unit="req", desc="bench", disable=quiet)
         tasks = []
+        prompts = request_prompts(cfg, wl, n)
         t0 = time.perf_counter()
         for k in range(n):
             at = float(wl.arrival_s[k]) / cfg.time_scale
@@ -178,7 +246,7 @@ async def replay(cfg: BenchConfig, wl: Workload, quiet: bool = False) -> list[_R
             if delay > 0:
                 await asyncio.sleep(delay)
             model = wl.model_names[int(wl.model_idx[k])]
-            prompt = prompt_text(int(wl.input_tokens[k]), k)
+            prompt = prompts[k]
             out = int(wl.output_tokens[k])
 
             async def run(k: int = k, model: str = model, prompt: str = prompt, out: int = out,

@@ -1,4 +1,5 @@
-"""`warmserve` command line: `serve`, `bench`, `simulate`, `models prepare` and `models check`."""
+"""`warmserve` command line: `serve`, `bench`, `simulate`, `calibrate`, `models prepare` and
+`models check`."""
 
 from __future__ import annotations
 
@@ -58,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-input-tokens", type=int, default=512)
     bench.add_argument("--max-output-tokens", type=int, default=128)
     bench.add_argument("--max-requests", type=int, default=10_000, help="a hard cap")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="seeds the trace and the prompts")
+    bench.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
+                       help="every prompt of a model starts with the same N tokens (default 0: "
+                            "every prompt is unique)")  # fmt: skip
     bench.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     bench.add_argument(
         "--no-ignore-eos",
@@ -70,6 +74,33 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     bench.add_argument("--out", type=Path, help="write summary.json and ttft_cdf.png here")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure a device profile for the simulator with the real worker and engine",
+    )
+    cal.add_argument("--out", type=Path, required=True, help="profile file to write (YAML)")
+    cal.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (needs a GPU)")
+    cal.add_argument("--models", default="smollm2,random-2l,random-8l",
+                     help="comma-separated: smollm2, random-2l, random-8l (random Llama-style "
+                          "models of 2 and 8 layers, ~0.5 and ~1.2 GB)")  # fmt: skip
+    cal.add_argument("--steps-all", action="store_true",
+                     help="fit step times on every model (default: the first, the one served; "
+                          "the others give load and activation times by size)")  # fmt: skip
+    cal.add_argument("--name", help="the profile's name (default: the file's stem)")
+    cal.add_argument("--quick", action="store_true",
+                     help="fewer points and one repeat (~1 minute); noisier")  # fmt: skip
+    cal.add_argument(
+        "--threads", type=int, help="torch threads (default: what one serve worker gets)"
+    )
+    cal.add_argument("--pool-mib", type=int, default=1536, help="the page pool (CPU: the "
+                     "profile's memory)")  # fmt: skip
+    cal.add_argument("--drop-caches", action="store_true",
+                     help="also time loads from disk by dropping the page cache (root; slows "
+                          "everything else on the machine)")  # fmt: skip
+    cal.add_argument(
+        "--note", help="a line for the profile's header (e.g. how noisy the machine was)"
+    )
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
     models = sub.add_parser("models", help="prepare the packaged real models; check a folder")
     msub = models.add_subparsers(dest="models_command", required=True)
     prep = msub.add_parser("prepare", help="convert a packaged model once into an HF folder")
@@ -99,6 +130,7 @@ def _bench(args: argparse.Namespace) -> int:
         max_output_tokens=args.max_output_tokens,
         max_requests=args.max_requests,
         seed=args.seed,
+        shared_prefix_tokens=args.shared_prefix_tokens,
         api_key=args.api_key,
         ignore_eos=not args.no_ignore_eos,
         request_timeout_s=args.timeout,
@@ -167,6 +199,60 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{args.path}: {shape.architecture}, {shape.num_layers} layers: supported")
         return 0
     print(_prepare_packaged(args.model, args.dir, args.dtype))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import datetime
+
+    from warmserve.calibration.measure import (
+        MODEL_CHOICES,
+        CalibrationConfig,
+        run_calibration,
+        total_ticks,
+    )
+    from warmserve.calibration.report import fit_table, write_outputs
+    from warmserve.serve_config import WorkerConfig
+
+    keys = tuple(k.strip() for k in args.models.split(",") if k.strip())
+    bad = [k for k in keys if k not in MODEL_CHOICES]
+    if bad or not keys:
+        raise ExperimentError(f"--models: unknown model {bad[0] if bad else ''!r} "
+                              f"(known: {', '.join(MODEL_CHOICES)})")  # fmt: skip
+    threads = args.threads or WorkerConfig().torch_threads()
+    cfg = CalibrationConfig(device=args.device, models=keys, quick=args.quick, threads=threads,
+                            pool_mib=args.pool_mib, drop_caches=args.drop_caches,
+                            steps_all=args.steps_all)  # fmt: skip
+    with tqdm(total=total_ticks(cfg), desc="calibrate", unit="step", disable=args.quiet) as bar:
+
+        def tick(what: str) -> None:
+            bar.set_postfix_str(what)
+            bar.update()
+
+        try:
+            meas = run_calibration(cfg, tick)
+        except RuntimeError as e:
+            raise ExperimentError(str(e)) from None
+    name = args.name or args.out.stem
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        f"Measured by `warmserve calibrate --device {args.device} --models {','.join(keys)}"
+        f"{' --quick' if args.quick else ''}{' --steps-all' if args.steps_all else ''}` on "
+        f"{when}:\n{meas.device_name}, {threads} torch thread(s). Step times: the fastest of "
+        f"{cfg.repeats} repeat(s); the report is in {args.out.stem}-report/."
+        + (f"\n{args.note}" if args.note else "")
+    )
+    profile, fit, folder = write_outputs(meas, name, args.out, header)
+    for label, real, model in fit_table(meas, profile):
+        print(f"  {label:42s} measured {real * 1e3:8.1f} ms  model {model * 1e3:8.1f} ms  "
+              f"{model / real - 1:+6.1%}")  # fmt: skip
+    c = profile.costs
+    print(f"step-time fit: mean |error| {fit.mean_abs_rel_error:.1%}, worst "
+          f"{fit.max_abs_rel_error:.1%} over {len(meas.steps)} steps")  # fmt: skip
+    print(f"activation {c.engine_attach_s + c.kv_initial_map_bytes / c.remap_bandwidth:.3f} s, "
+          f"load {profile.device.host_to_device_bandwidth / 1e9:.2f} GB/s, worker start "
+          f"{c.cold_engine_init_s:.2f} s")  # fmt: skip
+    print(f"wrote {args.out} and {folder}/ (report.md, fit.png, measurements.json)")
     return 0
 
 
@@ -261,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
     except (ExperimentError, TraceError, ModelPrepError, BenchError) as e:
         print(f"warmserve: error: {e}", file=sys.stderr)
         return 2

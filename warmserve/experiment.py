@@ -14,13 +14,19 @@ import yaml
 
 from warmserve.control.config import ControlConfig
 from warmserve.control.registry import POLICIES
-from warmserve.hardware import GPU_PRESETS, PAGE_BYTES, GpuSpec, pages_for
+from warmserve.hardware import PAGE_BYTES, GpuSpec, pages_for
 from warmserve.model_spec import (
     MODEL_PRESETS,
     ModelSpec,
     ModelSpecError,
     read_hf_config,
     spec_from_hf_config,
+)
+from warmserve.profiles import (
+    LEGACY_GPU_NAMES,
+    DeviceProfile,
+    ProfileError,
+    load_profile,
 )
 from warmserve.sim.costs import StartupCosts
 from warmserve.sim.latency import LatencyParams
@@ -35,7 +41,11 @@ class ExperimentError(ValueError):
 class ClusterConfig:
     nodes: int = 2
     gpus_per_node: int = 8
-    gpu: str = "H100-SXM-80G"
+    # A device profile (warmserve/profiles.py): a shipped name or a path to a profile file,
+    # relative to the experiment file. The experiment's `latency:` and `costs:` sections
+    # override single values of the profile's.
+    profile: str | None = None
+    gpu: str | None = None  # the older key: H100-SXM-80G or A100-80G, the shipped profiles
     pool_fraction: float = 0.9  # of device memory managed as the page pool
 
 
@@ -88,10 +98,12 @@ class Experiment:
     latency: LatencyParams = field(default_factory=LatencyParams)
     sweep: dict[str, list[float]] | None = None  # e.g. {"rps": [0.5, 1, 2]}
     base_dir: Path = Path()
+    profile: DeviceProfile | None = None  # the profile `costs` and `latency` start from
 
     @property
     def gpu(self) -> GpuSpec:
-        return GPU_PRESETS[self.cluster.gpu]
+        assert self.profile is not None, "experiments are built by parse_experiment"
+        return self.profile.device
 
     @property
     def pool_pages(self) -> int:
@@ -161,7 +173,10 @@ def convert_value(value: Any, tp: Any, where: str) -> Any:
     raise ExperimentError(f"{where}: unsupported setting")  # pragma: no cover
 
 
-def build_section(cls: Any, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
+def build_section(
+    cls: Any, data: Any, where: str, skip: tuple[str, ...] = (), base: Any = None
+) -> Any:
+    """`cls` from a mapping; with `base`, keys not given keep `base`'s values."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -174,6 +189,8 @@ def build_section(cls: Any, data: Any, where: str, skip: tuple[str, ...] = ()) -
             f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})"
         )
     kwargs = {k: convert_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    if base is not None:
+        kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)} | kwargs
     missing = [
         n
         for n, f in fields.items()
@@ -217,22 +234,44 @@ def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment")
         raise ExperimentError("models: at least one model is required")
     if not isinstance(raw["models"], list):
         raise ExperimentError("models: expected a list")
+    cluster = build_section(ClusterConfig, raw.get("cluster"), "cluster")
+    profile = _profile(cluster, base_dir)
     exp = Experiment(
         name=convert_value(raw.get("name", default_name), str, "name"),
         seed=convert_value(raw.get("seed", 0), int, "seed"),
-        cluster=build_section(ClusterConfig, raw.get("cluster"), "cluster"),
+        cluster=cluster,
         models=[build_section(ModelEntry, m, f"models[{k}]") for k, m in enumerate(raw["models"])],
         workload=build_section(WorkloadConfig, raw.get("workload"), "workload"),
         slo=build_section(SloConfig, raw.get("slo"), "slo"),
         policies=convert_value(raw.get("policies", ["warmserve"]), list[str], "policies"),
         control=build_section(ControlConfig, raw.get("control"), "control"),
-        costs=build_section(StartupCosts, raw.get("costs"), "costs"),
-        latency=build_section(LatencyParams, raw.get("latency"), "latency"),
+        costs=build_section(StartupCosts, raw.get("costs"), "costs", base=profile.costs),
+        latency=build_section(LatencyParams, raw.get("latency"), "latency", base=profile.latency),
         sweep=_parse_sweep(raw.get("sweep")),
         base_dir=base_dir,
+        profile=profile,
     )
     validate(exp)
     return exp
+
+
+def _profile(c: ClusterConfig, base_dir: Path) -> DeviceProfile:
+    """The cluster's device profile: `profile`, or the shipped one the older `gpu` names."""
+    if c.profile is not None and c.gpu is not None:
+        raise ExperimentError("cluster: give profile or gpu, not both")
+    if c.gpu is not None:
+        if c.gpu not in LEGACY_GPU_NAMES:
+            raise ExperimentError(
+                f"cluster.gpu: unknown GPU {c.gpu!r} (known: {', '.join(LEGACY_GPU_NAMES)}; "
+                "or use cluster.profile)"
+            )
+        ref = LEGACY_GPU_NAMES[c.gpu]
+    else:
+        ref = c.profile or "h100-sxm-80g"
+    try:
+        return load_profile(ref, base_dir)
+    except ProfileError as e:
+        raise ExperimentError(f"cluster.profile: {e}") from None
 
 
 def _parse_sweep(raw: Any) -> dict[str, list[float]] | None:
@@ -251,10 +290,6 @@ def _parse_sweep(raw: Any) -> dict[str, list[float]] | None:
 
 def validate(exp: Experiment) -> None:
     c = exp.cluster
-    if c.gpu not in GPU_PRESETS:
-        raise ExperimentError(
-            f"cluster.gpu: unknown GPU {c.gpu!r} (known: {', '.join(GPU_PRESETS)})"
-        )
     if c.nodes < 1 or c.gpus_per_node < 1:
         raise ExperimentError("cluster: nodes and gpus_per_node must be >= 1")
     if not 0 < c.pool_fraction <= 1:
@@ -299,7 +334,7 @@ def validate(exp: Experiment) -> None:
             raise ExperimentError(
                 f"model {name!r} cannot be placed: {shard * 2} MiB of weights per GPU at TP "
                 f"{e.tp} plus KV for one {spec.max_model_len}-token request exceed the "
-                f"{gib:.1f} GiB pool of a {c.gpu}"
+                f"{gib:.1f} GiB pool of a {exp.gpu.name}"
             )
         if w.max_input_tokens + w.min_output_tokens > spec.max_model_len:
             raise ExperimentError(

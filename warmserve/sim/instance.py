@@ -163,7 +163,9 @@ class SimInstance:
             sq = float(sum(r.input_tokens * r.input_tokens for r in admitted))
             self._set_busy(True)
             slow = self._device.slowdown if self._device else 1
-            self._loop.at(now + slow * self._steps.prefill(n, sq), self._prefill_done, admitted)
+            self._loop.at(
+                now + slow * self._steps.prefill(n, sq, len(admitted)), self._prefill_done, admitted
+            )
             return
         if not self.running:
             self._set_busy(False)

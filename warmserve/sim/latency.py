@@ -25,12 +25,16 @@ class LatencyParams:
     step_overhead_s: float = 0.002  # scheduling, sampling, Python per step
     layer_overhead_s: float = 0.00018  # eager kernel launches per layer per step
     allreduce_latency_s: float = 0.00002  # per all-reduce, NVLink
+    # Per sequence per step: host work that grows with the batch (block tables, sampling,
+    # per-sequence attention calls). Zero in the GPU profiles (the reference's constants do
+    # not separate it); `warmserve calibrate` fits it, and on a CPU it is large.
+    seq_overhead_s: float = 0.0
 
 
 class StepTimeModel:
     """Seconds per prefill or decode step; constants folded once at construction."""
 
-    __slots__ = ("_attn", "_comm_tok", "_fixed", "_flop_tok", "_kv_tok", "_weights")
+    __slots__ = ("_attn", "_comm_tok", "_fixed", "_flop_tok", "_kv_tok", "_seq", "_weights")
 
     def __init__(self, spec: ModelSpec, tp: int, gpu: GpuSpec, p: LatencyParams) -> None:
         bw = gpu.hbm_bandwidth * p.bandwidth_efficiency
@@ -41,6 +45,7 @@ class StepTimeModel:
         # QK^T and AV: 4·layers·(heads·head_dim) FLOPs per (query, key) pair, split over TP.
         self._attn = 4.0 * spec.num_layers * spec.hidden_size / tp / flops
         self._fixed = p.step_overhead_s + spec.num_layers * p.layer_overhead_s
+        self._seq = p.seq_overhead_s
         self._comm_tok = 0.0
         if tp > 1:
             self._fixed += 2 * spec.num_layers * p.allreduce_latency_s
@@ -51,21 +56,22 @@ class StepTimeModel:
     def decode(self, batch: int, ctx_sum: float) -> float:
         mem = self._weights + self._kv_tok * ctx_sum
         comp = self._flop_tok * batch + self._attn * ctx_sum
-        return self._fixed + max(mem, comp) + self._comm_tok * batch
+        return self._fixed + self._seq * batch + max(mem, comp) + self._comm_tok * batch
 
     def decode_run(self, batch: int, ctx_sum: float, steps: int) -> np.ndarray:
         """Cumulative end times of `steps` decode steps; the context grows by `batch` a step."""
         ctx = ctx_sum + batch * np.arange(steps, dtype=np.float64)
         mem = self._weights + self._kv_tok * ctx
         comp = self._flop_tok * batch + self._attn * ctx
-        per_step = self._fixed + np.maximum(mem, comp) + self._comm_tok * batch
+        per_step = self._fixed + self._seq * batch + np.maximum(mem, comp) + self._comm_tok * batch
         return np.cumsum(per_step)
 
-    def prefill(self, num_tokens: int, sum_sq_tokens: float) -> float:
-        """A prefill step over prompts with `num_tokens` in all and Σ len² = `sum_sq_tokens`."""
+    def prefill(self, num_tokens: int, sum_sq_tokens: float, num_seqs: int = 1) -> float:
+        """A prefill step over `num_seqs` prompts with `num_tokens` in all and
+        Σ len² = `sum_sq_tokens`."""
         mem = self._weights + self._kv_tok * num_tokens
         comp = self._flop_tok * num_tokens + self._attn * sum_sq_tokens / 2.0
-        return self._fixed + max(mem, comp) + self._comm_tok * num_tokens
+        return self._fixed + self._seq * num_seqs + max(mem, comp) + self._comm_tok * num_tokens
 
     def isolated_service_s(self, inp: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Per request, prefill alone then one decode step per further token (batch of one),
@@ -74,9 +80,10 @@ class StepTimeModel:
         n = inp.astype(np.float64)
         pre_mem = self._weights + self._kv_tok * n
         pre_comp = self._flop_tok * n + self._attn * n * n / 2.0
-        prefill = self._fixed + np.maximum(pre_mem, pre_comp) + self._comm_tok * n
+        fixed = self._fixed + self._seq
+        prefill = fixed + np.maximum(pre_mem, pre_comp) + self._comm_tok * n
         ctx = n + out / 2.0
-        dec = self._fixed + np.maximum(
+        dec = fixed + np.maximum(
             self._weights + self._kv_tok * ctx, self._flop_tok + self._attn * ctx
         )
         return prefill + np.maximum(out - 1, 0) * (dec + self._comm_tok)
