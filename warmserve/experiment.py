@@ -47,6 +47,7 @@ class ModelEntry:
     tp: int = 1
     copies: int = 1  # virtual copies: same weights, independent load (named NAME-0, NAME-1, ...)
     max_model_len: int | None = None
+    priority: float = 1.0  # expected-load share before history (policies with prior_prewarm)
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,3 +74,11 @@ class PolicySpec:
     # Idle instances live `keep_alive_s` instead of scaling to zero after the short load window,
     # and are stopped at once (weights stay prewarmed) when another model needs their GPUs.
     keep_alive: bool = False
+    # Beyond the paper (warmserve-plus). Prior prewarming: a model that no forecast asks a
+    # replica for and that has no live instance (a fresh start, a new model, a quiet one) is
+    # prewarmed into free pages by its `priority`, with a score below every forecast-driven
+    # replica, so those evict it when they need the pages.
+    prior_prewarm: bool = False
+    # Aging: queued models start in order of their oldest waiting request, not popularity,
+    # so the least popular model cannot lose every race for freed GPUs.
+    queue_aging: bool = False

@@ -33,7 +33,7 @@ from warmserve.control.kv_reservation import kv_actions, kv_target_pages
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
 from warmserve.control.router import choose_instance
-from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId
+from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
 
 @dataclass(slots=True)
@@ -123,12 +123,23 @@ class Controller:
 
     def tick(self, now: float, cluster: ClusterHandle) -> None:
         self._close_windows(now)
-        for name in self.models:
+        for name in self._autoscale_order():
             self._autoscale(name, now, cluster)
         if self.policy.unified_memory and self.policy.kv_prewarm:
             self._reserve_kv(cluster)
         if self.policy.unified_memory and self.policy.proactive_prewarm:
             self._plan(cluster)
+
+    def _autoscale_order(self) -> list[ModelName]:
+        """Popularity order (the reference's); with aging, models with queued requests first,
+        the one waiting longest first, so a model's priority grows with its wait."""
+        if not self.policy.queue_aging:
+            return list(self.models)
+        waiting = sorted(
+            (q[0].arrival_s, rank, name) for rank, (name, q) in enumerate(self._queues.items()) if q
+        )
+        first = [name for _, _, name in waiting]
+        return first + [name for name in self.models if not self._queues[name]]
 
     # ----- queries ----------------------------------------------------------------------
     def num_queued(self, model: ModelName) -> int:
@@ -165,6 +176,8 @@ class Controller:
 
     def _start(self, name: ModelName, now: float, cluster: ClusterHandle) -> bool:
         choice = self._choose_start(self.models[name], cluster.snapshot(), now)
+        if self.policy.prior_prewarm and (choice is None or choice.path == StartPath.COLD):
+            choice = self._demote_for_hit(name, now, cluster) or choice
         if choice is None and self.policy.keep_alive:
             choice = self._reclaim_idle(name, now, cluster)
         if choice is None:
@@ -209,17 +222,52 @@ class Controller:
             if a.in_flight == 0 and now - self._instances[a.instance_id].last_active_s >= keep
         ]
 
+    def _demote_for_hit(
+        self, name: ModelName, now: float, cluster: ClusterHandle
+    ) -> StartChoice | None:
+        """A ready replica of `name` whose GPUs hold only idle instances of other models: stop
+        them (their weights stay prewarmed) and activate it, rather than load cold or wait."""
+        snap = cluster.snapshot()
+        by_gpu = {g.gpu_id: g.instance_id for g in snap.gpus}
+        for r in sorted(snap.replicas, key=lambda r: r.replica_id):
+            if r.model != name or not r.is_ready:
+                continue
+            holders = {by_gpu[g] for g in r.gpus} - {None}
+            insts = [self._instances.get(i) for i in holders]
+            if not holders or any(
+                i is None or i.in_flight or i.stopping or i.model == name for i in insts
+            ):
+                continue
+            for inst_id in sorted(holders):
+                self._release(inst_id, cluster)
+            choice = self._choose_start(self.models[name], cluster.snapshot(), now)
+            if choice is not None and choice.path == StartPath.PREWARM_HIT:
+                return choice
+            return None
+        return None
+
     def _reclaim_idle(
         self, name: ModelName, now: float, cluster: ClusterHandle
     ) -> StartChoice | None:
         """Stop idle instances kept alive for other models, longest idle first, until `name`
         can start. Stopping an idle instance is instant and keeps its weights prewarmed."""
+        # With prior prewarming, first those on GPUs holding a replica of `name`: stopping them
+        # makes the start a prewarm hit rather than a cold load.
+        snap = cluster.snapshot()
+        views = snap.instance_by_id
+        mine: set[int] = set()
+        if self.policy.prior_prewarm:
+            mine = {g for r in snap.replicas if r.model == name for g in r.gpus}
         idle = sorted(
-            (inst.last_active_s, i)
+            (
+                not (v := views.get(i)) or not mine.intersection(v.gpus),
+                inst.last_active_s,
+                i,
+            )
             for i, inst in self._instances.items()
             if inst.in_flight == 0 and not inst.stopping and inst.model != name
         )
-        for _, inst_id in idle:
+        for _, _, inst_id in idle:
             self._release(inst_id, cluster)
             choice = self._choose_start(self.models[name], cluster.snapshot(), now)
             if choice is not None:
@@ -327,6 +375,7 @@ class Controller:
             planning_bandwidth=self.cfg.planning_bandwidth,
             capacity=self.cfg.capacity_per_instance,
             group_search=self.cfg.group_search,
+            prior=self.policy.prior_prewarm,
         )
         planner = plan_evict_aware if self.policy.smart_placement else plan_round_robin
         plan = planner(inp, self._new_replica_id)

@@ -56,6 +56,7 @@ class RuntimeModel:
     model_dir: Path
     max_model_len: int
     kv_bytes_per_token: int
+    priority: float = 1.0
 
 
 class ServingRuntime:
@@ -89,6 +90,7 @@ class ServingRuntime:
                     total,
                     float(rm.kv_bytes_per_token),
                     rm.max_model_len,
+                    rm.priority,
                 )
             )
             if pages >= cfg.workers.num_pages:

@@ -72,6 +72,7 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
             shard_bytes=shard,
             kv_bytes_per_token_per_gpu=spec.kv_bytes_per_token_per_gpu(entry.tp),
             max_model_len=spec.max_model_len,
+            priority=entry.priority,
         )
         out[name] = SimModel(
             served=served,
