@@ -130,3 +130,50 @@ def test_aging_serves_a_starving_model_within_a_bound(aging):
         assert started == 0  # the longest wait goes first: served at the first freed GPU
     else:
         assert started is None  # popularity order: c loses every race
+
+
+def _kv_churn(calm: bool, ticks: int = 40) -> tuple[int, Controller, Books, int]:
+    """One instance whose in-flight count swings between 2 and 6 every tick (a target change
+    of 11 of its 90 KV pages): SetKvPages issued by ticks alone, and the instance id."""
+    m = model("a")
+    spec = dataclasses.replace(get_policy("warmserve-plus").spec, calm_kv=calm)
+    ctl = Controller(ControlConfig(), spec, [m], _Zero())
+    books = Books(1, 1, {m.name: m.pages_per_gpu}, pages_per_device=100)
+    rid = iter(range(10**6))
+    live: list[int] = []
+    now = 0.0
+
+    def ask() -> None:
+        r = RequestId(next(rid))
+        ctl.on_request(now, RequestInfo(r, ModelName("a"), now, 8, 8), books)
+        live.append(r)
+
+    ask()
+    (inst_id,) = books.instances
+    books.mark_running(inst_id)
+    for k in range(ticks):
+        now += 0.5
+        want = 6 if k % 2 else 2
+        while len(live) < want:
+            ask()
+        while len(live) > want:
+            r = live.pop()
+            books.request_done(inst_id, r)
+            ctl.on_request_done(now, r, books)
+        ctl.tick(now, books)
+    return ctl.counters.kv_set, ctl, books, inst_id
+
+
+def test_calm_kv_lending_ignores_small_target_swings_but_reclaims_on_pressure():
+    calm, ctl, books, inst_id = _kv_churn(calm=True)
+    eager, _, _, _ = _kv_churn(calm=False)
+    assert eager >= 20  # the paper's reservation follows every swing
+    assert calm == 1  # one lend down to the target, then nothing within the band
+    assert ctl.counters.kv_lends == 1 and ctl.counters.kv_reclaims == 0
+    lent = books.instances[inst_id].kv_lent_pages
+    assert lent > 0
+    # Requests waiting for KV reclaim at once, inside the lend's minimum lifetime.
+    books.set_kv_used(inst_id, books.instances[inst_id].kv_pages)
+    ctl.on_kv_pressure(20.5, inst_id, books)
+    assert ctl.counters.kv_reclaims == 1
+    assert books.instances[inst_id].kv_lent_pages < lent

@@ -53,4 +53,7 @@ def test_first_requests_are_prewarm_hits_and_never_wait_behind_idle_instances(ti
         assert len(idle) == 2
         assert srv.metric("warmserve:request_failure_total", model_name="tiny-c",
                           reason="queue_timeout") == 0  # fmt: skip
+        # The control plane's memory actions are exported: priors, re-prewarms, lends.
+        assert srv.metric("warmserve:control_memory_actions", kind="prewarms") >= 3
+        assert srv.metric("warmserve:control_memory_actions", kind="kv_lends") >= 1
         srv.server.runtime.cluster.check()

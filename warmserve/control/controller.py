@@ -6,6 +6,7 @@ it from events on a simulated clock; the serving runtime calls it from a loop on
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -19,10 +20,12 @@ from warmserve.control.api import (
     Evict,
     GpuView,
     InstanceView,
+    Prewarm,
     ReleaseInstance,
     ReplicaView,
     RequestInfo,
     ServedModel,
+    SetKvPages,
     StartInstance,
     StopInstance,
 )
@@ -43,6 +46,23 @@ class _Instance:
     in_flight: int = 0
     stopping: bool = False
     last_active_s: float = 0.0  # last dispatch or completion
+    kv_changed_s: float = float("-inf")  # last lend or reclaim of its KV pages
+
+
+# A replica evicted this soon after its prewarm was issued counts as churn.
+QUICK_EVICT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCounters:
+    """What the control plane did to memory, for summaries and /metrics."""
+
+    kv_set: int = 0  # SetKvPages issued
+    kv_lends: int = 0  # ... that shrank an instance's KV (lent pages)
+    kv_reclaims: int = 0  # ... that grew it back
+    prewarms: int = 0
+    evictions: int = 0
+    quick_evictions: int = 0  # of replicas prewarmed less than QUICK_EVICT_S before
 
 
 class Controller:
@@ -70,6 +90,8 @@ class Controller:
         # The (gpus, replicas) views the last plan saw; a handle may hand back the same objects
         # while its layout is unchanged, and then the plan would be the same.
         self._last_planned: tuple[tuple[GpuView, ...], tuple[ReplicaView, ...]] | None = None
+        self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
+        self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -126,9 +148,9 @@ class Controller:
         for name in self._autoscale_order():
             self._autoscale(name, now, cluster)
         if self.policy.unified_memory and self.policy.kv_prewarm:
-            self._reserve_kv(cluster)
+            self._reserve_kv(cluster, now)
         if self.policy.unified_memory and self.policy.proactive_prewarm:
-            self._plan(cluster)
+            self._plan(cluster, now)
 
     def _autoscale_order(self) -> list[ModelName]:
         """Popularity order (the reference's); with aging, models with queued requests first,
@@ -196,6 +218,7 @@ class Controller:
                 new_replica_id=self._kept_replica_id(inst_id) if slot else None,
             )
         )
+        self._record(actions, now)
         cluster.apply(actions)
         self._add_instance(inst_id, name, now)
         queue = self._queues[name]
@@ -324,17 +347,24 @@ class Controller:
                 counts[inst.model] += 1
         return counts
 
-    def _reserve_kv(self, cluster: ClusterHandle) -> None:
+    def _reserve_kv(self, cluster: ClusterHandle, now: float) -> None:
         snap = cluster.snapshot()
         last = self._kv_reviewed
         if last is not None and last[0] is snap.instances and last[1] == self._requests_seen:
             return  # no instance, KV use or in-flight count changed since the last review
         for view in snap.instances:
-            if view.state == InstanceState.RUNNING and self._review_kv(view, snap, cluster):
+            if view.state == InstanceState.RUNNING and self._review_kv(view, snap, cluster, now):
                 snap = cluster.snapshot()
         self._kv_reviewed = (snap.instances, self._requests_seen)
 
-    def _review_kv(self, view: InstanceView, snap: ClusterSnapshot, cluster: ClusterHandle) -> bool:
+    def _review_kv(
+        self,
+        view: InstanceView,
+        snap: ClusterSnapshot,
+        cluster: ClusterHandle,
+        now: float,
+        pressure: bool = False,
+    ) -> bool:
         """Lend or reclaim one instance's KV pages; True if anything changed."""
         inst = self._instances.get(view.instance_id)
         in_flight = inst.in_flight if inst else 0
@@ -347,10 +377,48 @@ class Controller:
             snap.page_bytes,
         )
         full = view.kv_pages + view.kv_lent_pages
-        actions = kv_actions(view, target, snap, self._replica_scores, max(1, full // 20))
+        min_lend = max(1, full // 20)
+        protected: frozenset[ReplicaId] = frozenset()
+        if self.policy.calm_kv and not pressure:
+            # Move only on a large change, and leave a lend (or a reclaim) in place a while:
+            # the target follows every admitted request, and chasing it churns prewarms.
+            band = max(1, math.ceil(self.cfg.kv_hysteresis * full))
+            recent = inst is not None and now - inst.kv_changed_s < self.cfg.kv_lend_min_s
+            if recent or abs(target - view.kv_pages) < band:
+                return False
+            min_lend = band
+            young = now - self.cfg.prewarm_min_life_s
+            protected = frozenset(r for r, t in self._replica_born.items() if t > young)
+        actions = kv_actions(view, target, snap, self._replica_scores, min_lend, protected)
         if actions:
+            self._record(actions, now, view.kv_pages)
+            if inst is not None:
+                inst.kv_changed_s = now
             cluster.apply(actions)
         return bool(actions)
+
+    def _record(self, actions: Sequence[Action], now: float, kv_before: int = 0) -> None:
+        """Count memory actions (ControlCounters) and remember when replicas were prewarmed;
+        `kv_before`: the KV pages of the instance a SetKvPages here resizes."""
+        c = self._counts
+        for a in actions:
+            if isinstance(a, SetKvPages):
+                c["kv_set"] += 1
+                c["kv_lends" if a.kv_pages < kv_before else "kv_reclaims"] += 1
+            elif isinstance(a, Prewarm):
+                c["prewarms"] += 1
+                self._replica_born[a.replica_id] = now
+            elif isinstance(a, Evict):
+                c["evictions"] += 1
+                born = self._replica_born.pop(a.replica_id, None)
+                if born is not None and now - born < QUICK_EVICT_S:
+                    c["quick_evictions"] += 1
+            elif isinstance(a, StartInstance) and a.replica_id is not None:
+                self._replica_born.pop(a.replica_id, None)  # activated: no longer a prewarm
+
+    @property
+    def counters(self) -> ControlCounters:
+        return ControlCounters(**self._counts)
 
     def on_kv_pressure(self, now: float, instance_id: InstanceId, cluster: ClusterHandle) -> None:
         """An instance has requests waiting for KV while some of its pages are lent: reclaim
@@ -360,9 +428,9 @@ class Controller:
         snap = cluster.snapshot()
         view = snap.instance_by_id.get(instance_id)
         if view is not None and view.state == InstanceState.RUNNING:
-            self._review_kv(view, snap, cluster)
+            self._review_kv(view, snap, cluster, now, pressure=True)
 
-    def _plan(self, cluster: ClusterHandle) -> None:
+    def _plan(self, cluster: ClusterHandle, now: float) -> None:
         snap = cluster.snapshot()
         last = self._last_planned
         if last is not None and last[0] is snap.gpus and last[1] is snap.replicas:
@@ -381,6 +449,7 @@ class Controller:
         plan = planner(inp, self._new_replica_id)
         self._replica_scores = plan.scores
         if plan.actions:
+            self._record(plan.actions, now)
             cluster.apply(plan.actions)
             snap = cluster.snapshot()
         self._last_planned = (snap.gpus, snap.replicas)

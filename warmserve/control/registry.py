@@ -47,7 +47,9 @@ POLICIES: dict[str, RegisteredPolicy] = {
     )
 }
 POLICIES["warmserve-plus"] = _warmserve(
-    PolicySpec("warmserve-plus", keep_alive=True, prior_prewarm=True, queue_aging=True)
+    PolicySpec(
+        "warmserve-plus", keep_alive=True, prior_prewarm=True, queue_aging=True, calm_kv=True
+    )
 )
 POLICIES["oracle"] = _warmserve(PolicySpec("oracle"), needs_future=True)
 POLICIES["static"] = RegisteredPolicy(STATIC, StaticController)
