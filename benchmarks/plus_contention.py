@@ -89,10 +89,8 @@ def main() -> None:
         wl = make_workload(exp)
         for p in policies:
             runs[p].append(row(run_policy(exp, p, wl).summary))
-            print(
-                f"seed {seed} {p}: {json.dumps({k: v for k, v in runs[p][-1].items() if k != 'per_model_p99_s'})}",
-                flush=True,
-            )  # noqa: E501
+            brief = {k: v for k, v in runs[p][-1].items() if k != "per_model_p99_s"}
+            print(f"seed {seed} {p}: {json.dumps(brief)}", flush=True)
     keys = ["ttft_p99_s", "worst_model_p99_s", "worst_over_pooled", "slo_attainment",
             "cold_starts", "prewarm_hits", "kv_set_per_min", "kv_lends", "kv_reclaims",
             "quick_evictions"]  # fmt: skip
