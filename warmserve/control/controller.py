@@ -445,6 +445,10 @@ class Controller:
             group_search=self.cfg.group_search,
             prior=self.policy.prior_prewarm,
         )
+        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only; replicas that went
+        # another way (a lost worker) must not pile up here.
+        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
+        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
         planner = plan_evict_aware if self.policy.smart_placement else plan_round_robin
         plan = planner(inp, self._new_replica_id)
         self._replica_scores = plan.scores
