@@ -177,3 +177,23 @@ def test_calm_kv_lending_ignores_small_target_swings_but_reclaims_on_pressure():
     ctl.on_kv_pressure(20.5, inst_id, books)
     assert ctl.counters.kv_reclaims == 1
     assert books.instances[inst_id].kv_lent_pages < lent
+
+
+def test_priority_reaches_the_control_plane_from_experiment_and_serve_files(tmp_path):
+    from test_sim import small_experiment
+
+    from warmserve.experiment import ExperimentError, parse_experiment
+    from warmserve.serve_config import ServeConfigError, parse_serve_config
+    from warmserve.sim.runner import build_models
+
+    raw = small_experiment()
+    raw["models"][1]["priority"] = 3.0
+    served = {n: m.served for n, m in build_models(parse_experiment(raw, tmp_path)).items()}
+    assert served["b"].priority == 3.0 and served["a-0"].priority == 1.0
+    raw["models"][1]["priority"] = -1
+    with pytest.raises(ExperimentError, match="priority"):
+        parse_experiment(raw, tmp_path)
+    cfg = parse_serve_config({"models": [{"name": "x", "priority": 2.5}]}, tmp_path)
+    assert cfg.models[0].priority == 2.5
+    with pytest.raises(ServeConfigError, match="priority"):
+        parse_serve_config({"models": [{"name": "x", "priority": 0}]}, tmp_path)
