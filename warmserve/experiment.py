@@ -57,6 +57,7 @@ class ModelEntry:
     tp: int = 1
     copies: int = 1  # virtual copies: same weights, independent load (named NAME-0, NAME-1, ...)
     max_model_len: int | None = None
+    priority: float = 1.0  # expected-load share before history (policies with prior_prewarm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +312,8 @@ def validate(exp: Experiment) -> None:
             )
         if e.copies < 1:
             raise ExperimentError(f"model {e.name!r}: copies must be >= 1")
+        if not e.priority > 0:
+            raise ExperimentError(f"model {e.name!r}: priority must be > 0")
     w = exp.workload
     if w.rps <= 0 or w.duration_s <= 0 or w.drain_s < 0 or w.warmup_s < 0:
         raise ExperimentError("workload: rps and duration_s must be > 0; drain_s, warmup_s >= 0")

@@ -78,6 +78,7 @@ class ModelConfig:
     path: str = PACKAGED
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     tp: int = 1
+    priority: float = 1.0  # expected-load share before history (policies with prior_prewarm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +233,8 @@ def _validate(cfg: ServeConfig) -> None:
             )
         if m.max_model_len is not None and m.max_model_len < 2:
             raise ServeConfigError(f"models[{k}].max_model_len must be >= 2")
+        if not m.priority > 0:
+            raise ServeConfigError(f"models[{k}].priority must be > 0")
         if m.path not in PACKAGED_PATHS:
             path = cfg.base_dir / m.path
             if not (path / "config.json").is_file():

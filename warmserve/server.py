@@ -67,7 +67,7 @@ def resolve_models(
                     f"model {m.name!r}: cannot load its tokenizer: {e}"
                 ) from None
         runtime_models.append(
-            RuntimeModel(m.name, path, max_len, 2 * layers * kv_heads * head_dim * item)
+            RuntimeModel(m.name, path, max_len, 2 * layers * kv_heads * head_dim * item, m.priority)
         )
         cards.append(ModelCard.build(m.name, tokenizers[path], max_len, now))
     return runtime_models, cards

@@ -28,6 +28,9 @@ class ServedModel:
     shard_bytes: int
     kv_bytes_per_token_per_gpu: float
     max_model_len: int
+    # Relative expected load before any history exists (policies with prior prewarming):
+    # shares of the free memory prewarmed for models that no forecast asks for yet.
+    priority: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,14 @@ class ControlConfig:
     kv_floor_requests: int = 1
     # warmserve-plus and ServerlessLLM: an idle instance lives this long before scale-down.
     keep_alive_s: float = 30.0
+    # Calm KV lending (policies with calm_kv, e.g. warmserve-plus). A tick lends or reclaims
+    # only when the target moved by at least this fraction of the instance's full KV, and not
+    # within kv_lend_min_s of the instance's last change; requests waiting for KV (pressure)
+    # reclaim at once regardless. A tick's reclaim never evicts a replica prewarmed less than
+    # prewarm_min_life_s ago (it takes free pages only).
+    kv_hysteresis: float = 0.25
+    kv_lend_min_s: float = 30.0
+    prewarm_min_life_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.capacity_per_instance < 1:
@@ -59,6 +67,10 @@ class ControlConfig:
             raise ValueError("group_search must be 'aligned' or 'exhaustive'")
         if self.kv_floor_requests < 0:
             raise ValueError("kv_floor_requests must be >= 0")
+        if not 0 <= self.kv_hysteresis <= 1:
+            raise ValueError("kv_hysteresis must lie in [0, 1]")
+        if self.kv_lend_min_s < 0 or self.prewarm_min_life_s < 0:
+            raise ValueError("kv_lend_min_s and prewarm_min_life_s must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,3 +86,13 @@ class PolicySpec:
     # Idle instances live `keep_alive_s` instead of scaling to zero after the short load window,
     # and are stopped at once (weights stay prewarmed) when another model needs their GPUs.
     keep_alive: bool = False
+    # Beyond the paper (warmserve-plus). Prior prewarming: a model that no forecast asks a
+    # replica for and that has no live instance (a fresh start, a new model, a quiet one) is
+    # prewarmed into free pages by its `priority`, with a score below every forecast-driven
+    # replica, so those evict it when they need the pages.
+    prior_prewarm: bool = False
+    # Aging: queued models start in order of their oldest waiting request, not popularity,
+    # so the least popular model cannot lose every race for freed GPUs.
+    queue_aging: bool = False
+    # Calm KV lending: hysteresis and a minimum lifetime for lends (ControlConfig.kv_*).
+    calm_kv: bool = False

@@ -6,6 +6,7 @@ it from events on a simulated clock; the serving runtime calls it from a loop on
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -19,10 +20,12 @@ from warmserve.control.api import (
     Evict,
     GpuView,
     InstanceView,
+    Prewarm,
     ReleaseInstance,
     ReplicaView,
     RequestInfo,
     ServedModel,
+    SetKvPages,
     StartInstance,
     StopInstance,
 )
@@ -33,7 +36,7 @@ from warmserve.control.kv_reservation import kv_actions, kv_target_pages
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
 from warmserve.control.router import choose_instance
-from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId
+from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
 
 @dataclass(slots=True)
@@ -43,6 +46,23 @@ class _Instance:
     in_flight: int = 0
     stopping: bool = False
     last_active_s: float = 0.0  # last dispatch or completion
+    kv_changed_s: float = float("-inf")  # last lend or reclaim of its KV pages
+
+
+# A replica evicted this soon after its prewarm was issued counts as churn.
+QUICK_EVICT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCounters:
+    """What the control plane did to memory, for summaries and /metrics."""
+
+    kv_set: int = 0  # SetKvPages issued
+    kv_lends: int = 0  # ... that shrank an instance's KV (lent pages)
+    kv_reclaims: int = 0  # ... that grew it back
+    prewarms: int = 0
+    evictions: int = 0
+    quick_evictions: int = 0  # of replicas prewarmed less than QUICK_EVICT_S before
 
 
 class Controller:
@@ -70,6 +90,8 @@ class Controller:
         # The (gpus, replicas) views the last plan saw; a handle may hand back the same objects
         # while its layout is unchanged, and then the plan would be the same.
         self._last_planned: tuple[tuple[GpuView, ...], tuple[ReplicaView, ...]] | None = None
+        self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
+        self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -123,12 +145,23 @@ class Controller:
 
     def tick(self, now: float, cluster: ClusterHandle) -> None:
         self._close_windows(now)
-        for name in self.models:
+        for name in self._autoscale_order():
             self._autoscale(name, now, cluster)
         if self.policy.unified_memory and self.policy.kv_prewarm:
-            self._reserve_kv(cluster)
+            self._reserve_kv(cluster, now)
         if self.policy.unified_memory and self.policy.proactive_prewarm:
-            self._plan(cluster)
+            self._plan(cluster, now)
+
+    def _autoscale_order(self) -> list[ModelName]:
+        """Popularity order (the reference's); with aging, models with queued requests first,
+        the one waiting longest first, so a model's priority grows with its wait."""
+        if not self.policy.queue_aging:
+            return list(self.models)
+        waiting = sorted(
+            (q[0].arrival_s, rank, name) for rank, (name, q) in enumerate(self._queues.items()) if q
+        )
+        first = [name for _, _, name in waiting]
+        return first + [name for name in self.models if not self._queues[name]]
 
     # ----- queries ----------------------------------------------------------------------
     def num_queued(self, model: ModelName) -> int:
@@ -165,6 +198,8 @@ class Controller:
 
     def _start(self, name: ModelName, now: float, cluster: ClusterHandle) -> bool:
         choice = self._choose_start(self.models[name], cluster.snapshot(), now)
+        if self.policy.prior_prewarm and (choice is None or choice.path == StartPath.COLD):
+            choice = self._demote_for_hit(name, now, cluster) or choice
         if choice is None and self.policy.keep_alive:
             choice = self._reclaim_idle(name, now, cluster)
         if choice is None:
@@ -183,6 +218,7 @@ class Controller:
                 new_replica_id=self._kept_replica_id(inst_id) if slot else None,
             )
         )
+        self._record(actions, now)
         cluster.apply(actions)
         self._add_instance(inst_id, name, now)
         queue = self._queues[name]
@@ -209,17 +245,52 @@ class Controller:
             if a.in_flight == 0 and now - self._instances[a.instance_id].last_active_s >= keep
         ]
 
+    def _demote_for_hit(
+        self, name: ModelName, now: float, cluster: ClusterHandle
+    ) -> StartChoice | None:
+        """A ready replica of `name` whose GPUs hold only idle instances of other models: stop
+        them (their weights stay prewarmed) and activate it, rather than load cold or wait."""
+        snap = cluster.snapshot()
+        by_gpu = {g.gpu_id: g.instance_id for g in snap.gpus}
+        for r in sorted(snap.replicas, key=lambda r: r.replica_id):
+            if r.model != name or not r.is_ready:
+                continue
+            holders = {by_gpu[g] for g in r.gpus} - {None}
+            insts = [self._instances.get(i) for i in holders]
+            if not holders or any(
+                i is None or i.in_flight or i.stopping or i.model == name for i in insts
+            ):
+                continue
+            for inst_id in sorted(holders):
+                self._release(inst_id, cluster)
+            choice = self._choose_start(self.models[name], cluster.snapshot(), now)
+            if choice is not None and choice.path == StartPath.PREWARM_HIT:
+                return choice
+            return None
+        return None
+
     def _reclaim_idle(
         self, name: ModelName, now: float, cluster: ClusterHandle
     ) -> StartChoice | None:
         """Stop idle instances kept alive for other models, longest idle first, until `name`
         can start. Stopping an idle instance is instant and keeps its weights prewarmed."""
+        # With prior prewarming, first those on GPUs holding a replica of `name`: stopping them
+        # makes the start a prewarm hit rather than a cold load.
+        snap = cluster.snapshot()
+        views = snap.instance_by_id
+        mine: set[int] = set()
+        if self.policy.prior_prewarm:
+            mine = {g for r in snap.replicas if r.model == name for g in r.gpus}
         idle = sorted(
-            (inst.last_active_s, i)
+            (
+                not (v := views.get(i)) or not mine.intersection(v.gpus),
+                inst.last_active_s,
+                i,
+            )
             for i, inst in self._instances.items()
             if inst.in_flight == 0 and not inst.stopping and inst.model != name
         )
-        for _, inst_id in idle:
+        for _, _, inst_id in idle:
             self._release(inst_id, cluster)
             choice = self._choose_start(self.models[name], cluster.snapshot(), now)
             if choice is not None:
@@ -276,17 +347,24 @@ class Controller:
                 counts[inst.model] += 1
         return counts
 
-    def _reserve_kv(self, cluster: ClusterHandle) -> None:
+    def _reserve_kv(self, cluster: ClusterHandle, now: float) -> None:
         snap = cluster.snapshot()
         last = self._kv_reviewed
         if last is not None and last[0] is snap.instances and last[1] == self._requests_seen:
             return  # no instance, KV use or in-flight count changed since the last review
         for view in snap.instances:
-            if view.state == InstanceState.RUNNING and self._review_kv(view, snap, cluster):
+            if view.state == InstanceState.RUNNING and self._review_kv(view, snap, cluster, now):
                 snap = cluster.snapshot()
         self._kv_reviewed = (snap.instances, self._requests_seen)
 
-    def _review_kv(self, view: InstanceView, snap: ClusterSnapshot, cluster: ClusterHandle) -> bool:
+    def _review_kv(
+        self,
+        view: InstanceView,
+        snap: ClusterSnapshot,
+        cluster: ClusterHandle,
+        now: float,
+        pressure: bool = False,
+    ) -> bool:
         """Lend or reclaim one instance's KV pages; True if anything changed."""
         inst = self._instances.get(view.instance_id)
         in_flight = inst.in_flight if inst else 0
@@ -299,10 +377,48 @@ class Controller:
             snap.page_bytes,
         )
         full = view.kv_pages + view.kv_lent_pages
-        actions = kv_actions(view, target, snap, self._replica_scores, max(1, full // 20))
+        min_lend = max(1, full // 20)
+        protected: frozenset[ReplicaId] = frozenset()
+        if self.policy.calm_kv and not pressure:
+            # Move only on a large change, and leave a lend (or a reclaim) in place a while:
+            # the target follows every admitted request, and chasing it churns prewarms.
+            band = max(1, math.ceil(self.cfg.kv_hysteresis * full))
+            recent = inst is not None and now - inst.kv_changed_s < self.cfg.kv_lend_min_s
+            if recent or abs(target - view.kv_pages) < band:
+                return False
+            min_lend = band
+            young = now - self.cfg.prewarm_min_life_s
+            protected = frozenset(r for r, t in self._replica_born.items() if t > young)
+        actions = kv_actions(view, target, snap, self._replica_scores, min_lend, protected)
         if actions:
+            self._record(actions, now, view.kv_pages)
+            if inst is not None:
+                inst.kv_changed_s = now
             cluster.apply(actions)
         return bool(actions)
+
+    def _record(self, actions: Sequence[Action], now: float, kv_before: int = 0) -> None:
+        """Count memory actions (ControlCounters) and remember when replicas were prewarmed;
+        `kv_before`: the KV pages of the instance a SetKvPages here resizes."""
+        c = self._counts
+        for a in actions:
+            if isinstance(a, SetKvPages):
+                c["kv_set"] += 1
+                c["kv_lends" if a.kv_pages < kv_before else "kv_reclaims"] += 1
+            elif isinstance(a, Prewarm):
+                c["prewarms"] += 1
+                self._replica_born[a.replica_id] = now
+            elif isinstance(a, Evict):
+                c["evictions"] += 1
+                born = self._replica_born.pop(a.replica_id, None)
+                if born is not None and now - born < QUICK_EVICT_S:
+                    c["quick_evictions"] += 1
+            elif isinstance(a, StartInstance) and a.replica_id is not None:
+                self._replica_born.pop(a.replica_id, None)  # activated: no longer a prewarm
+
+    @property
+    def counters(self) -> ControlCounters:
+        return ControlCounters(**self._counts)
 
     def on_kv_pressure(self, now: float, instance_id: InstanceId, cluster: ClusterHandle) -> None:
         """An instance has requests waiting for KV while some of its pages are lent: reclaim
@@ -312,9 +428,9 @@ class Controller:
         snap = cluster.snapshot()
         view = snap.instance_by_id.get(instance_id)
         if view is not None and view.state == InstanceState.RUNNING:
-            self._review_kv(view, snap, cluster)
+            self._review_kv(view, snap, cluster, now, pressure=True)
 
-    def _plan(self, cluster: ClusterHandle) -> None:
+    def _plan(self, cluster: ClusterHandle, now: float) -> None:
         snap = cluster.snapshot()
         last = self._last_planned
         if last is not None and last[0] is snap.gpus and last[1] is snap.replicas:
@@ -327,11 +443,17 @@ class Controller:
             planning_bandwidth=self.cfg.planning_bandwidth,
             capacity=self.cfg.capacity_per_instance,
             group_search=self.cfg.group_search,
+            prior=self.policy.prior_prewarm,
         )
+        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only; replicas that went
+        # another way (a lost worker) must not pile up here.
+        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
+        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
         planner = plan_evict_aware if self.policy.smart_placement else plan_round_robin
         plan = planner(inp, self._new_replica_id)
         self._replica_scores = plan.scores
         if plan.actions:
+            self._record(plan.actions, now)
             cluster.apply(plan.actions)
             snap = cluster.snapshot()
         self._last_planned = (snap.gpus, snap.replicas)

@@ -36,8 +36,10 @@ def kv_actions(
     snap: ClusterSnapshot,
     replica_scores: Mapping[int, float],
     min_lend_pages: int,
+    protected: frozenset[int] = frozenset(),
 ) -> list[Evict | SetKvPages]:
-    """Lend down to `target` (in chunks of at least `min_lend_pages`), or reclaim up to it."""
+    """Lend down to `target` (in chunks of at least `min_lend_pages`), or reclaim up to it,
+    evicting the lowest-valued replicas in the way except `protected` ones."""
     if target < inst.kv_pages:
         if inst.kv_pages - target < min_lend_pages:
             return []
@@ -50,7 +52,11 @@ def kv_actions(
     evicted: set[int] = set()
     for g in inst.gpus:
         victims = sorted(
-            (r for r in snap.replicas_by_gpu[g] if r.replica_id not in evicted),
+            (
+                r
+                for r in snap.replicas_by_gpu[g]
+                if r.replica_id not in evicted and r.replica_id not in protected
+            ),
             key=lambda r: (replica_scores.get(r.replica_id, 0.0), -r.replica_id),
         )
         while free[g] < need and victims:

@@ -26,6 +26,7 @@ class Block:
     model: ModelName
     gpus: tuple[int, ...]
     score: float
+    pages: int = 0  # per GPU (replicas; what evicting the block frees)
 
     @property
     def is_instance(self) -> bool:
@@ -48,7 +49,10 @@ class Occupancy:
         self.free = np.array([g.free_pages for g in snap.gpus], dtype=np.int64)
         self.on_gpu: list[list[Block]] = [[] for _ in range(self.num_gpus)]
         for r in snap.replicas:
-            self.add(Block(("r", r.replica_id), r.model, r.gpus, scores.get(r.replica_id, 0.0)))
+            block = Block(
+                ("r", r.replica_id), r.model, r.gpus, scores.get(r.replica_id, 0.0), r.pages_per_gpu
+            )
+            self.add(block)
         for inst in snap.instances:
             self.add(Block(("i", inst.instance_id), inst.model, inst.gpus, PINNED))
 
@@ -56,6 +60,12 @@ class Occupancy:
         for g in block.gpus:
             self.on_gpu[g].append(block)
             self.free[g] -= pages_per_gpu
+
+    def remove(self, block: Block) -> None:
+        """Drop a replica block (evicted by this plan): its pages are free again."""
+        for g in block.gpus:
+            self.on_gpu[g].remove(block)
+            self.free[g] += block.pages
 
     def blocks_on(self, gpus: tuple[int, ...]) -> list[Block]:
         seen: dict[tuple[str, int], Block] = {}
@@ -88,19 +98,23 @@ class Occupancy:
                 sum_s += b.score
         return GroupCost(max_s, sum_s, touches)
 
-    def candidate_groups(self, tp: int, pages: int, search: str) -> Iterator[tuple[int, ...]]:
-        """GPU groups of size tp, within one node, whose GPUs all have `pages` free."""
+    def candidate_groups(
+        self, tp: int, pages: int, search: str, free: np.ndarray | None = None
+    ) -> Iterator[tuple[int, ...]]:
+        """GPU groups of size tp, within one node, whose GPUs all have `pages` free (in
+        `free` if given: pages that could be made free)."""
+        free = self.free if free is None else free
         gpn = self.gpus_per_node
         num_nodes = self.num_gpus // gpn
         if search == "aligned" and gpn % tp == 0:
             # Buddy-aligned blocks: any two are nested or disjoint, like a buddy allocator.
-            ok = self.free.reshape(num_nodes, gpn // tp, tp).min(axis=2) >= pages
+            ok = free.reshape(num_nodes, gpn // tp, tp).min(axis=2) >= pages
             for node, k in zip(*np.nonzero(ok), strict=True):
                 base = int(node) * gpn + int(k) * tp
                 yield tuple(range(base, base + tp))
             return
         for node in range(num_nodes):
-            fits = [g for g in range(node * gpn, (node + 1) * gpn) if self.free[g] >= pages]
+            fits = [g for g in range(node * gpn, (node + 1) * gpn) if free[g] >= pages]
             yield from itertools.combinations(fits, tp)
 
 

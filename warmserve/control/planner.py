@@ -6,6 +6,14 @@ Foundation replica i scores `exp(-i/N)·cold`, burst replica j `exp(-(n_found+j)
 where `cold` is the per-GPU cold-load time (seconds a hit saves) and `burst = peak/avg`.
 Existing replicas take a model's scores in id order; those beyond N score 0. New replicas are
 placed best-first, never evicting (placement only uses free pages, as in the reference).
+
+Prior prewarming (`PlanInput.prior`, warmserve-plus; not in the paper): free pages are wasted
+pages. A model with no forecast-driven replica wanted and no live instance (no history yet, a
+new model, a quiet one) wants one replica scored `PRIOR_CEILING × priority / max priority`,
+below every forecast-driven score (those are ≥ cold/e, milliseconds at least). Priors are
+placed only into free pages; a forecast-driven replica that finds no free group evicts priors
+(scores ≤ PRIOR_CEILING) to make one, and starts and KV reclaims evict the lowest scores first,
+so history always wins the memory.
 """
 
 from __future__ import annotations
@@ -14,10 +22,15 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from warmserve.control.api import ClusterSnapshot, Prewarm, ServedModel
+import numpy as np
+
+from warmserve.control.api import ClusterSnapshot, Evict, Prewarm, ServedModel
 from warmserve.control.forecaster import Forecast
 from warmserve.control.placement import Block, Occupancy
 from warmserve.types import ModelName, ReplicaId
+
+# Score of a prior replica of the highest-priority model: far below any forecast-driven one.
+PRIOR_CEILING = 1e-6
 
 
 def replica_scores(fc: Forecast, live: int, cold_s: float, capacity: int) -> list[float]:
@@ -38,11 +51,12 @@ class PlanInput:
     planning_bandwidth: float
     capacity: int
     group_search: str = "aligned"
+    prior: bool = False  # prewarm models nothing asks for into free pages (see module doc)
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    actions: list[Prewarm]
+    actions: list[Evict | Prewarm]  # evicted priors come before the prewarm needing them
     scores: dict[ReplicaId, float]  # value of every existing replica (0 = beyond demand)
 
 
@@ -54,6 +68,7 @@ def _demands(inp: PlanInput) -> tuple[dict[ReplicaId, float], list[tuple[float, 
     stopping = [i for i in inp.snapshot.instances if i.state == "stopping"]
     existing: dict[ReplicaId, float] = {}
     wanted: list[tuple[float, int, ModelName]] = []
+    top = max((m.priority for m in inp.models.values()), default=1.0)
     for rank, (name, m) in enumerate(inp.models.items()):
         cold_s = m.shard_bytes / inp.planning_bandwidth
         fc = inp.forecasts.get(name, Forecast(0.0, 0.0))
@@ -61,6 +76,8 @@ def _demands(inp: PlanInput) -> tuple[dict[ReplicaId, float], list[tuple[float, 
         # A draining instance becomes a prewarmed replica soon: it holds a slot in the list.
         num_draining = sum(1 for i in stopping if i.model == name)
         scores = scores[num_draining:]
+        if inp.prior and not scores and not num_draining and not inp.live_instances.get(name):
+            scores = [PRIOR_CEILING * m.priority / top]
         for k, rid in enumerate(held[name]):
             existing[rid] = scores[k] if k < len(scores) else 0.0
         wanted += [(s, rank, name) for s in scores[len(held[name]) :]]
@@ -89,13 +106,58 @@ def plan_evict_aware(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
                 best = (key, group)
                 if key == (0, 0.0):
                     break  # overlaps nothing of value: no later group can beat it
+        victims: list[Block] = []
+        if best is None and inp.prior and score > PRIOR_CEILING:
+            found = _group_over_priors(occ, name, m.tp, m.pages_per_gpu, inp.group_search)
+            if found is not None:
+                group, victims = found
+                best = ((1, 0.0), group)
         if best is None:
             failed.add(name)
             continue
+        for v in victims:
+            occ.remove(v)
+            existing.pop(v.key[1], None)
+            actions.append(Evict(v.key[1]))
         rid = new_id()
-        occ.add(Block(("r", rid), name, best[1], score), m.pages_per_gpu)
+        occ.add(Block(("r", rid), name, best[1], score, m.pages_per_gpu), m.pages_per_gpu)
         actions.append(Prewarm(rid, name, best[1]))
     return Plan(actions, existing)
+
+
+def _group_over_priors(
+    occ: Occupancy, name: ModelName, tp: int, pages: int, search: str
+) -> tuple[tuple[int, ...], list[Block]] | None:
+    """A group that fits `name` once some prior replicas (scores ≤ PRIOR_CEILING) are evicted,
+    with the fewest pages evicted, and those victims (lowest score first); None if none."""
+    reclaim = np.zeros_like(occ.free)
+    for g in range(occ.num_gpus):
+        reclaim[g] = sum(
+            b.pages for b in occ.on_gpu[g] if not b.is_instance and b.score <= PRIOR_CEILING
+        )
+    best: tuple[int, tuple[int, ...], list[Block]] | None = None
+    for group in occ.candidate_groups(tp, pages, search, occ.free + reclaim):
+        victims: dict[tuple[str, int], Block] = {}
+        for g in group:
+            short = pages - int(occ.free[g]) - sum(v.pages for v in victims.values() if g in v.gpus)
+            priors = sorted(
+                (b for b in occ.on_gpu[g]
+                 if not b.is_instance and b.score <= PRIOR_CEILING and b.key not in victims),
+                key=lambda b: (b.score, b.key),
+            )  # fmt: skip
+            while short > 0 and priors:
+                v = priors.pop(0)
+                victims[v.key] = v
+                short -= v.pages
+        for v in victims.values():
+            occ.remove(v)
+        ok = occ.cost_if_nested(group, name) is not None
+        for v in victims.values():
+            occ.add(v, v.pages)
+        cost = sum(v.pages * len(v.gpus) for v in victims.values())
+        if ok and (best is None or cost < best[0]):
+            best = (cost, group, list(victims.values()))
+    return None if best is None else (best[1], best[2])
 
 
 def plan_round_robin(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
@@ -131,5 +193,6 @@ def plan_round_robin(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
             if group is None:
                 return Plan(actions, existing)
             rid = new_id()
-            occ.add(Block(("r", rid), name, group, quota[name].pop(0)), m.pages_per_gpu)
+            block = Block(("r", rid), name, group, quota[name].pop(0), m.pages_per_gpu)
+            occ.add(block, m.pages_per_gpu)
             actions.append(Prewarm(rid, name, group))

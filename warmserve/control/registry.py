@@ -46,7 +46,11 @@ POLICIES: dict[str, RegisteredPolicy] = {
         ),
     )
 }
-POLICIES["warmserve-plus"] = _warmserve(PolicySpec("warmserve-plus", keep_alive=True))
+POLICIES["warmserve-plus"] = _warmserve(
+    PolicySpec(
+        "warmserve-plus", keep_alive=True, prior_prewarm=True, queue_aging=True, calm_kv=True
+    )
+)
 POLICIES["oracle"] = _warmserve(PolicySpec("oracle"), needs_future=True)
 POLICIES["static"] = RegisteredPolicy(STATIC, StaticController)
 POLICIES["serverlessllm"] = RegisteredPolicy(SERVERLESSLLM, ServerlessLLMController)

@@ -112,6 +112,14 @@ class ServeMetrics:
             ["worker"],
             registry=r,
         )
+        # Cumulative counts kept by the control plane (ControlCounters), copied at each scrape.
+        self.control_actions = Gauge(
+            "warmserve:control_memory_actions",
+            "Memory actions of the control plane since start-up: kv_set (SetKvPages), kv_lends, "
+            "kv_reclaims, prewarms, evictions, quick_evictions (prewarms evicted within 10 s)",
+            ["kind"],
+            registry=r,
+        )
         self.worker_up = Gauge(
             "warmserve:worker_up", "1 while the worker process is ready", ["worker"], registry=r
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ class RuntimeModel:
     model_dir: Path
     max_model_len: int
     kv_bytes_per_token: int
+    priority: float = 1.0
 
 
 class ServingRuntime:
@@ -83,6 +85,7 @@ class ServingRuntime:
                     total,
                     float(rm.kv_bytes_per_token),
                     rm.max_model_len,
+                    rm.priority,
                 )
             )
             if pages >= cfg.workers.num_pages:
@@ -315,4 +318,8 @@ class ServingRuntime:
     def metrics_text(self) -> bytes:
         """Prometheus text; gauges are brought up to date here, not on every event."""
         views.refresh_gauges(self.metrics, self.cluster, self.requests.values(), self.models)
+        counters = getattr(self.controller, "counters", None)  # the WarmServe family counts
+        if counters is not None:
+            for kind, value in dataclasses.asdict(counters).items():
+                self.metrics.control_actions.labels(kind).set(value)
         return self.metrics.render()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,7 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
             shard_bytes=shard,
             kv_bytes_per_token_per_gpu=spec.kv_bytes_per_token_per_gpu(entry.tp),
             max_model_len=spec.max_model_len,
+            priority=entry.priority,
         )
         out[name] = SimModel(
             served=served,
@@ -236,6 +238,11 @@ def run_policy(
             exp.slo.failed_ttft_s,
         )
     summary["per_model"] = per_model
+    counters = getattr(controller, "counters", None)  # the WarmServe family counts
+    if counters is not None:
+        control = dataclasses.asdict(counters)
+        control["kv_set_per_min"] = counters.kv_set / (exp.workload.duration_s / 60.0)
+        summary["control"] = control
     memory = MemoryTimeline(*(np.array([s[i] for s in samples]) for i in range(5)))
     rows = tuple(request_rows(policy_name, wl, log, outcomes))
     return PolicyResult(policy_name, summary, log, memory, loop.num_events, rows)
