@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from warmserve.hardware import pages_for
+
 ALIGN = 256  # tensor offsets inside a slot, for any element size
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U8": 1, "BOOL": 1}  # fmt: skip
@@ -90,4 +92,4 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 def weight_pages(model_dir: Path, page_bytes: int) -> int:
     """Pages a model's weights take in a slot."""
     _, total = weights_layout(checkpoint_files(model_dir))
-    return max(1, -(-total // page_bytes))
+    return max(1, pages_for(total, page_bytes))

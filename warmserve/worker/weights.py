@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from warmserve.hardware import pages_for
 from warmserve.worker.layout import TensorPlace, weights_layout
 from warmserve.worker.pool import PagePool, Slot
 
@@ -74,6 +75,6 @@ def copy_into_slot(
 def load_into_slot(pool: PagePool, slot: Slot, files: list[Path]) -> dict[str, torch.Tensor]:
     """Grow the slot by exactly the pages needed and copy the checkpoint into it."""
     layout, total = weights_layout(files)
-    pages = max(1, -(-total // pool.page_bytes))
+    pages = max(1, pages_for(total, pool.page_bytes))
     pool.grow(slot, pages)
     return copy_into_slot(pool, slot, layout, pages)

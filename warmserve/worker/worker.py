@@ -23,6 +23,7 @@ from warmserve.engine.engine import Engine
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama
 from warmserve.engine.scheduler import Scheduler
+from warmserve.hardware import pages_for
 from warmserve.model_spec import read_hf_config
 from warmserve.worker.layout import checkpoint_files, weights_layout
 from warmserve.worker.pool import PagePool, PageUse, Slot
@@ -87,7 +88,7 @@ class UniversalWorker:
             layout, total = weights_layout(checkpoint_files(model_dir))
             # Refused before a page is taken: a tensor missing, unused or of the wrong shape.
             shape.check_tensors(name, {t.name: t.shape for t in layout})
-            pages = max(1, -(-total // self.pool.page_bytes))
+            pages = max(1, pages_for(total, self.pool.page_bytes))
             with self._lock:
                 slot = self.pool.new_slot(PageUse.WEIGHTS)
                 try:  # free pages, or pages a serving KV cache lent to prewarming
