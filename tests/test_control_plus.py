@@ -193,7 +193,16 @@ def test_priority_reaches_the_control_plane_from_experiment_and_serve_files(tmp_
     raw["models"][1]["priority"] = -1
     with pytest.raises(ExperimentError, match="priority"):
         parse_experiment(raw, tmp_path)
-    cfg = parse_serve_config({"models": [{"name": "x", "priority": 2.5}]}, tmp_path)
+    cfg = parse_serve_config(
+        {"models": [{"name": "x", "priority": 2.5}], "policy": "warmserve-plus"}, tmp_path
+    )
     assert cfg.models[0].priority == 2.5
+    # Accepted only where it is honoured: the faithful policy has no priors.
+    with pytest.raises(ServeConfigError, match="does not prewarm by priors"):
+        parse_serve_config({"models": [{"name": "x", "priority": 2.5}]}, tmp_path)
+    raw["models"][1]["priority"] = 3.0
+    raw["policies"] = ["warmserve", "vanilla-autoscale"]
+    with pytest.raises(ExperimentError, match="prewarm by priors"):
+        parse_experiment(raw, tmp_path)
     with pytest.raises(ServeConfigError, match="priority"):
         parse_serve_config({"models": [{"name": "x", "priority": 0}]}, tmp_path)

@@ -314,6 +314,11 @@ def validate(exp: Experiment) -> None:
             raise ExperimentError(f"model {e.name!r}: copies must be >= 1")
         if not e.priority > 0:
             raise ExperimentError(f"model {e.name!r}: priority must be > 0")
+        if e.priority != 1.0 and not any(POLICIES[p].spec.prior_prewarm for p in exp.policies):
+            raise ExperimentError(
+                f"model {e.name!r}: priority is used only by policies that prewarm by priors "
+                f"(warmserve-plus); none of {', '.join(exp.policies)} does"
+            )
     w = exp.workload
     if w.rps <= 0 or w.duration_s <= 0 or w.drain_s < 0 or w.warmup_s < 0:
         raise ExperimentError("workload: rps and duration_s must be > 0; drain_s, warmup_s >= 0")

@@ -235,6 +235,12 @@ def _validate(cfg: ServeConfig) -> None:
             raise ServeConfigError(f"models[{k}].max_model_len must be >= 2")
         if not m.priority > 0:
             raise ServeConfigError(f"models[{k}].priority must be > 0")
+        known = POLICIES.get(cfg.policy)  # an unknown policy is reported below
+        if m.priority != 1.0 and known is not None and not known.spec.prior_prewarm:
+            raise ServeConfigError(
+                f"models[{k}].priority: policy {cfg.policy!r} does not prewarm by priors "
+                "(warmserve-plus does); remove the key or change the policy"
+            )
         if m.path not in PACKAGED_PATHS:
             path = cfg.base_dir / m.path
             if not (path / "config.json").is_file():
