@@ -23,16 +23,8 @@ from warmserve.gateway.protocol import (
     ErrorResponse,
     error_body,
 )
-from warmserve.gateway.serving import (
-    ApiError,
-    OpenAIServing,
-    collect_all,
-    first_events,
-    new_id,
-    race_disconnect,
-    response,
-    stream_sse,
-)
+from warmserve.gateway.responses import collect_all, first_events, response, stream_sse
+from warmserve.gateway.serving import ApiError, OpenAIServing, new_id, race_disconnect
 
 OPEN_PATHS = ("/health", "/metrics")  # never behind an API key
 
