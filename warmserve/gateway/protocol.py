@@ -162,7 +162,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None  # a participant's name: accepted, not shown to the model
+    name: str | None = None  # a participant's name: handed to the model's chat template
 
     def text(self) -> str:
         if self.content is None:

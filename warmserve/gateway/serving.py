@@ -207,7 +207,12 @@ class OpenAIServing:
 
     def prepare_chat(self, body: ChatCompletionRequest, card: ModelCard) -> Prepared:
         self._too_long(card, sum(len(m.text()) for m in body.messages), "messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        # A participant's `name` goes to the chat template with its message, as vLLM passes it:
+        # templates that know names render them.
+        messages = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in body.messages
+        ]
         try:
             ids = card.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False
