@@ -23,6 +23,7 @@ from warmserve.cluster.effects import (
 )
 from warmserve.control.api import Action, ClusterSnapshot, ServedModel
 from warmserve.sim.costs import StartupCosts
+from warmserve.sim.host import HostParams, SharedHost
 from warmserve.sim.host_cache import NodeCheckpointCache
 from warmserve.sim.instance import SharedDevice, SimInstance, SimRequest
 from warmserve.sim.latency import StepTimeModel
@@ -67,6 +68,7 @@ class SimCluster:
         host_caches: list[NodeCheckpointCache] | None,
         on_first_token: Callable[[int, float], None],
         on_finish: Callable[[int, float], None],
+        host: HostParams | None = None,
     ) -> None:
         self.loop = loop
         num_gpus = num_nodes * gpus_per_node
@@ -86,6 +88,8 @@ class SimCluster:
         self.on_kv_pressure: Callable[[int], None] | None = None  # set by the driver
         self._on_first_token = on_first_token
         self._on_finish = on_finish
+        # Devices that are one host's cores share them (sim/host.py); None: GPUs, independent.
+        self.hosts = [SharedHost(host) for _ in range(num_nodes)] if host is not None else None
 
     # ----- ClusterHandle ----------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
@@ -98,7 +102,9 @@ class SimCluster:
             elif isinstance(e, Activate):
                 self._activate(e)
             elif isinstance(e, Deactivate):
-                del self.instances[e.instance_id]  # its pending events find it gone
+                gone = self.instances.pop(e.instance_id)  # its pending events find it gone
+                if gone._host is not None:
+                    gone._host.set_stepping(gone, False)
             elif isinstance(e, LoadWeights):
                 self._queue_load(e)
             elif isinstance(e, DropWeights):
@@ -137,6 +143,7 @@ class SimCluster:
             self._kv_used,
             self._devices.setdefault(e.devices, SharedDevice()) if e.shared else None,
             self._kv_pressure,
+            self._host_of(e.devices[0]),
         )
         book = self.books.instances[e.instance_id]
         inst.kv_pages = book.kv_pages
@@ -157,6 +164,9 @@ class SimCluster:
         load_s, tier = cache.load_s(e.model, total, m.served.shard_bytes, now)
         self.load_tiers.append(tier)
         return self.costs.serverless_engine_init_s + load_s
+
+    def _host_of(self, device: int) -> SharedHost | None:
+        return None if self.hosts is None else self.hosts[self.books.devices[device].node_id]
 
     def _attach_s(self) -> float:
         return (
@@ -199,9 +209,16 @@ class SimCluster:
             q.loading = serial
             q.token += 1
             duration = self.models[rep.model].prewarm_load_s
+            host = self._host_of(q.gpu_id)
+            if host is not None:  # a loader thread copying from the page cache
+                host.set_loading(q.gpu_id, True)
+                duration *= host.slowdown()
             self.loop.at(self.loop.now() + duration, self._shard_done, q, q.token)
             return
         q.loading = None
+        host = self._host_of(q.gpu_id)
+        if host is not None:
+            host.set_loading(q.gpu_id, False)
 
     def _shard_done(self, q: LoadQueue, token: int) -> None:
         if token != q.token or q.loading is None:

@@ -185,6 +185,7 @@ def run_policy(
         host_caches(exp) if policy.spec.host_checkpoint_cache else None,
         first_token,
         finished,
+        exp.profile.host_params if exp.profile is not None else None,
     )
     cluster.on_kv_pressure = lambda inst_id: controller.on_kv_pressure(loop.now(), inst_id, cluster)
     names = wl.model_names
