@@ -120,6 +120,20 @@ def run_sim(cfg: ServeConfig, bench: BenchConfig, model_dir: Path, real: RealRun
     return res.log.first_token_s - res.log.arrival_s
 
 
+def sim_only(rate: float, bench: BenchConfig, model_dir: Path, args: argparse.Namespace,
+             tmp: Path) -> None:  # fmt: skip
+    """The simulator alone, as if a real run had started now after `--settle-s`."""
+    hist = tmp / f"history-{rate}.csv"
+    history_csv(hist, bench, args.time_scale)
+    cfg = serve_config(model_dir, hist, args, 1)
+    now = RealRun(np.zeros(0), args.settle_s, seconds_into_day(), 0.0, 0, float("nan"), {})
+    sim = run_sim(cfg, bench, model_dir, now, args)
+    p50, p90, p99 = (pct(sim, q) for q in PCTS)
+    failed = int(np.isnan(sim).sum())
+    print(f"rate {rate:4.2f}/s simulated ({len(sim)} requests): TTFT p50 {p50:.3f} s p90 "
+          f"{p90:.3f} s p99 {p99:.3f} s, failed {failed}", flush=True)  # fmt: skip
+
+
 def pct(x: np.ndarray, q: float) -> float | None:
     ok = x[~np.isnan(x)]
     return float(np.percentile(ok, q)) if len(ok) else None
@@ -210,6 +224,9 @@ def main() -> None:
     p.add_argument("--max-output-tokens", type=int, default=16)
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--quick", action="store_true", help="one rate below saturation, 2 repeats")
+    p.add_argument(
+        "--sim-only", action="store_true", help="no real server: the simulated percentiles only"
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, default=Path("results/bench/fidelity_cdf.png"))
     args = p.parse_args()
@@ -232,6 +249,9 @@ def main() -> None:
                 max_output_tokens=args.max_output_tokens, request_timeout_s=120.0,
                 slo_ttft_s=args.slo_ttft, slo_tpot_s=1.0,
             )  # fmt: skip
+            if args.sim_only:
+                sim_only(rate, bench, model_dir, args, Path(tmp))
+                continue
             runs = []
             for k in range(args.repeats):
                 hist = Path(tmp) / f"history-{rate}-{k}.csv"
@@ -256,6 +276,8 @@ def main() -> None:
             print(f"rate {rate:4.2f}/s simulated: TTFT p50 {s['sim_ttft_p50_s']:.3f} s p99 "
                   f"{s['sim_ttft_p99_s']:.3f} s mean {s['sim_ttft_mean_s']:.3f} s",
                   flush=True)  # fmt: skip
+    if args.sim_only:
+        return
     print()
     print(f"{'rate':>5s} {'sat':>4s} {'real p50':>9s} {'sim p50':>8s} {'err':>6s} {'spread':>7s} "
           f"{'real p90':>9s} {'sim p90':>8s} {'err':>6s} {'real p99':>9s} {'sim p99':>8s} "

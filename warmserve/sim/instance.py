@@ -166,7 +166,8 @@ class SimInstance:
             n = sum(r.input_tokens for r in admitted)
             sq = float(sum(r.input_tokens * r.input_tokens for r in admitted))
             t = self._steps.prefill(n, sq, len(admitted))
-            self.token_rate = len(admitted) / t
+            if self._host is not None:
+                self.token_rate = len(admitted) / t
             self._set_busy(True)
             slow = self._device.slowdown if self._device else 1
             if self._host is not None:
@@ -180,7 +181,8 @@ class SimInstance:
         steps = min(r.output_tokens - r.generated for r in self.running)
         ctx = float(sum(r.input_tokens + r.generated for r in self.running))
         cum = self._steps.decode_run(batch, ctx, steps)
-        self.token_rate = batch * steps / float(cum[-1])
+        if self._host is not None:
+            self.token_rate = batch * steps / float(cum[-1])
         self._set_busy(True)
         if self._device is not None:
             cum = cum * self._device.slowdown
