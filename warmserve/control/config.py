@@ -96,3 +96,6 @@ class PolicySpec:
     queue_aging: bool = False
     # Calm KV lending: hysteresis and a minimum lifetime for lends (ControlConfig.kv_*).
     calm_kv: bool = False
+    # Without smart placement: the reference's round-robin planner, which stops at the first
+    # model with no quota (planner.plan_round_robin); only `warmserve-no-placement-ref`.
+    reference_round_robin: bool = False

@@ -35,6 +35,7 @@ POLICIES: dict[str, RegisteredPolicy] = {
     for p in (
         PolicySpec("warmserve"),
         PolicySpec("warmserve-no-placement", smart_placement=False),
+        PolicySpec("warmserve-no-placement-ref", smart_placement=False, reference_round_robin=True),
         PolicySpec("warmserve-no-prewarm", proactive_prewarm=False),
         PolicySpec("warmserve-no-kv-prewarm", kv_prewarm=False),
         PolicySpec(
