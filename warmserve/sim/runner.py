@@ -80,6 +80,7 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
             step_model=StepTimeModel(spec, entry.tp, gpu, exp.latency),
             prewarm_load_s=shard / bw,
             vanilla_start_s=costs.cold_engine_init_s + shard / costs.vanilla_load_bandwidth,
+            load_bandwidth=bw,
         )
     return out
 
@@ -185,6 +186,7 @@ def run_policy(
         host_caches(exp) if policy.spec.host_checkpoint_cache else None,
         first_token,
         finished,
+        getattr(exp.costs, policy.engine_init_cost),
     )
     cluster.on_kv_pressure = lambda inst_id: controller.on_kv_pressure(loop.now(), inst_id, cluster)
     names = wl.model_names
