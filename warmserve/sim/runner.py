@@ -63,6 +63,8 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
     gpu = exp.gpu
     costs = exp.costs
     bw = gpu.host_to_device_bandwidth if costs.weights_source == "host" else costs.ssd_bandwidth
+    # Alone on its node a load still gets no more than the node's host bandwidth.
+    node = float("inf") if costs.host_node_bandwidth is None else costs.host_node_bandwidth
     out = {}
     for name, spec, entry in exp.served_models():
         shard = spec.shard_bytes(entry.tp)
@@ -78,8 +80,9 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
         out[name] = SimModel(
             served=served,
             step_model=StepTimeModel(spec, entry.tp, gpu, exp.latency),
-            prewarm_load_s=shard / bw,
-            vanilla_start_s=costs.cold_engine_init_s + shard / costs.vanilla_load_bandwidth,
+            prewarm_load_s=shard / min(bw, node),
+            vanilla_start_s=costs.cold_engine_init_s
+            + shard / min(costs.vanilla_load_bandwidth, node),
             load_bandwidth=bw,
         )
     return out
