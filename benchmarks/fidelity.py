@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from bench_output import write_json
-from serve_burst import MODELS, free_port, history_csv
+from serve_burst import MODELS, free_port, history_csv, starts
 
 from warmserve.bench import BenchConfig, build_workload, check_endpoint, replay
 from warmserve.clock import seconds_into_day
@@ -47,6 +48,8 @@ class RealRun:
     start_of_day_s: float  # time of day the replay started
     gateway_cpu_s_per_token: float
     tokens: int
+    server_ttft_mean_s: float  # the runtime's own TTFT (submit to first token), no HTTP
+    starts: dict[str, int]
 
 
 def serve_config(model_dir: Path, hist: Path, args: argparse.Namespace, port: int) -> ServeConfig:
@@ -71,12 +74,28 @@ def run_real(cfg: ServeConfig, bench: BenchConfig, settle_s: float) -> RealRun:
         wl = build_workload(b)
         day = seconds_into_day()
         warmup = time.perf_counter() - up
+        before, starts0 = ttft_sums(srv.url), starts(srv.url)
         cpu0 = time.process_time()
         results = asyncio.run(replay(b, wl, quiet=True))
         cpu = time.process_time() - cpu0
+        after, starts1 = ttft_sums(srv.url), starts(srv.url)
     ttft = np.array([r.first_s if r.error is None else np.nan for r in results])
     tokens = sum(r.tokens for r in results if r.error is None)
-    return RealRun(ttft, warmup, day, cpu / max(tokens, 1), tokens)
+    n = after[1] - before[1]
+    server = (after[0] - before[0]) / n if n else float("nan")
+    started = {k: v - starts0.get(k, 0) for k, v in starts1.items()}
+    return RealRun(ttft, warmup, day, cpu / max(tokens, 1), tokens, server, started)
+
+
+def ttft_sums(url: str) -> tuple[float, int]:
+    """The runtime's TTFT histogram: (sum, count) over every model."""
+    total, count = 0.0, 0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("warmserve:time_to_first_token_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("warmserve:time_to_first_token_seconds_count"):
+            count += int(float(line.rsplit(" ", 1)[1]))
+    return total, count
 
 
 def run_sim(cfg: ServeConfig, bench: BenchConfig, model_dir: Path, real: RealRun,
@@ -95,6 +114,9 @@ def run_sim(cfg: ServeConfig, bench: BenchConfig, model_dir: Path, real: RealRun
                          wl_real.input_tokens, wl_real.output_tokens, real.start_of_day_s,
                          wl_real.model_names)  # fmt: skip
     res = run_policy(exp, cfg.policy, wl)
+    s = res.summary
+    print(f"  simulated starts: {s['cold_starts']} cold, {s['prewarm_hits']} prewarm hits, "
+          f"{s['inprogress_hits']} in-progress hits")  # fmt: skip
     return res.log.first_token_s - res.log.arrival_s
 
 
@@ -126,6 +148,12 @@ def row(rate: float, saturated: bool, runs: list[RealRun], sim: np.ndarray) -> d
             max(abs(e - real_q) for e in each) / real_q if each and real_q else None
         )
     out["gateway_cpu_s_per_token"] = float(np.median([r.gateway_cpu_s_per_token for r in runs]))
+    # Where real time goes: the client's mean TTFT less the runtime's own (submit to first
+    # token) is the gateway, HTTP and client share, which the simulator charges as CPU only.
+    out["real_ttft_mean_s"] = float(np.nanmean(pooled))
+    out["real_server_ttft_mean_s"] = float(np.nanmean([r.server_ttft_mean_s for r in runs]))
+    out["sim_ttft_mean_s"] = float(np.nanmean(sim))
+    out["real_starts"] = [r.starts for r in runs]
     # Per request (NaN: failed), for a later look at where the two differ.
     out["real_ttft_s"] = [[None if np.isnan(x) else round(float(x), 4) for x in r.ttft_s]
                           for r in runs]  # fmt: skip
@@ -213,8 +241,10 @@ def main() -> None:
                 r = runs[-1]
                 print(f"rate {rate:4.2f}/s real run {k + 1}/{args.repeats}: TTFT p50 "
                       f"{pct(r.ttft_s, 50):.3f} s p99 {pct(r.ttft_s, 99):.3f} s, failed "
-                      f"{int(np.isnan(r.ttft_s).sum())}, gateway CPU "
-                      f"{r.gateway_cpu_s_per_token * 1e3:.2f} ms/token", flush=True)  # fmt: skip
+                      f"{int(np.isnan(r.ttft_s).sum())}, mean {np.nanmean(r.ttft_s):.3f} s "
+                      f"(runtime's own {r.server_ttft_mean_s:.3f} s), gateway CPU "
+                      f"{r.gateway_cpu_s_per_token * 1e3:.2f} ms/token, starts {r.starts}",
+                      flush=True)  # fmt: skip
             # The simulator sees the first run's history and start time; the others differ
             # from it by the seconds between runs, well inside a forecast window.
             hist = Path(tmp) / f"history-{rate}-0.csv"
@@ -224,7 +254,8 @@ def main() -> None:
             curves.append((rate, runs, sim))
             s = rows[-1]
             print(f"rate {rate:4.2f}/s simulated: TTFT p50 {s['sim_ttft_p50_s']:.3f} s p99 "
-                  f"{s['sim_ttft_p99_s']:.3f} s", flush=True)  # fmt: skip
+                  f"{s['sim_ttft_p99_s']:.3f} s mean {s['sim_ttft_mean_s']:.3f} s",
+                  flush=True)  # fmt: skip
     print()
     print(f"{'rate':>5s} {'sat':>4s} {'real p50':>9s} {'sim p50':>8s} {'err':>6s} {'spread':>7s} "
           f"{'real p90':>9s} {'sim p90':>8s} {'err':>6s} {'real p99':>9s} {'sim p99':>8s} "
