@@ -59,6 +59,8 @@ def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit
         # A vanilla start: a fresh worker process, then the same load into the pool.
         cold_engine_init_s=start + load_fixed,
         vanilla_load_bandwidth=load_bw,
+        # Not measured concurrently: concurrent loads share one load's rate.
+        host_node_bandwidth=h2d,
     )
     # Four significant digits: the measurements are not better than that.
     device, costs = _rounded(device), _rounded(costs)
@@ -109,6 +111,10 @@ def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit
         "worker load)",
         "costs.serverless_engine_init_s": "not measured (ServerlessLLM baseline): the H100 "
         "profile's",
+        "costs.serverless_tuned_engine_init_s": "not measured (serverlessllm-tuned): the H100 "
+        "profile's",
+        "costs.host_node_bandwidth": "assumption: concurrent loads share one load's measured "
+        "rate (not measured concurrently)",
         "costs.serverless_ssd_bandwidth": "not measured: the H100 profile's",
         "costs.serverless_dram_cache_bytes": "not measured: the H100 profile's",
         "host.cores": "measured: the CPUs this process may run on"
