@@ -18,7 +18,7 @@ from warmserve.sim.host import HostParams
 # server and a client): benchmarks/fidelity.py measures it (this process's CPU time over a
 # replay, divided by the tokens streamed: gateway, control plane and bench client) and the
 # shipped CPU profile holds the figure it printed on the 2-core development machine.
-GATEWAY_S_PER_TOKEN = 0.0032
+GATEWAY_S_PER_TOKEN = 0.0026
 
 
 def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit, dict[str, str]]:
