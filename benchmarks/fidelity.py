@@ -9,7 +9,10 @@ For each offered rate it reports TTFT P50/P90/P99 real (all repeats pooled) and 
 relative errors, and the real run-to-run spread (min-max of each percentile over the repeats),
 and it plots the two CDFs. The gateway's host CPU per streamed token (this process: gateway,
 control plane and the bench client, which share the host's cores with the workers) is measured
-too, as the number a CPU profile's `host.gateway_s_per_token` should hold.
+too, as the number a CPU profile's `host.gateway_s_per_token` should hold. So are the other
+jobs on the host: the workers' run-queue wait over their CPU time (the kernel's schedstat)
+gives the cores they lost, as `host.background_threads` (calibration/host_load.py); the
+simulation runs with the measured figure, and once more on a dedicated host (none).
 
     python benchmarks/fidelity.py --json results/bench/fidelity.json   # ~60 min
     python benchmarks/fidelity.py --quick                               # 10-15 min: 1 rate, 2 runs
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ from bench_output import write_json
 from serve_burst import MODELS, free_port, history_csv, starts
 
 from warmserve.bench import BenchConfig, build_workload, check_endpoint, replay
+from warmserve.calibration.host_load import background_threads, sched_seconds
 from warmserve.clock import seconds_into_day
 from warmserve.models import prepare_smollm2
 from warmserve.serve_config import ServeConfig, parse_serve_config
@@ -50,6 +55,10 @@ class RealRun:
     tokens: int
     server_ttft_mean_s: float  # the runtime's own TTFT (submit to first token), no HTTP
     starts: dict[str, int]
+    # The workers' run-queue stretch ((CPU + run-queue wait) / CPU) and the other jobs' share
+    # of the host it implies (see `background_threads`); NaN where not measured.
+    worker_stretch: float = float("nan")
+    background_threads: float = float("nan")
 
 
 def serve_config(model_dir: Path, hist: Path, args: argparse.Namespace, port: int) -> ServeConfig:
@@ -75,16 +84,24 @@ def run_real(cfg: ServeConfig, bench: BenchConfig, settle_s: float) -> RealRun:
         day = seconds_into_day()
         warmup = time.perf_counter() - up
         before, starts0 = ttft_sums(srv.url), starts(srv.url)
-        cpu0 = time.process_time()
+        pids = [w.pid for w in srv.server.runtime.supervisor.workers if w is not None]
+        sched0 = [sched_seconds(p) for p in pids if p is not None]
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         results = asyncio.run(replay(b, wl, quiet=True))
-        cpu = time.process_time() - cpu0
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        sched1 = [sched_seconds(p) for p in pids if p is not None]
         after, starts1 = ttft_sums(srv.url), starts(srv.url)
     ttft = np.array([r.first_s if r.error is None else np.nan for r in results])
     tokens = sum(r.tokens for r in results if r.error is None)
     n = after[1] - before[1]
     server = (after[0] - before[0]) / n if n else float("nan")
     started = {k: v - starts0.get(k, 0) for k, v in starts1.items()}
-    return RealRun(ttft, warmup, day, cpu / max(tokens, 1), tokens, server, started)
+    # A worker restarted during the run has new counters: its difference is meaningless.
+    used = [(c1 - c0, w1 - w0) for (c0, w0), (c1, w1) in zip(sched0, sched1, strict=True)
+            if c1 >= c0 and w1 >= w0]  # fmt: skip
+    bg, stretch = background_threads(used, cpu, wall, float(len(os.sched_getaffinity(0))))
+    return RealRun(ttft, warmup, day, cpu / max(tokens, 1), tokens, server, started,
+                   stretch, bg)  # fmt: skip
 
 
 def ttft_sums(url: str) -> tuple[float, int]:
@@ -99,24 +116,26 @@ def ttft_sums(url: str) -> tuple[float, int]:
 
 
 def run_sim(cfg: ServeConfig, bench: BenchConfig, model_dir: Path, real: RealRun,
-            args: argparse.Namespace) -> np.ndarray:  # fmt: skip
+            args: argparse.Namespace, background: float = 0.0) -> np.ndarray:  # fmt: skip
+    """Simulated TTFT per request, with `background` other-job threads on the host."""
     wl_real = build_workload(bench)
     exp = serve_experiment(
         cfg, args.profile, dict.fromkeys(MODELS, model_dir), slo_ttft_s=bench.slo_ttft_s,
         slo_tpot_s=bench.slo_tpot_s, warmup_s=real.warmup_s, drain_s=bench.request_timeout_s,
         duration_s=bench.duration_s / bench.time_scale,
     )  # fmt: skip
+    assert exp.profile is not None and exp.profile.shared_host
+    host = dataclasses.replace(exp.profile.host, background_threads=background)
     if args.gateway_s_per_token is not None:
-        assert exp.profile is not None and exp.profile.shared_host
-        host = dataclasses.replace(exp.profile.host, gateway_s_per_token=args.gateway_s_per_token)
-        exp = dataclasses.replace(exp, profile=dataclasses.replace(exp.profile, host=host))
+        host = dataclasses.replace(host, gateway_s_per_token=args.gateway_s_per_token)
+    exp = dataclasses.replace(exp, profile=dataclasses.replace(exp.profile, host=host))
     wl = replay_workload(cfg, wl_real.arrival_s / bench.time_scale, wl_real.model_idx,
                          wl_real.input_tokens, wl_real.output_tokens, real.start_of_day_s,
                          wl_real.model_names)  # fmt: skip
     res = run_policy(exp, cfg.policy, wl)
     s = res.summary
-    print(f"  simulated starts: {s['cold_starts']} cold, {s['prewarm_hits']} prewarm hits, "
-          f"{s['inprogress_hits']} in-progress hits")  # fmt: skip
+    print(f"  simulated (background {background:.2f} threads) starts: {s['cold_starts']} cold, "
+          f"{s['prewarm_hits']} prewarm hits, {s['inprogress_hits']} in-progress hits")  # fmt: skip
     return res.log.first_token_s - res.log.arrival_s
 
 
@@ -127,7 +146,7 @@ def sim_only(rate: float, bench: BenchConfig, model_dir: Path, args: argparse.Na
     history_csv(hist, bench, args.time_scale)
     cfg = serve_config(model_dir, hist, args, 1)
     now = RealRun(np.zeros(0), args.settle_s, seconds_into_day(), 0.0, 0, float("nan"), {})
-    sim = run_sim(cfg, bench, model_dir, now, args)
+    sim = run_sim(cfg, bench, model_dir, now, args, args.background_threads or 0.0)
     p50, p90, p99 = (pct(sim, q) for q in PCTS)
     failed = int(np.isnan(sim).sum())
     print(f"rate {rate:4.2f}/s simulated ({len(sim)} requests): TTFT p50 {p50:.3f} s p90 "
@@ -148,7 +167,8 @@ def rel(sim: float | None, real: float | None) -> float | None:
     return None if sim is None or not real else (sim - real) / real
 
 
-def row(rate: float, saturated: bool, runs: list[RealRun], sim: np.ndarray) -> dict[str, Any]:
+def row(rate: float, saturated: bool, runs: list[RealRun], sim: np.ndarray,
+        background: float, dedicated: np.ndarray) -> dict[str, Any]:  # fmt: skip
     pooled = np.concatenate([r.ttft_s for r in runs])
     out: dict[str, Any] = {"rate_rps": rate, "saturated": saturated, "repeats": len(runs),
                            "requests": len(sim),
@@ -172,6 +192,16 @@ def row(rate: float, saturated: bool, runs: list[RealRun], sim: np.ndarray) -> d
     out["real_server_ttft_mean_s"] = float(np.nanmean([r.server_ttft_mean_s for r in runs]))
     out["sim_ttft_mean_s"] = float(np.nanmean(sim))
     out["real_starts"] = [r.starts for r in runs]
+    # The host's other jobs: as measured in each run, and what the simulation used; beside
+    # it the simulator's prediction for a dedicated host (no other jobs).
+    out["real_worker_stretch"] = [None if np.isnan(r.worker_stretch) else r.worker_stretch
+                                  for r in runs]  # fmt: skip
+    out["real_background_threads"] = [
+        None if np.isnan(r.background_threads) else r.background_threads for r in runs
+    ]
+    out["sim_background_threads"] = background
+    for q in PCTS:
+        out[f"sim_dedicated_ttft_p{q}_s"] = pct(dedicated, q)
     # Per request (NaN: failed), for a later look at where the two differ.
     out["real_ttft_s"] = [[None if np.isnan(x) else round(float(x), 4) for x in r.ttft_s]
                           for r in runs]  # fmt: skip
@@ -220,6 +250,10 @@ def main() -> None:
     p.add_argument("--profile", default="cpu-2core-shared", help="device profile: name or path")
     p.add_argument("--gateway-s-per-token", type=float, default=None,
                    help="override the profile's host.gateway_s_per_token")  # fmt: skip
+    p.add_argument("--background-threads", type=float, default=None,
+                   help="the host's other jobs, in serve-worker threads (the profile's "
+                        "host.background_threads); default: as measured in the real runs "
+                        "(0 with --sim-only)")  # fmt: skip
     p.add_argument("--policy", default="warmserve")
     p.add_argument("--pool-mib", type=int, default=1536)
     p.add_argument("--capacity", type=int, default=4, help="capacity_per_instance")
@@ -267,19 +301,26 @@ def main() -> None:
                       f"{pct(r.ttft_s, 50):.3f} s p99 {pct(r.ttft_s, 99):.3f} s, failed "
                       f"{int(np.isnan(r.ttft_s).sum())}, mean {np.nanmean(r.ttft_s):.3f} s "
                       f"(runtime's own {r.server_ttft_mean_s:.3f} s), gateway CPU "
-                      f"{r.gateway_cpu_s_per_token * 1e3:.2f} ms/token, starts {r.starts}",
+                      f"{r.gateway_cpu_s_per_token * 1e3:.2f} ms/token, starts {r.starts}, "
+                      f"worker stretch {r.worker_stretch:.2f} (other jobs "
+                      f"{r.background_threads:.2f} threads)",
                       flush=True)  # fmt: skip
             # The simulator sees the first run's history and start time; the others differ
             # from it by the seconds between runs, well inside a forecast window.
             hist = Path(tmp) / f"history-{rate}-0.csv"
             cfg = serve_config(model_dir, hist, args, 1)
-            sim = run_sim(cfg, bench, model_dir, runs[0], args)
-            rows.append(row(rate, saturated, runs, sim))
+            measured = [r.background_threads for r in runs if not np.isnan(r.background_threads)]
+            bg = (args.background_threads if args.background_threads is not None
+                  else float(np.median(measured)) if measured else 0.0)  # fmt: skip
+            sim = run_sim(cfg, bench, model_dir, runs[0], args, bg)
+            dedicated = run_sim(cfg, bench, model_dir, runs[0], args, 0.0) if bg else sim
+            rows.append(row(rate, saturated, runs, sim, bg, dedicated))
             curves.append((rate, runs, sim))
             s = rows[-1]
             print(f"rate {rate:4.2f}/s simulated: TTFT p50 {s['sim_ttft_p50_s']:.3f} s p99 "
-                  f"{s['sim_ttft_p99_s']:.3f} s mean {s['sim_ttft_mean_s']:.3f} s",
-                  flush=True)  # fmt: skip
+                  f"{s['sim_ttft_p99_s']:.3f} s mean {s['sim_ttft_mean_s']:.3f} s; on a "
+                  f"dedicated host p50 {s['sim_dedicated_ttft_p50_s']:.3f} s p99 "
+                  f"{s['sim_dedicated_ttft_p99_s']:.3f} s", flush=True)  # fmt: skip
     if args.sim_only:
         return
     print()

@@ -142,3 +142,60 @@ def test_calibrate_writes_a_profile_the_simulator_reads(tmp_path, capsys):
     report = tmp_path / "mine-report"
     assert (report / "fit.png").stat().st_size > 0
     assert "| random-2l prefill b=1" in (report / "report.md").read_text()
+
+
+# ----- the step clock -------------------------------------------------------------------------
+class _WaitingEngine:
+    """Steps that wait (as a step does while other jobs hold the cores) and compute nothing."""
+
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s = wait_s
+        self.scheduler = self
+        self.pending = 0
+
+    def add(self, _ids, _params) -> None:
+        self.pending += 1
+
+    def has_work(self) -> bool:  # asked once a point is done: the next starts afresh
+        self.pending = 0
+        return False
+
+    def step(self):
+        import threading
+        import types
+
+        threading.Event().wait(self.wait_s)
+        return types.SimpleNamespace(tokens=dict.fromkeys(range(self.pending)))
+
+
+def test_the_cpu_clock_leaves_out_time_spent_waiting():
+    """A step that waits 50 ms costs 50 ms on the wall clock and ~nothing on the CPU clock."""
+    from warmserve.calibration.measure import _run_point, step_timer
+
+    rng = np.random.default_rng(0)
+    eng = _WaitingEngine(0.05)
+    pre, dec = _run_point(eng, 2, 8, 2, 100, rng, "cpu", step_timer("wall"))
+    assert pre >= 0.05 and min(dec) >= 0.05
+    pre, dec = _run_point(eng, 2, 8, 2, 100, rng, "cpu", step_timer("cpu"))
+    assert pre < 0.02 and max(dec) < 0.02
+
+
+def test_the_step_clock_is_cpu_only_where_one_thread_steps():
+    from warmserve.calibration.measure import CalibrationConfig
+
+    assert CalibrationConfig(device="cpu", threads=1).clock == "cpu"
+    assert CalibrationConfig(device="cpu", threads=2).clock == "wall"
+    assert CalibrationConfig(device="cuda", threads=1).clock == "wall"
+    assert CalibrationConfig(device="cpu", threads=1, step_clock="wall").clock == "wall"
+    with pytest.raises(ValueError, match="one torch thread"):
+        CalibrationConfig(device="cpu", threads=4, step_clock="cpu")
+    with pytest.raises(ValueError, match="auto, cpu or wall"):
+        CalibrationConfig(step_clock="sundial")
+
+
+def test_calibrate_refuses_a_cpu_clock_on_several_threads(tmp_path, capsys):
+    from warmserve.cli import main
+
+    argv = ["calibrate", "--threads", "2", "--step-clock", "cpu", "--out", str(tmp_path / "p.yaml")]
+    assert main(argv) == 2
+    assert "one torch thread" in capsys.readouterr().err

@@ -99,6 +99,18 @@ def test_the_gateway_share_and_loads_add_to_the_demand():
     assert host.slowdown() == pytest.approx(1.6)
 
 
+def test_other_jobs_on_the_host_stretch_a_lone_worker():
+    (solo,) = _finish_times(None, 1)
+    # One worker and 3 other threads on 2 cores: (1 + 3) / 2 = twice as long.
+    (busy,) = _finish_times(SharedHost(HostParams(cores=2.0, background_threads=3.0)), 1)
+    assert busy == pytest.approx(2 * solo, rel=1e-9)
+    # Room to spare: one worker and half a thread on 2 cores run at full speed.
+    (spare,) = _finish_times(SharedHost(HostParams(cores=2.0, background_threads=0.5)), 1)
+    assert spare == pytest.approx(solo, rel=1e-9)
+    with pytest.raises(ValueError, match="background_threads"):
+        HostParams(cores=2.0, background_threads=-1.0)
+
+
 def test_gpu_profiles_keep_independent_devices():
     for name in ("h100-sxm-80g", "a100-80g"):
         assert load_profile(name).host_params is None

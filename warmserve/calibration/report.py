@@ -90,7 +90,9 @@ def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit
         "memory bandwidth"
         if cpu
         else "not measured: the H100 profile's NVLink figure",
-        "latency.flops_efficiency": "fitted (step times, see the report)",
+        "latency.flops_efficiency": "fitted (step times, "
+        + ("the stepping thread's CPU time" if meas.step_clock == "cpu" else "wall clock")
+        + ", see the report)",
         "latency.bandwidth_efficiency": "fitted",
         "latency.step_overhead_s": "fitted",
         "latency.layer_overhead_s": "fitted"
@@ -121,6 +123,8 @@ def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit
         if meas.host_cores
         else "not measured: assumed 1",
         "host.threads_per_device": "the torch threads calibrate ran with (--threads)",
+        "host.background_threads": "0: a dedicated host (other jobs are not planned for; "
+        "benchmarks/fidelity.py measures them during a real run)",
         "host.gateway_s_per_token": "not measured by calibrate: benchmarks/fidelity.py's figure "
         "on the 2-core development machine (rerun it and set yours)",
     }
@@ -177,6 +181,12 @@ def report_text(meas: Measurements, profile: DeviceProfile, fit: StepFit, out: P
         "",
         "## Step-time fit",
         "",
+        "Steps timed by "
+        + (
+            "the stepping thread's CPU time (what a step takes on a core of its own)."
+            if meas.step_clock == "cpu"
+            else "the wall clock."
+        ),
         f"Mean |model − measured| / measured: {fit.mean_abs_rel_error:.1%}; worst "
         f"{fit.max_abs_rel_error:.1%} over {len(meas.steps)} steps.",
         f"Achieved FLOP/s {fit.flops:.3g} ({lat.flops_efficiency:.2f} of the measured peak "

@@ -8,8 +8,9 @@ cache) and with the gateway, which tokenizes, detokenizes and writes SSE on the 
 The model is processor sharing: the host's `cores` go round the demand at any moment - each
 worker that is stepping (its torch threads), each worker loading weights (one loader thread),
 and the gateway's per-token work (a fluid share: seconds per streamed token × the tokens per
-second the stepping workers emit). While the demand exceeds the cores, every step takes
-demand / cores times its solo time. When the set of stepping or loading workers changes, the
+second the stepping workers emit), plus the host's other jobs (`background_threads`: zero on a
+dedicated host). While the demand exceeds the cores, every step takes demand / cores times its
+solo time. When the set of stepping or loading workers changes, the
 others end their decode run at the next step boundary and go on at the new speed (as
 `SharedDevice` does for co-located instances); a step's speed is otherwise fixed when it starts.
 """
@@ -32,6 +33,12 @@ class HostParams:
     # Host CPU seconds the gateway spends per streamed token (detokenize, SSE framing, HTTP
     # writes), charged as a fluid share of the cores.
     gateway_s_per_token: float = 0.0
+    # Other jobs' runnable threads on the host, counted as serve workers' threads (in CPU
+    # share, so a nice-0 job beside `nice` 10 workers counts several times). 0: a dedicated
+    # host, the planning case. benchmarks/fidelity.py measures it during a real run from the
+    # kernel's run-queue delay of the workers (/proc/PID/task/*/schedstat), to compare the
+    # simulator with a run on a host that other jobs share.
+    background_threads: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.cores > 0:
@@ -40,17 +47,20 @@ class HostParams:
             raise ValueError("threads_per_device must be >= 1")
         if self.gateway_s_per_token < 0:
             raise ValueError("gateway_s_per_token must be >= 0")
+        if not self.background_threads >= 0:
+            raise ValueError("background_threads must be >= 0")
 
 
 class SharedHost:
     """The stepping and loading workers of one host, and the slowdown they cause each other."""
 
-    __slots__ = ("_gateway", "_threads", "cores", "loading", "stepping")
+    __slots__ = ("_background", "_gateway", "_threads", "cores", "loading", "stepping")
 
     def __init__(self, params: HostParams) -> None:
         self.cores = params.cores
         self._threads = params.threads_per_device
         self._gateway = params.gateway_s_per_token
+        self._background = params.background_threads
         # Insertion-ordered, so runs are cut in a reproducible order.
         self.stepping: dict[SimInstance, None] = {}
         self.loading: dict[int, None] = {}  # devices with a weight load in flight
@@ -60,7 +70,7 @@ class SharedHost:
         workers = len({inst.gpus for inst in self.stepping})  # co-located: one process
         tokens_per_s = sum(inst.token_rate for inst in self.stepping)
         demand = workers * self._threads + len(self.loading) + self._gateway * tokens_per_s
-        return max(1.0, demand / self.cores)
+        return max(1.0, (demand + self._background) / self.cores)
 
     def set_stepping(self, inst: SimInstance, busy: bool) -> None:
         if busy == (inst in self.stepping):
