@@ -209,6 +209,15 @@ def row(rate: float, saturated: bool, runs: list[RealRun], sim: np.ndarray,
     return out
 
 
+def per_run(run: RealRun, sim: np.ndarray) -> dict[str, Any]:
+    """One real run against the simulator given that run's own measured other jobs."""
+    out: dict[str, Any] = {"background_threads": run.background_threads}
+    for q in (50, 99):
+        out[f"real_ttft_p{q}_s"] = pct(run.ttft_s, q)
+        out[f"sim_ttft_p{q}_s"] = pct(sim, q)
+    return out
+
+
 def plot(path: Path, curves: list[tuple[float, list[RealRun], np.ndarray]]) -> None:
     import matplotlib
 
@@ -315,6 +324,19 @@ def main() -> None:
             sim = run_sim(cfg, bench, model_dir, runs[0], args, bg)
             dedicated = run_sim(cfg, bench, model_dir, runs[0], args, 0.0) if bg else sim
             rows.append(row(rate, saturated, runs, sim, bg, dedicated))
+            if args.background_threads is None and len(runs) > 1:
+                # Runs that met different loads: each against the simulator with its own.
+                rows[-1]["per_run"] = [
+                    per_run(r, run_sim(cfg, bench, model_dir, r, args, r.background_threads))
+                    for r in runs
+                    if not np.isnan(r.background_threads)
+                ]
+                for k, pr in enumerate(rows[-1]["per_run"]):
+                    print(f"  run {k + 1} (other jobs {pr['background_threads']:.2f} threads): "
+                          f"real p50 {pr['real_ttft_p50_s']:.3f} s p99 "
+                          f"{pr['real_ttft_p99_s']:.3f} s, simulated p50 "
+                          f"{pr['sim_ttft_p50_s']:.3f} s p99 {pr['sim_ttft_p99_s']:.3f} s",
+                          flush=True)  # fmt: skip
             curves.append((rate, runs, sim))
             s = rows[-1]
             print(f"rate {rate:4.2f}/s simulated: TTFT p50 {s['sim_ttft_p50_s']:.3f} s p99 "
