@@ -214,6 +214,9 @@ def test_cost_sweep_with_seeds_through_the_cli(tmp_path, capsys):
     assert seeds["seeds"] == [1, 2]
     agg = seeds["policies"]["serverlessllm"]["ttft_p99_s"]
     assert len(agg["values"]) == 2 and agg["min"] <= agg["mean"] <= agg["max"]
+    band = seeds["policies"]["serverlessllm"]["sweep"]
+    assert [pt["costs.serverless_engine_init_s"] for pt in band] == [2, 30]
+    assert all(len(pt["ttft_p99_s"]["values"]) == 2 for pt in band)
     assert summary["overrides"] == ["control.serverless_keep_alive_s=0"]
     assert "## Over 2 seeds" in (out / "report.md").read_text()
     assert "2 seeds: TTFT p99 mean" in capsys.readouterr().out

@@ -320,7 +320,8 @@ def _simulate(args: argparse.Namespace) -> int:
         meta["sweep"] = {"key": key, "values": list(values), "slo_target": SLO_TARGET}
         meta["slo_targets"] = list(SLO_TARGETS)
     if len(seeds) > 1:
-        meta["seeds"] = seeds_summary(seeds, [s for _, s, _ in per_seed])
+        key = sweep[0] if sweep is not None else None
+        meta["seeds"] = seeds_summary(seeds, [s for _, s, _ in per_seed], key)
     write_report(out, exp.name, results, meta, summaries)
     for r in results:
         s = summaries[r.policy]
