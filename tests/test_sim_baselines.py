@@ -168,6 +168,7 @@ def test_parsing_of_sweeps_sets_and_seeds():
     ]
     assert parse_set("costs.host_node_bandwidth=null") == ("costs.host_node_bandwidth", None)
     assert parse_set("rps=4") == ("workload.rps", 4)
+    assert parse_set("costs.host_node_bandwidth=52e9") == ("costs.host_node_bandwidth", 52e9)
     assert parse_seeds("1-5") == [1, 2, 3, 4, 5]
     assert parse_seeds("1,2,3") == [1, 2, 3] and parse_seeds("1-2,7") == [1, 2, 7]
     for bad in ("5-1", "a", ""):
