@@ -250,3 +250,17 @@ def test_refinement_bisects_towards_the_knee():
     assert rates == [1.0, 2.75, 3.625, 4.5, 8.0]  # 1|8 -> 4.5 fails, 2.75 passes, 3.625 fails
     s = sweep_summary("rps", 1.0, swept["p"])
     assert s["max_rps_at_slo"] == 2.75 and not s["max_rps_at_slo_censored"]
+
+
+def test_a_files_sweep_may_name_any_setting_and_bad_values_fail_before_running(tmp_path, capsys):
+    raw = small_experiment(duration_s=60, rps=1.0)
+    raw["sweep"] = {"control.keep_alive_s": [0, 60]}
+    raw["policies"] = ["serverlessllm-tuned"]
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert main(["simulate", str(path), "--quiet", "--out", str(out)]) == 0
+    curve = json.loads((out / "summary.json").read_text())["policies"]["serverlessllm-tuned"]
+    assert [pt["control.keep_alive_s"] for pt in curve["sweep"]] == [0, 60]
+    rc = main(["simulate", str(path), "--quiet", "--sweep", "costs.engine_attach_s=0.1,-1"])
+    assert rc == 2 and "must be >= 0" in capsys.readouterr().err
