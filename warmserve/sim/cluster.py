@@ -26,6 +26,7 @@ from warmserve.cluster.effects import (
 )
 from warmserve.control.api import Action, ClusterSnapshot, ServedModel
 from warmserve.sim.costs import StartupCosts
+from warmserve.sim.host import HostParams, SharedHost
 from warmserve.sim.host_cache import NodeCheckpointCache
 from warmserve.sim.host_link import NodeLink, Transfer
 from warmserve.sim.instance import SharedDevice, SimInstance, SimRequest
@@ -74,6 +75,7 @@ class SimCluster:
         on_first_token: Callable[[int, float], None],
         on_finish: Callable[[int, float], None],
         serverless_engine_init_s: float | None = None,
+        host: HostParams | None = None,
     ) -> None:
         self.loop = loop
         num_gpus = num_nodes * gpus_per_node
@@ -102,6 +104,8 @@ class SimCluster:
         self.on_kv_pressure: Callable[[int], None] | None = None  # set by the driver
         self._on_first_token = on_first_token
         self._on_finish = on_finish
+        # Devices that are one host's cores share them (sim/host.py); None: GPUs, independent.
+        self.hosts = [SharedHost(host) for _ in range(num_nodes)] if host is not None else None
 
     # ----- ClusterHandle ----------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
@@ -114,7 +118,9 @@ class SimCluster:
             elif isinstance(e, Activate):
                 self._activate(e)
             elif isinstance(e, Deactivate):
-                del self.instances[e.instance_id]  # its pending events find it gone
+                gone = self.instances.pop(e.instance_id)  # its pending events find it gone
+                if gone._host is not None:
+                    gone._host.set_stepping(gone, False)
             elif isinstance(e, LoadWeights):
                 self._queue_load(e)
             elif isinstance(e, DropWeights):
@@ -153,6 +159,7 @@ class SimCluster:
             self._kv_used,
             self._devices.setdefault(e.devices, SharedDevice()) if e.shared else None,
             self._kv_pressure,
+            self._host_of(e.devices[0]),
         )
         book = self.books.instances[e.instance_id]
         inst.kv_pages = book.kv_pages
@@ -212,6 +219,9 @@ class SimCluster:
         for _ in devices:
             link.start(shard, ceiling, landed)
 
+    def _host_of(self, device: int) -> SharedHost | None:
+        return None if self.hosts is None else self.hosts[self.books.devices[device].node_id]
+
     def _attach_s(self) -> float:
         return (
             self.costs.engine_attach_s
@@ -253,6 +263,15 @@ class SimCluster:
             q.loading = serial
             q.token += 1
             m = self.models[rep.model]
+            host = self._host_of(q.gpu_id)
+            if host is not None:
+                # One host's cores: the load is a loader thread copying from the page cache,
+                # timed by the shared-host model (there is no separate PCIe link to share).
+                host.set_loading(q.gpu_id, True)
+                duration = m.prewarm_load_s * host.slowdown()
+                q.transfer = None
+                self.loop.at(self.loop.now() + duration, self._shard_done, q, q.token)
+                return
             link = self.links[q.gpu_id // self.gpus_per_node]
             q.transfer = link.start(
                 m.served.shard_bytes, m.load_bandwidth, partial(self._shard_done, q, q.token)
@@ -260,6 +279,9 @@ class SimCluster:
             return
         q.loading = None
         q.transfer = None
+        host = self._host_of(q.gpu_id)
+        if host is not None:
+            host.set_loading(q.gpu_id, False)
 
     def _shard_done(self, q: LoadQueue, token: int) -> None:
         if token != q.token or q.loading is None:

@@ -190,6 +190,7 @@ def run_policy(
         first_token,
         finished,
         getattr(exp.costs, policy.engine_init_cost),
+        exp.profile.host_params if exp.profile is not None else None,
     )
     cluster.on_kv_pressure = lambda inst_id: controller.on_kv_pressure(loop.now(), inst_id, cluster)
     names = wl.model_names
