@@ -264,3 +264,24 @@ def test_a_files_sweep_may_name_any_setting_and_bad_values_fail_before_running(t
     assert [pt["control.keep_alive_s"] for pt in curve["sweep"]] == [0, 60]
     rc = main(["simulate", str(path), "--quiet", "--sweep", "costs.engine_attach_s=0.1,-1"])
     assert rc == 2 and "must be >= 0" in capsys.readouterr().err
+
+
+def test_static_at_8_models_16_rps_is_flagged_for_its_never_served_70b():
+    # The evaluation's contended cell: the pooled attainment meets 90 % while the least
+    # popular 70B is never served (static sizes from history and never starts it).
+    mix = [("llama-2-7b", 1), ("llama-2-7b", 1), ("llama-2-13b", 2), ("llama-2-70b", 4)]
+    raw = yaml.safe_load(
+        (Path(__file__).parent.parent / "experiments" / "paper-azure-conv.yaml").read_text()
+    )
+    raw["models"] = [
+        {"name": f"m{i}-{p[8:]}", "preset": p, "tp": tp, "max_model_len": 2048}
+        for i, (p, tp) in enumerate(mix * 2)
+    ]
+    raw["workload"].update(rps=16.0, duration_s=300)
+    raw["policies"] = ["static"]
+    exp = parse_experiment(raw, Path())
+    s = run_policy(exp, "static", make_workload(exp)).summary
+    assert s["slo_attainment"] >= 0.9
+    assert s["flagged_models"] == ["m7-70b"]
+    m = s["per_model"]["m7-70b"]
+    assert m["never_served"] == m["arrived"] == m["failed"] > 0
