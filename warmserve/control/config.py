@@ -57,10 +57,11 @@ class ControlConfig:
     # Fair starts (policies with fair_starts, e.g. warmserve-plus). A model whose oldest queued
     # request has waited this long, with no free room, gets an aligned GPU block held for it:
     # idle instances there are released, busy ones drained, and no other model starts there.
-    # Until it has waited starve_preempt_s, only instances whose models keep enough others
-    # for their load are drained; after, any (a model's last instance too).
+    # Until it has waited starve_preempt_s, only instances the autoscaler could have stopped
+    # (their models' other instances carry the load below scale_down_threshold) are drained;
+    # after, any (a model's last instance too). Lower: a shorter worst wait, more drains.
     starve_wait_s: float = 2.0
-    starve_preempt_s: float = 8.0
+    starve_preempt_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.capacity_per_instance < 1:

@@ -358,7 +358,11 @@ class Controller:
         blocked = self._blocked(name)
         views = snap.instance_by_id
         live = self._live_counts()
-        cap = self.cfg.capacity_per_instance * self.cfg.scale_up_threshold
+        # A drain leaves a model short unless its other instances would carry its load below the
+        # scale-down threshold, i.e. unless the autoscaler could have stopped this one itself
+        # (at the scale-up threshold, the popular model's peaks restart it cold, and those
+        # restarts cost more attainment than the starving model gains).
+        cap = self.cfg.capacity_per_instance * self.cfg.scale_down_threshold
         hits = {r.gpus for r in snap.replicas if r.model == name and r.is_ready}
         best: tuple[tuple, tuple[int, ...], list[InstanceId]] | None = None
         for base in range(0, len(snap.gpus), tp):
@@ -383,8 +387,8 @@ class Controller:
                 drained[inst.model] = drained.get(inst.model, 0) + 1
                 extra += len(v.gpus) - len(set(v.gpus) & set(group))
             else:
-                # Models whose remaining instances could not carry their load: their requests
-                # would queue in turn (a model's last instance always counts).
+                # Models left short: their requests would queue in turn (a model's last
+                # instance always counts).
                 short = [
                     self.load(m, now)
                     for m, k in drained.items()
