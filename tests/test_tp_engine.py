@@ -252,3 +252,13 @@ def test_tp2_logits_and_greedy_tokens_equal_tp1(tp1, tp2, name):
 @pytest.mark.parametrize("name", AT[4])
 def test_tp4_logits_and_greedy_tokens_equal_tp1(tp1, tp4, name):
     _check(tp4[name], tp1[name], name)
+
+
+def test_a_lost_follower_breaks_the_step_with_a_clear_error(tp_cases, tmp_path):
+    from tp_ranks import lose_a_follower
+
+    torch.multiprocessing.start_processes(lose_a_follower, nprocs=2, start_method="fork",
+        args=(2, str(tmp_path / "store"), tp_cases["qwen2-kv1"], str(tmp_path)))  # fmt: skip
+    kind, message, seconds = torch.load(tmp_path / "lost.pt")
+    assert kind == "TPBroken" and "communication failed" in message, (kind, message)
+    assert seconds < 30  # the peer's closed connection, well before the group's timeout

@@ -6,7 +6,9 @@ start quickly."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -117,11 +119,21 @@ def script(engine: Engine, case: Case) -> dict:
     return out
 
 
-def rank_main(rank: int, size: int, store: str, cases: list[Case], out_dir: str) -> None:
+def _init(rank: int, size: int, store: str) -> TPGroup:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=60),
+    )  # a hang fails the test, late
+    return tp_group()
+
+
+def rank_main(rank: int, size: int, store: str, cases: list[Case], out_dir: str) -> None:
+    tp = _init(rank, size, store)
     try:
-        tp = tp_group()
         for case in cases:
             engine = build(case, tp)
             if tp.is_leader:
@@ -133,3 +145,23 @@ def rank_main(rank: int, size: int, store: str, cases: list[Case], out_dir: str)
                     pass
     finally:
         dist.destroy_process_group()
+
+
+def lose_a_follower(rank: int, size: int, store: str, case: Case, out_dir: str) -> None:
+    """The follower runs one step and its process ends (as if killed); what the leader's
+    next step does, and how long it takes to say so, lands in `lost.pt`."""
+    tp = _init(rank, size, store)
+    engine = build(case, tp)
+    if not tp.is_leader:
+        engine.follow()
+        os._exit(0)  # no goodbye: the connections just close
+    engine.add([5, 6, 7], SamplingParams(max_tokens=4))
+    engine.step()  # the prefill, with the follower
+    t0 = time.perf_counter()
+    try:
+        engine.step()
+        result = ("no error", "")
+    except Exception as e:
+        result = (type(e).__name__, str(e))
+    torch.save((*result, time.perf_counter() - t0), os.path.join(out_dir, "lost.pt"))
+    os._exit(0)  # the group is broken: tearing it down politely could wait on the dead peer

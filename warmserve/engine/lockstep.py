@@ -17,7 +17,9 @@ recovered: `TPBroken` is raised on every rank that sees it, and the instance mus
 down (its process group too). A peer that hangs blocks its group until the process group's
 timeout (set where the group is built), which then raises `TPBroken`.
 
-Works with gloo (CPU) and NCCL (CUDA): every tensor sent lies on the model's device.
+Works with gloo (CPU) and NCCL (CUDA): the sums run on the model's device, the step headers
+and status on the group's (`group_device`: the GPU for NCCL, the host for gloo). The NCCL path
+is written for, not yet run on, a multi-GPU machine.
 """
 
 from __future__ import annotations
@@ -56,10 +58,17 @@ def tp_group(group: dist.ProcessGroup | None = None) -> TPGroup:
     return TPGroup(dist.get_rank(g), dist.get_world_size(g), g, dist.get_global_rank(g, 0))
 
 
-def agree_num_blocks(tp: TPGroup, num_blocks: int, device: torch.device | str = "cpu") -> int:
+def group_device(tp: TPGroup) -> torch.device:
+    """Where the group's tensors must lie: this process's GPU for NCCL, else the host."""
+    if dist.get_backend(tp.group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_num_blocks(tp: TPGroup, num_blocks: int) -> int:
     """The KV blocks every rank's cache holds (the fewest of any rank's): what the leader's
     block allocator may hand out. A collective: every rank calls it."""
-    t = torch.tensor([num_blocks], dtype=torch.long, device=device)
+    t = torch.tensor([num_blocks], dtype=torch.long, device=group_device(tp))
     _collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.group))
     return int(t.item())
 
@@ -105,7 +114,8 @@ class Lockstep:
         self.tp = tp
         self.model = model
         self.cache = cache
-        self.device = model.device
+        self.device = model.device  # where the sums run
+        self.comm = group_device(tp)  # where the step headers and status go
         self.sums = 0  # all-reduces made in the current forward
         self.sums_per_step = 2 * model.shape.num_layers
         model.reduce = self._reduce
@@ -133,15 +143,15 @@ class Lockstep:
         head[0], head[1] = kind, len(payload)
         inline = payload[:_INLINE]
         head[2 : 2 + len(inline)] = torch.tensor(inline, dtype=torch.long)
-        self._broadcast(head.to(self.device))
+        self._broadcast(head.to(self.comm))
         if len(payload) > _INLINE:
-            self._broadcast(torch.tensor(payload[_INLINE:], dtype=torch.long, device=self.device))
+            self._broadcast(torch.tensor(payload[_INLINE:], dtype=torch.long, device=self.comm))
 
     # ----- a follower -------------------------------------------------------------------
     def follow(self) -> bool:
         """Wait for the leader's next step and run this rank's part; False when told to stop.
         `StepFailed` when the step failed on some rank (this one stays in step)."""
-        head = torch.empty(_INLINE + 2, dtype=torch.long, device=self.device)
+        head = torch.empty(_INLINE + 2, dtype=torch.long, device=self.comm)
         self._broadcast(head)
         values = head.tolist()
         kind, n = values[0], values[1]
@@ -151,7 +161,7 @@ class Lockstep:
             raise TPBroken(f"unknown step header {kind}: the ranks are out of step")
         payload = values[2 : 2 + min(n, _INLINE)]
         if n > _INLINE:
-            rest = torch.empty(n - _INLINE, dtype=torch.long, device=self.device)
+            rest = torch.empty(n - _INLINE, dtype=torch.long, device=self.comm)
             self._broadcast(rest)
             payload += rest.tolist()
         self._run(decode(payload), None, head=False)
@@ -178,7 +188,7 @@ class Lockstep:
                 self._reduce(pad)
         if self.sums != self.sums_per_step:  # a bug: the collective count would desync
             raise TPBroken(f"a forward made {self.sums} sums, not {self.sums_per_step}")
-        failed = torch.zeros(self.tp.size, dtype=torch.long, device=self.device)
+        failed = torch.zeros(self.tp.size, dtype=torch.long, device=self.comm)
         failed[self.tp.rank] = int(error is not None)
         _collective(lambda: dist.all_reduce(failed, group=self.tp.group))
         ranks = [r for r, f in enumerate(failed.tolist()) if f]
