@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_architectures import ARCHS, shape_of, tiny
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from warmserve.engine.arch import LlamaShape, UnsupportedModel, read_config
+from warmserve.engine.llama import PagedKVCache, PagedLlama, SeqInput
 from warmserve.engine.tp import TPShard, shard_plan, shard_shape
 from warmserve.worker.layout import (
     checkpoint_files,
@@ -262,3 +266,54 @@ def test_a_lost_follower_breaks_the_step_with_a_clear_error(tp_cases, tmp_path):
     kind, message, seconds = torch.load(tmp_path / "lost.pt")
     assert kind == "TPBroken" and "communication failed" in message, (kind, message)
     assert seconds < 30  # the peer's closed connection, well before the group's timeout
+
+
+# ----- every architecture's shard math, ranks as threads ------------------------------------
+class _ThreadSums:
+    """An all-reduce among threads of one process: the shard math of every architecture
+    checked without a process group (the lockstep over gloo is tested above)."""
+
+    def __init__(self, size: int) -> None:
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.parts: list[torch.Tensor | None] = [None] * size
+
+    def reducer(self, rank: int):
+        def reduce(t: torch.Tensor) -> None:
+            self.parts[rank] = t
+            self.barrier.wait()
+            total = torch.stack(self.parts).sum(0)  # in rank order, as every rank sees it
+            self.barrier.wait()  # every rank has read every part
+            t.copy_(total)
+
+        return reduce
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("kind", [k for k in ARCHS if k != "olmo2"])
+def test_every_architectures_shards_sum_to_the_whole_model(kind, size, tmp_path):
+    model = tiny(kind)
+    model.save_pretrained(tmp_path)
+    files = checkpoint_files(tmp_path)
+    shape = shape_of(model)
+    pool = PagePool(CpuPages(64, 64 << 10), asynchronous=False)
+    whole = PagedLlama(shape, load_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), files))
+    sums = _ThreadSums(size)
+    ranks = []
+    for shard in shard_plan(shape, size):
+        local = shard_shape(shape, shard)
+        params = load_shard_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), files, shard, shape)
+        ranks.append((PagedLlama(local, params, reduce=sums.reducer(shard.rank)),
+                      PagedKVCache(local, 16, 4, torch.float32)))  # fmt: skip
+    cache = PagedKVCache(shape, 16, 4, torch.float32)
+    table = [11, 3, 7, 0, 14, 5]
+    ids = torch.randint(0, 97, (11,), generator=torch.Generator().manual_seed(1)).tolist()
+    steps = [[SeqInput(ids, 0, table)]] + [
+        [SeqInput([t], len(ids) + i, table)] for i, t in enumerate((5, 17, 42, 8))
+    ]
+    with ThreadPoolExecutor(size) as ex:
+        for seqs in steps:  # a prefill, then decode steps through the paged caches
+            futs = [ex.submit(m.forward, seqs, c) for m, c in ranks]
+            got = [f.result() for f in futs]
+            want = whole.forward(seqs, cache)
+            for g in got:  # every rank holds the same logits (the head is replicated)
+                torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
