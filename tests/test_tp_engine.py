@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from warmserve.engine.arch import LlamaShape, UnsupportedModel, read_config
 from warmserve.engine.llama import PagedKVCache, PagedLlama, SeqInput
+from warmserve.engine.lockstep import _INLINE, decode, encode
 from warmserve.engine.tp import TPShard, shard_plan, shard_shape
 from warmserve.worker.layout import (
     checkpoint_files,
@@ -158,6 +159,19 @@ def test_a_tp1_shard_is_the_whole_model(tmp_path):
     assert sharded_layout(files, only, shape) == weights_layout(files)
 
 
+@given(st.lists(st.tuples(st.lists(st.integers(0, 2**40), min_size=1, max_size=40),
+                          st.integers(0, 5000), st.lists(st.integers(0, 999), max_size=30)),
+                max_size=6))  # fmt: skip
+def test_step_headers_decode_to_the_steps_sequences(raw):
+    seqs = [SeqInput(tuple(t), start, tuple(b)) for t, start, b in raw]
+    assert decode(encode(seqs)) == seqs
+
+
+def test_a_long_prefills_header_takes_a_second_broadcast():
+    """What the golden tests' 450-token prefill relies on to cover the two-part header."""
+    assert len(encode([SeqInput(tuple(range(450)), 0, tuple(range(113)))])) > _INLINE
+
+
 # ----- TP = 2 and 4 ranks against TP = 1 ------------------------------------------------------
 # (name, kind, query heads, KV heads, hidden, extra config): even, uneven and fewer-than-TP KV
 # groups, Qwen2's q/k/v biases and Llama's o/down biases (replicated, added once after the sum).
@@ -196,7 +210,8 @@ def tp_cases(tmp_path_factory, smollm2_dir):
     from tp_ranks import Case
 
     root = tmp_path_factory.mktemp("tp-models")
-    cases = {n: Case(n, _random_dir(root, n), fail_rank=FAIL_RANK.get(n)) for n in RANDOM}
+    cases = {n: Case(n, _random_dir(root, n), fail_rank=FAIL_RANK.get(n), long_prompt=450)
+             for n in RANDOM}  # fmt: skip
     cases["smollm2"] = Case("smollm2", smollm2_dir, page_bytes=2 << 20, kv_pages=2,
                             vocab=49152)  # fmt: skip
     return cases
@@ -240,10 +255,12 @@ def _check(got, want, name):
     # Sums in another order than one device's: fp32 round-off only.
     torch.testing.assert_close(got["logits"], want["logits"], atol=2e-4, rtol=1e-4)
     assert got["tokens"] == want["tokens"]
+    if "long" in want:
+        torch.testing.assert_close(got["long"], want["long"], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(got["logprobs"], want["logprobs"], atol=2e-4, rtol=1e-4)
     if name in FAIL_RANK:
         dropped, why = got["failed"]
-        assert dropped and f"rank(s) {FAIL_RANK[name]}" in why, why
+        assert dropped and f"failed on TP rank(s) {FAIL_RANK[name]}" in why, why
         assert want["failed"] == (False, "")
         assert got["after"] == want["after"]  # the ranks stayed in step
 

@@ -40,6 +40,7 @@ class Case:
     kv_pages: int = 8
     vocab: int = 97
     fail_rank: int | None = None  # the rank whose forward fails on POISON (its own part)
+    long_prompt: int = 0  # a prefill this long too: its step header takes two broadcasts
 
 
 def build(case: Case, tp: TPGroup | None) -> Engine:
@@ -96,6 +97,10 @@ def script(engine: Engine, case: Case) -> dict:
         ids.append(tok)
         logits.append(engine._forward([SeqInput([tok], len(ids) - 1, table)], None)[0])
     out["logits"] = torch.stack(logits)
+    if case.long_prompt:
+        ids = torch.randint(4, case.vocab, (case.long_prompt,), generator=gen).tolist()
+        blocks = list(range(len(table), len(table) + -(-len(ids) // BLOCK)))[::-1]
+        out["long"] = engine._forward([SeqInput(ids, 0, blocks)], None)[0]
     prompts = [torch.randint(4, case.vocab, (n,), generator=gen).tolist() for n in (5, 17, 9)]
     params = SamplingParams(max_tokens=6, logprobs=3)
     rids = [engine.add(p, params) for p in prompts]

@@ -47,9 +47,9 @@ class StepFailed(RuntimeError):
     def __init__(self, ranks: Sequence[int], cause: BaseException | None) -> None:
         self.ranks = tuple(ranks)
         self.cause = cause
-        what = type(cause).__name__ if cause is not None else "an error"
-        super().__init__(f"the step failed on rank(s) {', '.join(map(str, self.ranks))}"
-                         + (f" ({what} here)" if cause is not None else ""))  # fmt: skip
+        here = f": {type(cause).__name__} on this rank" if cause is not None else ""
+        super().__init__(f"the forward failed on TP rank(s) {', '.join(map(str, self.ranks))}"
+                         + here)  # fmt: skip
 
 
 def tp_group(group: dist.ProcessGroup | None = None) -> TPGroup:
