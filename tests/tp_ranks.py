@@ -55,12 +55,13 @@ def build(case: Case, tp: TPGroup | None) -> Engine:
     params = load_shard_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), files, shard, shape)
     kv = pool.new_slot(PageUse.KV)
     pool.grow(kv, case.kv_pages)
-    block_bytes = PagedKVCache.block_bytes(local, BLOCK, torch.float32)
+    dtype = params["model.embed_tokens.weight"].dtype  # KV as the weights, as a worker keeps it
+    block_bytes = PagedKVCache.block_bytes(local, BLOCK, dtype)
     blocks = case.kv_pages * case.page_bytes // block_bytes  # differs by rank: its KV heads
     if tp is not None:
         blocks = agree_num_blocks(tp, blocks)
     buf = slot_view(pool, kv, case.kv_pages * case.page_bytes)
-    cache = PagedKVCache.from_buffer(local, buf, blocks, BLOCK, torch.float32)
+    cache = PagedKVCache.from_buffer(local, buf, blocks, BLOCK, dtype)
     model = PagedLlama(local, params, name=case.name)
     if tp is not None and case.fail_rank == tp.rank:
         _poison(model, tp.rank)
