@@ -181,8 +181,10 @@ RANDOM = {
     "llama-kv2": ("llama", 8, 2, 64, {}),
     "qwen2-kv1": ("qwen2", 4, 1, 32, {}),
 }
-AT = {2: ["llama-kv4", "qwen2-kv3", "smollm2", "llama-kv4-bf16"], 4: ["llama-kv4", "qwen2-kv3", "llama-kv2",
-                                                   "qwen2-kv1"]}  # fmt: skip
+AT = {
+    2: ["llama-kv4", "qwen2-kv3", "smollm2", "llama-kv4-bf16"],
+    4: ["llama-kv4", "qwen2-kv3", "llama-kv2", "qwen2-kv1"],
+}
 FAIL_RANK = {"llama-kv4": 1, "qwen2-kv3": 0}  # whose forward fails on a poisoned prompt
 
 
