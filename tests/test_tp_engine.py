@@ -13,7 +13,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from test_architectures import ARCHS, shape_of, tiny
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from warmserve.engine.arch import LlamaShape, UnsupportedModel, read_config
 from warmserve.engine.llama import PagedKVCache, PagedLlama, SeqInput
@@ -96,9 +103,16 @@ def test_shard_plan_refuses_what_cannot_split():
         shard_plan(_shape(4, 2), 8)
     with pytest.raises(ValueError, match=">= 1"):
         shard_plan(_shape(4, 2), 0)
+    with pytest.raises(UnsupportedModel, match="exceeds the MLP"):
+        shard_plan(_shape(4, 2, inter=3), 4)
+
+
+def test_olmo2_shards_know_the_whole_projections_norm_widths():
     olmo = dataclasses.replace(_shape(4, 2), architecture="Olmo2ForCausalLM")
-    with pytest.raises(UnsupportedModel, match="tensor parallelism"):
-        shard_shape(olmo, shard_plan(olmo, 2)[0])
+    # TP 4 > 2 KV heads: ranks 0 and 2 count their KV head's squares, 1 and 3 repeat them.
+    widths = [shard_shape(olmo, s).full_norm for s in shard_plan(olmo, 4)]
+    assert widths == [(32, 16, True), (32, 16, False), (32, 16, True), (32, 16, False)]
+    assert all(shard_shape(olmo, s).full_norm[2] for s in shard_plan(olmo, 2))
 
 
 def _save(kind: str, path, heads: int = 4, kv: int = 2, hidden: int = 64, seed: int = 0):
@@ -180,12 +194,17 @@ RANDOM = {
     "qwen2-kv3": ("qwen2", 6, 3, 48, {}),
     "llama-kv2": ("llama", 8, 2, 64, {}),
     "qwen2-kv1": ("qwen2", 4, 1, 32, {}),
+    "olmo2-kv2": ("olmo2", 4, 2, 32, {}),  # q/k norms over the whole projection: one more sum
 }
 AT = {
     2: ["llama-kv4", "qwen2-kv3", "smollm2", "llama-kv4-bf16"],
-    4: ["llama-kv4", "qwen2-kv3", "llama-kv2", "qwen2-kv1"],
+    4: ["llama-kv4", "qwen2-kv3", "llama-kv2", "qwen2-kv1", "olmo2-kv2"],
 }
-FAIL_RANK = {"llama-kv4": 1, "qwen2-kv3": 0}  # whose forward fails on a poisoned prompt
+FAIL_RANK = {
+    "llama-kv4": 1,
+    "qwen2-kv3": 0,
+    "olmo2-kv2": 3,
+}  # whose forward fails on a poisoned prompt
 
 
 def _random_dir(root, name, dtype=torch.float32, rounded=False, to=None):
@@ -198,12 +217,16 @@ def _random_dir(root, name, dtype=torch.float32, rounded=False, to=None):
     torch.manual_seed(len(name))
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False))
+    elif kind == "olmo2":
+        model = Olmo2ForCausalLM(Olmo2Config(**cfg))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=True))
-    with torch.no_grad():  # HF zero-initialises biases: give them values worth checking
+    with torch.no_grad():  # HF initialises biases to 0 and norms to 1: draw values worth checking
         for pname, p in model.named_parameters():
             if pname.endswith(".bias"):
                 p.normal_(std=0.1)
+            elif p.ndim == 1:
+                p.normal_(mean=1.0, std=0.3)
     model = model.eval().float()
     if rounded:
         model = model.to(torch.bfloat16).float()
@@ -328,7 +351,7 @@ class _ThreadSums:
 
 
 @pytest.mark.parametrize("size", [2, 4])
-@pytest.mark.parametrize("kind", [k for k in ARCHS if k != "olmo2"])
+@pytest.mark.parametrize("kind", list(ARCHS))
 def test_every_architectures_shards_sum_to_the_whole_model(kind, size, tmp_path):
     model = tiny(kind)
     model.save_pretrained(tmp_path)

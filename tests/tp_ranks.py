@@ -76,8 +76,8 @@ def _poison(model: PagedLlama, rank: int) -> None:
 
     def layers(seqs, cache):
         if any(q.start == 0 and q.token_ids[0] == POISON for q in seqs):
-            model.reduce(torch.zeros(sum(len(q.token_ids) for q in seqs),
-                                     model.shape.hidden_size))  # fmt: skip
+            shape, dtype = model.sum_shapes(sum(len(q.token_ids) for q in seqs))[0]
+            model.reduce(torch.zeros(shape, dtype=dtype))
             raise RuntimeError(f"injected failure on rank {rank}")
         return real(seqs, cache)
 
