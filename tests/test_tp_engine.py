@@ -1,0 +1,154 @@
+"""Tensor parallelism: the shard plan, sharded slots, and TP = 2 / 4 ranks (processes over gloo)
+computing what TP = 1 computes, logits and greedy tokens, through the paged KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from warmserve.engine.arch import LlamaShape, UnsupportedModel, read_config
+from warmserve.engine.tp import TPShard, shard_plan, shard_shape
+from warmserve.worker.layout import (
+    checkpoint_files,
+    shard_weight_pages,
+    sharded_layout,
+    weight_pages,
+    weights_layout,
+)
+from warmserve.worker.pages import CpuPages
+from warmserve.worker.pool import PagePool, PageUse
+from warmserve.worker.weights import load_into_slot, load_shard_into_slot
+
+
+def _shape(heads: int, kv: int, inter: int = 96, head_dim: int = 8) -> LlamaShape:
+    return LlamaShape(vocab_size=97, hidden_size=heads * head_dim, intermediate_size=inter,
+                      num_layers=2, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+                      rms_norm_eps=1e-5, rope_theta=1e4, tie_word_embeddings=True)  # fmt: skip
+
+
+@st.composite
+def _plans(draw):
+    kv = draw(st.integers(1, 8))
+    heads = kv * draw(st.integers(1, 6))
+    inter = draw(st.integers(1, 64))
+    size = draw(st.integers(1, min(heads, inter)))
+    return _shape(heads, kv, inter), size
+
+
+@given(_plans())
+def test_shard_plan_splits_heads_by_kv_group_and_the_mlp_evenly(case):
+    shape, size = case
+    plan = shard_plan(shape, size)
+    nq, nkv = shape.num_heads, shape.num_kv_heads
+    group = nq // nkv
+    assert [s.rank for s in plan] == list(range(size)) and {s.size for s in plan} == {size}
+    # Every query head owned exactly once, together with its own KV head.
+    owned = [h for s in plan for h in s.q_heads]
+    assert sorted(owned) == list(range(nq))
+    for s in plan:
+        assert s.q_heads and list(s.q_heads) == list(range(s.q_heads[0], s.q_heads[-1] + 1))
+        assert {h // group for h in s.q_heads} == set(s.kv_heads)
+        # Query heads group evenly over the rank's KV heads: the local model is plain GQA.
+        assert len(s.q_heads) % len(s.kv_heads) == 0
+    kv_owners = [h for s in plan for h in s.kv_heads]
+    if size <= nkv:  # whole groups: each KV head on one rank, counts differ by at most one
+        assert sorted(kv_owners) == list(range(nkv))
+        assert all(len(s.q_heads) == group * len(s.kv_heads) for s in plan)
+        counts = [len(s.kv_heads) for s in plan]
+    else:  # replicated: one KV head a rank, every KV head on some rank
+        assert all(len(s.kv_heads) == 1 for s in plan)
+        assert set(kv_owners) == set(range(nkv))
+        counts = [kv_owners.count(h) for h in range(nkv)]
+    assert max(counts) - min(counts) <= 1
+    # The MLP's columns partition the intermediate dimension, in order, as evenly as can be.
+    bounds = [s.ffn for s in plan]
+    assert bounds[0][0] == 0 and bounds[-1][1] == shape.intermediate_size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    widths = [b - a for a, b in bounds]
+    assert min(widths) >= 1 and max(widths) - min(widths) <= 1
+
+
+def test_shard_plan_smollm2_shape_at_tp2_and_tp4():
+    smol = _shape(9, 3, inter=1536, head_dim=64)
+    r0, r1 = shard_plan(smol, 2)
+    assert (r0.kv_heads, r0.q_heads, r0.ffn) == ((0, 1), tuple(range(6)), (0, 768))
+    assert (r1.kv_heads, r1.q_heads, r1.ffn) == ((2,), (6, 7, 8), (768, 1536))
+    # TP 4 > 3 KV heads: KV head 0 is replicated on ranks 0 and 1, which split its 3 queries.
+    assert [(s.kv_heads, s.q_heads) for s in shard_plan(smol, 4)] == [
+        ((0,), (0, 1)), ((0,), (2,)), ((1,), (3, 4, 5)), ((2,), (6, 7, 8))]  # fmt: skip
+    local = shard_shape(smol, r1)
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (3, 1, 768)
+
+
+def test_shard_plan_refuses_what_cannot_split():
+    with pytest.raises(UnsupportedModel, match="exceeds the number of query heads"):
+        shard_plan(_shape(4, 2), 8)
+    with pytest.raises(ValueError, match=">= 1"):
+        shard_plan(_shape(4, 2), 0)
+    olmo = dataclasses.replace(_shape(4, 2), architecture="Olmo2ForCausalLM")
+    with pytest.raises(UnsupportedModel, match="tensor parallelism"):
+        shard_shape(olmo, shard_plan(olmo, 2)[0])
+
+
+def _save(kind: str, path, heads: int = 4, kv: int = 2, hidden: int = 64, seed: int = 0):
+    cfg = dict(vocab_size=97, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
+               rms_norm_eps=1e-5, rope_theta=10000.0)  # fmt: skip
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False))
+    else:  # Qwen2: biases on q/k/v, tied embeddings
+        model = Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=True))
+    model.eval().float().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_shard_slots_hold_exactly_the_plans_slices(tmp_path, size):
+    model_dir = _save("qwen2", tmp_path, heads=6, kv=3, hidden=48)
+    files = checkpoint_files(model_dir)
+    shape = LlamaShape.from_hf_config(read_config(model_dir))
+    pool = PagePool(CpuPages(16, 64 << 10), asynchronous=False)
+    full = load_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), files)
+    shard_pages = []
+    for shard in shard_plan(shape, size):
+        params = load_shard_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), files, shard, shape)
+        # The shard's tensors are exactly the local model's, cut where the plan says.
+        shard_shape(shape, shard).check_tensors("m", {k: t.shape for k, t in params.items()})
+        q = slice(shard.q_heads[0] * 8, (shard.q_heads[-1] + 1) * 8)
+        kv = slice(shard.kv_heads[0] * 8, (shard.kv_heads[-1] + 1) * 8)
+        f = slice(*shard.ffn)
+        p = "model.layers.1."
+        for name, want in [
+            ("self_attn.q_proj.weight", full[p + "self_attn.q_proj.weight"][q]),
+            ("self_attn.q_proj.bias", full[p + "self_attn.q_proj.bias"][q]),
+            ("self_attn.k_proj.weight", full[p + "self_attn.k_proj.weight"][kv]),
+            ("self_attn.v_proj.bias", full[p + "self_attn.v_proj.bias"][kv]),
+            ("self_attn.o_proj.weight", full[p + "self_attn.o_proj.weight"][:, q]),
+            ("mlp.up_proj.weight", full[p + "mlp.up_proj.weight"][f]),
+            ("mlp.down_proj.weight", full[p + "mlp.down_proj.weight"][:, f]),
+            ("input_layernorm.weight", full[p + "input_layernorm.weight"]),
+        ]:
+            assert torch.equal(params[p + name], want), name
+        assert torch.equal(params["model.embed_tokens.weight"], full["model.embed_tokens.weight"])
+        shard_pages.append(shard_weight_pages(model_dir, pool.page_bytes, shard))
+        _layout, total = sharded_layout(files, shard, shape)
+        assert total < weights_layout(files)[1]
+    pool.check()
+    # Together the shards hold more than the model (replicated embeddings), each less.
+    assert max(shard_pages) <= weight_pages(model_dir, pool.page_bytes) < sum(shard_pages)
+
+
+def test_a_tp1_shard_is_the_whole_model(tmp_path):
+    model_dir = _save("llama", tmp_path)
+    files = checkpoint_files(model_dir)
+    shape = LlamaShape.from_hf_config(read_config(model_dir))
+    (only,) = shard_plan(shape, 1)
+    assert only == TPShard(0, 1, (0, 1), (0, 1, 2, 3), (0, 96))
+    assert sharded_layout(files, only, shape) == weights_layout(files)
