@@ -152,3 +152,113 @@ def test_a_tp1_shard_is_the_whole_model(tmp_path):
     (only,) = shard_plan(shape, 1)
     assert only == TPShard(0, 1, (0, 1), (0, 1, 2, 3), (0, 96))
     assert sharded_layout(files, only, shape) == weights_layout(files)
+
+
+# ----- TP = 2 and 4 ranks against TP = 1 ------------------------------------------------------
+# (name, kind, query heads, KV heads, hidden, extra config): even, uneven and fewer-than-TP KV
+# groups, Qwen2's q/k/v biases and Llama's o/down biases (replicated, added once after the sum).
+RANDOM = {
+    "llama-kv4": ("llama", 8, 4, 64, dict(attention_bias=True, mlp_bias=True)),
+    "qwen2-kv3": ("qwen2", 6, 3, 48, {}),
+    "llama-kv2": ("llama", 8, 2, 64, {}),
+    "qwen2-kv1": ("qwen2", 4, 1, 32, {}),
+}
+AT = {2: ["llama-kv4", "qwen2-kv3", "smollm2"], 4: ["llama-kv4", "qwen2-kv3", "llama-kv2",
+                                                   "qwen2-kv1"]}  # fmt: skip
+FAIL_RANK = {"llama-kv4": 1, "qwen2-kv3": 0}  # whose forward fails on a poisoned prompt
+
+
+def _random_dir(root, name):
+    kind, heads, kv, hidden, extra = RANDOM[name]
+    cfg = dict(vocab_size=97, hidden_size=hidden, intermediate_size=90, num_hidden_layers=2,
+               num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
+               rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.2,
+               **extra)  # fmt: skip
+    torch.manual_seed(len(name))
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**cfg, tie_word_embeddings=True))
+    with torch.no_grad():  # HF zero-initialises biases: give them values worth checking
+        for pname, p in model.named_parameters():
+            if pname.endswith(".bias"):
+                p.normal_(std=0.1)
+    model.eval().float().save_pretrained(root / name)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def tp_cases(tmp_path_factory, smollm2_dir):
+    from tp_ranks import Case
+
+    root = tmp_path_factory.mktemp("tp-models")
+    cases = {n: Case(n, _random_dir(root, n), fail_rank=FAIL_RANK.get(n)) for n in RANDOM}
+    cases["smollm2"] = Case("smollm2", smollm2_dir, page_bytes=2 << 20, kv_pages=2,
+                            vocab=49152)  # fmt: skip
+    return cases
+
+
+@pytest.fixture(scope="module")
+def tp1(tp_cases):
+    from tp_ranks import build, script
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        return {n: script(build(c, None), c) for n, c in tp_cases.items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _spawn(size, cases, tmp_path_factory):
+    from tp_ranks import rank_main
+
+    out = tmp_path_factory.mktemp(f"tp{size}")
+    store = str(out / "store")
+    # Forked, not spawned: a spawned rank imports torch anew (seconds each on a loaded 2-core
+    # machine: 26 s for 4 ranks there, against 0.3 s forked); each rank runs one thread.
+    torch.multiprocessing.start_processes(rank_main, args=(size, store, cases, str(out)),
+                                          nprocs=size, start_method="fork")  # fmt: skip
+    return {c.name: torch.load(out / f"{c.name}.pt") for c in cases}
+
+
+@pytest.fixture(scope="module")
+def tp2(tp_cases, tmp_path_factory):
+    return _spawn(2, [tp_cases[n] for n in AT[2]], tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tp4(tp_cases, tmp_path_factory):
+    return _spawn(4, [tp_cases[n] for n in AT[4]], tmp_path_factory)
+
+
+def _check(got, want, name):
+    # Sums in another order than one device's: fp32 round-off only.
+    torch.testing.assert_close(got["logits"], want["logits"], atol=2e-4, rtol=1e-4)
+    assert got["tokens"] == want["tokens"]
+    torch.testing.assert_close(got["logprobs"], want["logprobs"], atol=2e-4, rtol=1e-4)
+    if name in FAIL_RANK:
+        dropped, why = got["failed"]
+        assert dropped and f"rank(s) {FAIL_RANK[name]}" in why, why
+        assert want["failed"] == (False, "")
+        assert got["after"] == want["after"]  # the ranks stayed in step
+
+
+@pytest.mark.parametrize("name", AT[2])
+def test_tp2_logits_and_greedy_tokens_equal_tp1(tp1, tp2, name):
+    _check(tp2[name], tp1[name], name)
+
+
+@pytest.mark.parametrize("name", AT[4])
+def test_tp4_logits_and_greedy_tokens_equal_tp1(tp1, tp4, name):
+    _check(tp4[name], tp1[name], name)
+
+
+def test_a_lost_follower_breaks_the_step_with_a_clear_error(tp_cases, tmp_path):
+    from tp_ranks import lose_a_follower
+
+    torch.multiprocessing.start_processes(lose_a_follower, nprocs=2, start_method="fork",
+        args=(2, str(tmp_path / "store"), tp_cases["qwen2-kv1"], str(tmp_path)))  # fmt: skip
+    kind, message, seconds = torch.load(tmp_path / "lost.pt")
+    assert kind == "TPBroken" and "communication failed" in message, (kind, message)
+    assert seconds < 30  # the peer's closed connection, well before the group's timeout
