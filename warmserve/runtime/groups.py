@@ -35,7 +35,8 @@ class GroupSpec:
     rank: int  # this worker's index among its node's workers
     size: int  # the node's workers
     max_tp: int  # the largest group to build (the largest `tp` served)
-    timeout_s: float  # gloo's timeout for the rendezvous and every collective
+    timeout_s: float  # gloo's timeout for each collective of a TP group
+    rendezvous_s: float = 120.0  # for the node's workers to meet (they start together)
     backend: str = "gloo"
 
 
@@ -85,7 +86,11 @@ def build_groups(spec: GroupSpec) -> NodeGroups:
     timeout = timedelta(seconds=spec.timeout_s)
     store = dist.FileStore(spec.store_path, spec.size)
     dist.init_process_group(
-        spec.backend, store=store, rank=spec.rank, world_size=spec.size, timeout=timeout
+        spec.backend,
+        store=store,
+        rank=spec.rank,
+        world_size=spec.size,
+        timeout=timedelta(seconds=spec.rendezvous_s),
     )
     groups: dict[Ranks, Any] = {}
     for ranks in aligned_groups(spec.size, spec.max_tp):
