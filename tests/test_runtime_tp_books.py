@@ -33,6 +33,7 @@ class FakeWorker:
         self.resident: dict[str, tuple[int, int]] = {}  # name: (rank, tp) of its shard
         self.serving: str | None = None
         self.kv = 0
+        self.resizes = 0  # of the instance it serves
         self.pending: list[m.Command] = []
 
     def run(self, cmd: m.Command) -> None:
@@ -50,7 +51,7 @@ class FakeWorker:
             shard = (cmd.rank, tp)
             assert self.resident.get(cmd.name, shard) == shard, "another rank's shard"
             self.resident = {cmd.name: shard}  # loads it if cold; evicts the others
-            self.serving = cmd.name
+            self.serving, self.resizes = cmd.name, 0
             free = TOTAL - MODELS[cmd.name][1]
             self.kv = free if cmd.kv_pages is None else min(free, cmd.kv_pages)
         elif isinstance(cmd, m.Deactivate):
@@ -152,7 +153,8 @@ class TpBooks(RuleBasedStateMachine):
                 elif isinstance(cmd, m.MapKvPages):
                     inst = self.cluster.devices[wid].instance_id
                     if inst is not None:
-                        self.cluster.kv_mapped(wid, inst, cmd.pages)
+                        w.resizes += 1
+                        self.cluster.kv_mapped(wid, inst, w.resizes)
 
     @invariant()
     def books_balance(self) -> None:

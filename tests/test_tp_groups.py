@@ -25,23 +25,39 @@ def _rank(spec: GroupSpec, out) -> None:
     import torch
     import torch.distributed as dist
 
+    device = "cpu"
+    if spec.backend == "nccl":  # one GPU per rank, chosen before the group exists
+        torch.cuda.set_device(spec.rank)
+        device = f"cuda:{spec.rank}"
     ng = build_groups(spec)
     sums = {}
     for ranks, g in ng.groups.items():
-        t = torch.tensor([float(spec.rank + 1)])
+        t = torch.tensor([float(spec.rank + 1)], device=device)
         dist.all_reduce(t, group=g)
         sums[ranks] = t.item()
     out.put((spec.rank, sums, ng.build_s))
     ng.close()
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_every_worker_builds_its_groups_once_and_all_reduce_works(tmp_path, size):
+def _needs_gpus(n: int):
+    import torch
+
+    return pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA devices")
+
+
+@pytest.mark.parametrize(
+    ("size", "backend"),
+    [(2, "gloo"), (4, "gloo"),
+     pytest.param(2, "nccl", marks=[pytest.mark.gpu, _needs_gpus(2)])],
+)  # fmt: skip
+def test_every_worker_builds_its_groups_once_and_all_reduce_works(tmp_path, size, backend):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     store = str(tmp_path / "store")
     procs = [
-        ctx.Process(target=_rank, args=(GroupSpec(store, r, size, size, 60.0), out))
+        ctx.Process(
+            target=_rank, args=(GroupSpec(store, r, size, size, 60.0, backend=backend), out)
+        )
         for r in range(size)
     ]
     for p in procs:

@@ -73,7 +73,7 @@ class RuntimeCluster:
         self.per_node = per_node
         # TP instances starting: the ranks whose engine is not up yet.
         self._activating: dict[InstanceId, set[int]] = {}
-        self._group_kv: dict[InstanceId, list[int]] = {}  # KV pages each rank has mapped
+        self._group_kv: dict[InstanceId, list[int]] = {}  # KV resizes each rank finished
         self.models = models
         self.page_bytes = page_bytes
         self.starts: list[tuple[str, StartPath]] = []
@@ -126,7 +126,7 @@ class RuntimeCluster:
                 group = tuple(self.node_rank(d) for d in e.devices)
                 cmd = dataclasses.replace(cmd, group=group, rank=rank, kv_pages=kv)
                 self._activating.setdefault(e.instance_id, set()).add(wid)
-                self._group_kv[e.instance_id] = [kv] * size
+                self._group_kv[e.instance_id] = [0] * size
             self._send(wid, cmd)
         elif isinstance(e, Deactivate):
             self.engine_kv.pop(e.instance_id, None)
@@ -183,13 +183,14 @@ class RuntimeCluster:
             del self._activating[inst_id]
         return self.books.mark_running(inst_id)
 
-    def kv_mapped(self, wid: int, instance_id: InstanceId, pages: int) -> None:
-        """A rank of a TP instance finished a KV resize: tell every rank where all stand."""
+    def kv_mapped(self, wid: int, instance_id: InstanceId, done: int) -> None:
+        """A rank of a TP instance finished its `done`-th KV resize: tell every rank where
+        all stand."""
         inst = self.books.instances.get(instance_id)
         group = self._group_kv.get(instance_id)
         if inst is None or group is None or wid not in inst.devices:
             return
-        group[inst.devices.index(wid)] = pages
+        group[inst.devices.index(wid)] = done
         for d in inst.devices:
             self._send(d, m.GroupKv(instance_id, tuple(group)))
 

@@ -70,12 +70,15 @@ class AbortRequest:
 
 @dataclass(frozen=True, slots=True)
 class GroupKv:
-    """Out of band (not queued): the KV pages every rank of a TP instance has mapped, by rank,
-    as reported so far. A follower lends pages only once the leader (which alone allocates
-    blocks) has; the leader uses reclaimed pages only once every follower maps them."""
+    """Out of band (not queued): how many of a TP instance's `MapKvPages` each rank has
+    finished, by rank, as reported so far (every rank gets the same ones, in the same order).
+    A follower lends pages in its k-th resize only once the leader (which alone allocates
+    blocks) has finished its k-th; the leader uses pages reclaimed in its k-th resize only
+    once every follower has finished its k-th. Counting resizes, not comparing page counts,
+    keeps this right when a lend and a reclaim follow each other quickly."""
 
     instance_id: int
-    pages: tuple[int, ...]
+    done: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +164,10 @@ class StepFailed:
 
 @dataclass(frozen=True, slots=True)
 class KvMapped:
-    """A rank of a TP instance finished a `MapKvPages`: `pages` are mapped in its KV slot."""
+    """A rank of a TP instance finished its `done`-th `MapKvPages` since the activation."""
 
     instance_id: int
-    pages: int
+    done: int
 
 
 @dataclass(frozen=True, slots=True)

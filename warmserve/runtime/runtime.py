@@ -249,7 +249,7 @@ class ServingRuntime:
         elif isinstance(ev, m.Loaded):
             self.cluster.mark_loaded(wid, ev.token)
         elif isinstance(ev, m.KvMapped):
-            self.cluster.kv_mapped(wid, ev.instance_id, ev.pages)
+            self.cluster.kv_mapped(wid, ev.instance_id, ev.done)
         elif isinstance(ev, m.Activated):
             inst = self.cluster.mark_running(wid, ev.kv_blocks, ev.block_bytes, ev.instance_id)
             if inst is not None:

@@ -89,7 +89,7 @@ class _TpRole:
     instance_id: int
     rank: int
     size: int
-    group_kv: list[int]  # KV pages each rank has mapped, as last reported (GroupKv)
+    done: list[int]  # KV resizes each rank has finished, as last reported (GroupKv)
     follow: threading.Thread | None = None  # a follower's step thread
 
 
@@ -120,7 +120,8 @@ class _Loop:
                     cmd = self.conn.recv()
                     if isinstance(cmd, m.GroupKv):  # news, not work: never queued
                         if self.tp is not None and self.tp.instance_id == cmd.instance_id:
-                            self.tp.group_kv = list(cmd.pages)
+                            self.tp.done = [max(a, b) for a, b in
+                                            zip(self.tp.done, cmd.done, strict=True)]  # fmt: skip
                     else:
                         self.pending.append(cmd)
             if not self._drain_commands():
@@ -203,7 +204,7 @@ class _Loop:
             engine = w.activate(cmd.name, tp=tp, kv_pages=cmd.kv_pages)
             seconds = time.perf_counter() - t0
             if tp is not None:
-                self.tp = _TpRole(cmd.instance_id, cmd.rank, size, [w.kv_pages] * size)
+                self.tp = _TpRole(cmd.instance_id, cmd.rank, size, [0] * size)
             if tp is None or tp.is_leader:
                 self.engine = engine
             else:
@@ -291,18 +292,19 @@ class _Loop:
         if w.engine is None:
             raise WorkerError("no model is active on this worker")
         tp = self.tp
+        k = tp.done[tp.rank] + 1 if tp is not None else 0  # this resize's number
         if pages > w.kv_pages:
-            if tp is not None and tp.rank == 0 and min(tp.group_kv[1:]) < pages:
+            if tp is not None and tp.rank == 0 and min(tp.done[1:]) < k:
                 return False  # a follower has not mapped the pages the new blocks need
             w.reclaim_kv(pages - w.kv_pages)
             if self.engine is not None:
                 self._report(())
         elif pages < w.kv_pages:
-            if tp is not None and tp.rank > 0 and tp.group_kv[0] > pages:
+            if tp is not None and tp.rank > 0 and tp.done[0] < k:
                 return False  # the leader may still hand out blocks on these pages
             if not w.lend_kv(w.kv_pages - pages):
                 return False
         if tp is not None:
-            tp.group_kv[tp.rank] = w.kv_pages
-            self.send(m.KvMapped(tp.instance_id, w.kv_pages))
+            tp.done[tp.rank] = k
+            self.send(m.KvMapped(tp.instance_id, k))
         return True
