@@ -62,3 +62,18 @@ def test_a_follower_behind_a_quick_lend_and_reclaim_of_the_leader_is_not_stuck()
     assert follower._set_kv(100)
     assert follower._set_kv(300)
     assert follower.tp.done == [2, 2]
+
+
+def test_a_waiting_resize_is_dropped_when_the_instance_is_going_away():
+    """The runtime relays nothing for a released instance: a follower's lend still waiting
+    for the leader must not wedge its queue in front of the `Deactivate`."""
+    follower, _ = _rank(1)
+    follower.pending.append(m.MapKvPages(100))
+    assert follower._drain_commands() and len(follower.pending) == 1  # waits for the leader
+    follower.pending.append(m.Deactivate(keep_weights=True))
+    follower.worker.deactivate = lambda keep: None
+    follower.tp.follow = None
+    follower.engine = None
+    follower._drain_commands()
+    assert not follower.pending and follower.tp is None
+    assert follower.worker.kv_pages == 300  # never unmapped ahead of the leader

@@ -142,7 +142,8 @@ class _Loop:
             if isinstance(cmd, m.Activate) and self._must_wait(cmd.name):
                 return True
             try:
-                if isinstance(cmd, m.MapKvPages) and not self._set_kv(cmd.pages):
+                waits = isinstance(cmd, m.MapKvPages) and not self._set_kv(cmd.pages)
+                if waits and not self._deactivating():
                     return True  # the engine steps meanwhile; retried after each step
                 self.pending.popleft()
                 if isinstance(cmd, m.Shutdown):
@@ -161,6 +162,13 @@ class _Loop:
                     detail = str(e) if isinstance(e, WorkerError) else traceback.format_exc(-1)
                     self.send(m.CommandFailed(type(cmd).__name__, detail.strip()))
         return True
+
+    def _deactivating(self) -> bool:
+        """A TP rank's resize waits for its peers, but the instance is going away (a
+        `Deactivate` is queued behind): drop the resize, since the KV goes with the instance,
+        and the peers' news may never come (the runtime relays none for a released instance).
+        Nothing is unmapped early: a follower frees its KV only after the leader's release."""
+        return self.tp is not None and any(isinstance(c, m.Deactivate) for c in self.pending)
 
     def _leave_tp(self) -> None:
         """Shutting down while serving a TP instance: release the followers (the leader) or
