@@ -40,6 +40,7 @@ class Case:
     kv_pages: int = 8
     vocab: int = 97
     fail_rank: int | None = None  # the rank whose forward fails on POISON (its own part)
+    long_prompt: int = 0  # a prefill this long too: its step header takes two broadcasts
 
 
 def build(case: Case, tp: TPGroup | None) -> Engine:
@@ -54,12 +55,13 @@ def build(case: Case, tp: TPGroup | None) -> Engine:
     params = load_shard_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), files, shard, shape)
     kv = pool.new_slot(PageUse.KV)
     pool.grow(kv, case.kv_pages)
-    block_bytes = PagedKVCache.block_bytes(local, BLOCK, torch.float32)
+    dtype = params["model.embed_tokens.weight"].dtype  # KV as the weights, as a worker keeps it
+    block_bytes = PagedKVCache.block_bytes(local, BLOCK, dtype)
     blocks = case.kv_pages * case.page_bytes // block_bytes  # differs by rank: its KV heads
     if tp is not None:
         blocks = agree_num_blocks(tp, blocks)
     buf = slot_view(pool, kv, case.kv_pages * case.page_bytes)
-    cache = PagedKVCache.from_buffer(local, buf, blocks, BLOCK, torch.float32)
+    cache = PagedKVCache.from_buffer(local, buf, blocks, BLOCK, dtype)
     model = PagedLlama(local, params, name=case.name)
     if tp is not None and case.fail_rank == tp.rank:
         _poison(model, tp.rank)
@@ -74,8 +76,8 @@ def _poison(model: PagedLlama, rank: int) -> None:
 
     def layers(seqs, cache):
         if any(q.start == 0 and q.token_ids[0] == POISON for q in seqs):
-            model.reduce(torch.zeros(sum(len(q.token_ids) for q in seqs),
-                                     model.shape.hidden_size))  # fmt: skip
+            shape, dtype = model.sum_shapes(sum(len(q.token_ids) for q in seqs))[0]
+            model.reduce(torch.zeros(shape, dtype=dtype))
             raise RuntimeError(f"injected failure on rank {rank}")
         return real(seqs, cache)
 
@@ -96,6 +98,10 @@ def script(engine: Engine, case: Case) -> dict:
         ids.append(tok)
         logits.append(engine._forward([SeqInput([tok], len(ids) - 1, table)], None)[0])
     out["logits"] = torch.stack(logits)
+    if case.long_prompt:
+        ids = torch.randint(4, case.vocab, (case.long_prompt,), generator=gen).tolist()
+        blocks = list(range(len(table), len(table) + -(-len(ids) // BLOCK)))[::-1]
+        out["long"] = engine._forward([SeqInput(ids, 0, blocks)], None)[0]
     prompts = [torch.randint(4, case.vocab, (n,), generator=gen).tolist() for n in (5, 17, 9)]
     params = SamplingParams(max_tokens=6, logprobs=3)
     rids = [engine.add(p, params) for p in prompts]

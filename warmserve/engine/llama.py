@@ -201,7 +201,8 @@ class PagedLlama:
 
         `reduce`: a rank of a tensor-parallel group (`shape` is then its `tp.shard_shape`)
         sums the row-parallel outputs of o_proj and down_proj over the group in place with
-        it, before their (replicated) biases; a forward calls it exactly twice a layer."""
+        it, before their (replicated) biases (and OLMo 2's sums of squares for its q/k norms);
+        a forward makes exactly the sums `sum_shapes` lists."""
         self.shape = shape
         self.reduce = reduce
         v = shape.variant
@@ -332,6 +333,31 @@ class PagedLlama:
     def _linear(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
+    def sum_shapes(self, tokens: int) -> list[tuple[tuple[int, int], torch.dtype]]:
+        """The shape and dtype of each of `reduce`'s sums in a forward of `tokens` new tokens,
+        in order (a rank whose forward fails makes the ones it still owes)."""
+        act = ((tokens, self.shape.hidden_size), self.embed.dtype)
+        norms = [((tokens, 2), torch.float32)] if self.shape.full_norm is not None else []
+        return [*norms, act, act] * self.shape.num_layers
+
+    def _shard_full_norms(
+        self, q: torch.Tensor, k: torch.Tensor, layer: _Layer, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMS norms over the whole Q and K projections, of which this rank holds a slice:
+        the sums of squares are summed over the group (one small sum for both)."""
+        assert self.reduce is not None and self.shape.full_norm is not None
+        q_width, k_width, k_counts = self.shape.full_norm
+        q32, k32 = q.float(), k.float()
+        sq = torch.stack((q32.pow(2).sum(-1), k32.pow(2).sum(-1)), dim=-1)
+        if not k_counts:  # another rank holding this KV head counts it
+            sq[:, 1] = 0
+        self.reduce(sq)
+        qn = q32 * torch.rsqrt(sq[:, :1] / q_width + eps)
+        kn = k32 * torch.rsqrt(sq[:, 1:] / k_width + eps)
+        if self._norm is _rms_norm_fp32:
+            return (qn * layer.q_norm).to(q.dtype), (kn * layer.k_norm).to(k.dtype)
+        return layer.q_norm * qn.to(q.dtype), layer.k_norm * kn.to(k.dtype)
+
     def _row_parallel(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         if self.reduce is None:
             return self._linear(x, w, name)
@@ -402,7 +428,9 @@ class PagedLlama:
                 q = self._linear(h, w, "self_attn.q_proj")
                 k = self._linear(h, w, "self_attn.k_proj")
                 v = self._linear(h, w, "self_attn.v_proj")
-            if self._qk_norm == "full":  # OLMo 2: over the whole projection
+            if self._qk_norm == "full" and s.full_norm is not None:  # OLMo 2, a TP shard
+                q, k = self._shard_full_norms(q, k, layer, eps)
+            elif self._qk_norm == "full":  # OLMo 2: over the whole projection
                 q, k = norm(q, layer.q_norm, eps), norm(k, layer.k_norm, eps)
             q = q.reshape(-1, s.num_heads, s.head_dim)
             k = k.reshape(-1, s.num_kv_heads, s.head_dim)

@@ -7,8 +7,9 @@ every rank runs its shard of the forward, summing the row-parallel outputs with 
 after o_proj and after down_proj. A decode step of B sequences costs one broadcast (two when
 the step's metadata exceeds `_INLINE` ints) and 2 × layers + 1 all-reduces.
 
-Failures. Each forward makes exactly 2 × layers sums, so a rank whose forward raises (a bug, an
-allocation failure) makes the sums it still owes with zeros instead of leaving its peers
+Failures. Each forward makes exactly the sums `PagedLlama.sum_shapes` lists (2 × layers; 3 ×
+layers for OLMo 2), so a rank whose forward raises (a bug, an allocation failure) makes the
+sums it still owes with zeros of their shapes instead of leaving its peers
 blocked in one, and then every rank takes part in one more sum saying which ranks failed. All
 ranks thus agree that the step failed (`StepFailed`): the leader drops the step's requests and
 reports them as it does on one device, and the followers wait for the next step, in sync. A
@@ -47,9 +48,9 @@ class StepFailed(RuntimeError):
     def __init__(self, ranks: Sequence[int], cause: BaseException | None) -> None:
         self.ranks = tuple(ranks)
         self.cause = cause
-        what = type(cause).__name__ if cause is not None else "an error"
-        super().__init__(f"the step failed on rank(s) {', '.join(map(str, self.ranks))}"
-                         + (f" ({what} here)" if cause is not None else ""))  # fmt: skip
+        here = f": {type(cause).__name__} on this rank" if cause is not None else ""
+        super().__init__(f"the forward failed on TP rank(s) {', '.join(map(str, self.ranks))}"
+                         + here)  # fmt: skip
 
 
 def tp_group(group: dist.ProcessGroup | None = None) -> TPGroup:
@@ -117,7 +118,6 @@ class Lockstep:
         self.device = model.device  # where the sums run
         self.comm = group_device(tp)  # where the step headers and status go
         self.sums = 0  # all-reduces made in the current forward
-        self.sums_per_step = 2 * model.shape.num_layers
         model.reduce = self._reduce
 
     def _reduce(self, t: torch.Tensor) -> None:
@@ -170,6 +170,7 @@ class Lockstep:
     # ----- every rank -------------------------------------------------------------------
     def _run(self, seqs: Sequence[SeqInput], rows: Sequence[int] | None, head: bool):
         self.sums = 0
+        plan = self.model.sum_shapes(sum(len(q.token_ids) for q in seqs))
         error: Exception | None = None
         logits = None
         try:
@@ -181,13 +182,10 @@ class Lockstep:
             raise
         except Exception as e:  # owe the peers the sums this forward did not make
             error = e
-            tokens = sum(len(q.token_ids) for q in seqs)
-            pad = torch.zeros(tokens, self.model.shape.hidden_size, dtype=self.model.embed.dtype,
-                              device=self.device)  # fmt: skip
-            while self.sums < self.sums_per_step:
-                self._reduce(pad)
-        if self.sums != self.sums_per_step:  # a bug: the collective count would desync
-            raise TPBroken(f"a forward made {self.sums} sums, not {self.sums_per_step}")
+            for shape, dtype in plan[self.sums :]:
+                self._reduce(torch.zeros(shape, dtype=dtype, device=self.device))
+        if self.sums != len(plan):  # a bug: the ranks' collectives would not match
+            raise TPBroken(f"a forward made {self.sums} sums, not {len(plan)}")
         failed = torch.zeros(self.tp.size, dtype=torch.long, device=self.comm)
         failed[self.tp.rank] = int(error is not None)
         _collective(lambda: dist.all_reduce(failed, group=self.tp.group))

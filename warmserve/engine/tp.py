@@ -7,6 +7,8 @@ query heads in 3 KV groups: at TP 2 rank 0 owns groups 0-1, rank 1 group 2). Whe
 exceeds the KV heads, each KV head is replicated on several ranks, as vLLM does, and its query
 heads are split among them (as evenly as possible; every rank still owns exactly one KV head,
 and at least one query head, so TP may be any size up to the number of query heads).
+OLMo 2's q/k norms over the whole projection are sliced with it, and take one more, small sum
+a layer (each rank's sums of squares; a replicated KV head's counted once: `full_norm`).
 
 The MLP's intermediate dimension is split as evenly as possible into contiguous slices:
 gate/up are column-parallel (a rank computes its slice of the activations), down is
@@ -109,16 +111,19 @@ def shard_shape(shape: LlamaShape, shard: TPShard) -> LlamaShape:
     Its `expected_tensors` are the shard's tensors; its KV cache holds only the rank's heads."""
     if shard.size == 1:
         return shape
-    if shape.variant.qk_norm == "full":  # would need the whole projection's norm: a reduce
-        raise UnsupportedModel(
-            f"{shape.architecture}: q/k norms over the whole projection are not supported "
-            f"with tensor parallelism (TP {shard.size})"
-        )
+    full_norm = None
+    if shape.variant.qk_norm == "full":  # OLMo 2: the norms need the whole projections' sums
+        replicated = shard.size > shape.num_kv_heads
+        first = _part(shard.size, shape.num_kv_heads, shard.kv_heads[0])[0]  # of its KV head
+        d = shape.head_dim
+        full_norm = (shape.num_heads * d, shape.num_kv_heads * d,
+                     not replicated or shard.rank == first)  # fmt: skip
     return dataclasses.replace(
         shape,
         num_heads=len(shard.q_heads),
         num_kv_heads=len(shard.kv_heads),
         intermediate_size=shard.ffn[1] - shard.ffn[0],
+        full_norm=full_norm,
     )
 
 
@@ -153,6 +158,9 @@ def shard_slicing(shape: LlamaShape, shard: TPShard, name: str) -> Slicing | Non
         "gate_up_proj.weight": (0, (f, _shift(f, inter))),
         "down_proj.weight": (1, (f,)),
     }
+    if shape.variant.qk_norm == "full":  # a weight per element of the whole projection
+        rules["q_norm.weight"] = (0, (q,))
+        rules["k_norm.weight"] = (0, (kv,))
     if not name.startswith("model.layers."):
         return None
     return rules.get(suffix)
