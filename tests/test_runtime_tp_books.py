@@ -21,7 +21,7 @@ from warmserve.control.forecaster import Forecaster, SlotHistory, cycle_slots
 from warmserve.control.registry import POLICIES
 from warmserve.runtime import messages as m
 from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
-from warmserve.types import ModelName
+from warmserve.types import ModelName, StartPath
 
 WORKERS = 4
 MODELS = {"a": (1, 30), "b": (2, 25), "c": (4, 20)}  # name: (tp, pages per worker)
@@ -189,3 +189,20 @@ def test_the_machine_starts_tp_instances_that_evict():
     TestTpBooks().runTest()
     assert sum(STARTS) > 0  # TP 2 and TP 4 instances did start
     assert any(INSIDE)  # and some start evicted replicas inside its group
+
+
+def test_workers_are_numbered_node_by_node_and_tp_ranks_are_node_local():
+    """Ray runs `workers.count` workers on every node: the books place them on their nodes,
+    so a TP group never spans two, and an `Activate` names node-local ranks."""
+    files = {"b": ModelFiles("b", "/models/b", 25, 2)}
+    sent: list[tuple[int, m.Command]] = []
+    cluster = RuntimeCluster(4, files, lambda w, c: sent.append((w, c)), lambda r, i: None,
+                             workers_per_node=2)  # fmt: skip
+    for w in range(4):
+        cluster.worker_ready(w, TOTAL)
+    assert [g.node_id for g in cluster.snapshot().gpus] == [0, 0, 1, 1]
+    cluster.apply([StartInstance(0, ModelName("b"), (2, 3), StartPath.COLD, None)])
+    acts = [(w, c) for w, c in sent if isinstance(c, m.Activate)]
+    assert [(w, c.group, c.rank) for w, c in acts] == [(2, (0, 1), 0), (3, (0, 1), 1)]
+    assert cluster.mark_running(3, 64, 1 << 21, 0) is None  # the leader's engine is not up
+    assert cluster.mark_running(2, 64, 1 << 21, 0) is not None
