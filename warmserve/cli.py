@@ -292,7 +292,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from warmserve.sim.overrides import apply_sets, canonical_key, get_value, parse_seeds
     from warmserve.sim.report import seeds_summary, write_report
-    from warmserve.sim.sweep import SLO_TARGET, SLO_TARGETS, parse_sweep
+    from warmserve.sim.sweep import SLO_TARGET, SLO_TARGETS, parse_sweep, point_experiment
 
     exp = load_experiment(args.experiment)
     if args.seed is not None:
@@ -311,6 +311,8 @@ def _simulate(args: argparse.Namespace) -> int:
         sweep = (key, values)
     if sweep is not None:
         get_value(exp, canonical_key(sweep[0]), "--sweep")  # a known setting
+        for value in sweep[1]:  # each value valid, before any run
+            point_experiment(exp, sweep[0], value)
     if args.refine and (sweep is None or canonical_key(sweep[0]) != "workload.rps"):
         raise ExperimentError("--refine: needs a rate sweep (--sweep rps=...)")
     seeds = parse_seeds(args.seeds) if args.seeds else [exp.seed]
@@ -331,7 +333,8 @@ def _simulate(args: argparse.Namespace) -> int:
         meta["sweep"] = {"key": key, "values": list(values), "slo_target": SLO_TARGET}
         meta["slo_targets"] = list(SLO_TARGETS)
     if len(seeds) > 1:
-        meta["seeds"] = seeds_summary(seeds, [s for _, s, _ in per_seed])
+        key = sweep[0] if sweep is not None else None
+        meta["seeds"] = seeds_summary(seeds, [s for _, s, _ in per_seed], key)
     write_report(out, exp.name, results, meta, summaries)
     for r in results:
         s = summaries[r.policy]

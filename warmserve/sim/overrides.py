@@ -78,11 +78,18 @@ def set_value(exp: Experiment, key: str, value: Any, where: str = "--set") -> Ex
 
 
 def parse_scalar(text: str) -> Any:
-    """A value as YAML reads it: 2 -> int, 2.5 -> float, null -> None, else the string."""
+    """A value as YAML reads it: 2 -> int, 2.5 -> float, null -> None, else the string; and
+    52e9 -> float (YAML 1.1 wants 52.0e+9)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_set(text: str) -> tuple[str, Any]:

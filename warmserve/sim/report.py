@@ -216,7 +216,23 @@ def _slug(key: str) -> str:
     return key.replace(".", "_")
 
 
-def seeds_summary(seeds: list[int], per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+_SPREAD = ("ttft_p99_s", "slo_attainment", "worst_model_ttft_p99_s")
+
+
+def _sweep_spread(key: str, curves: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per swept value present in every seed's curve (refinement adds points per seed), the
+    spread of P99 TTFT, attainment and the worst model's P99 over seeds."""
+    common = [pt[key] for pt in curves[0] if all(any(q[key] == pt[key] for q in c) for c in curves)]
+    out = []
+    for v in common:
+        pts = [next(q for q in c if q[key] == v) for c in curves]
+        out.append({key: v, **{m: spread([p.get(m) for p in pts]) for m in _SPREAD}})
+    return out
+
+
+def seeds_summary(
+    seeds: list[int], per_seed: list[dict[str, dict[str, Any]]], key: str | None = None
+) -> dict[str, Any]:
     """Mean and min-max over seeds of each policy's P99 TTFT, attainment, worst-model P99,
     failed and never-served counts (and max rps at SLO for rate sweeps), plus the models
     flagged in any seed."""
@@ -230,6 +246,8 @@ def seeds_summary(seeds: list[int], per_seed: list[dict[str, dict[str, Any]]]) -
         if "max_rps_at_slo_censored" in runs[0]:
             agg["censored"] = any(r["max_rps_at_slo_censored"] for r in runs)
             agg["censored_99"] = any(r["max_rps_at_slo_99_censored"] for r in runs)
+        if key is not None and "sweep" in runs[0]:
+            agg["sweep"] = _sweep_spread(key, [r["sweep"] for r in runs])
         out["policies"][policy] = agg
     return out
 
@@ -255,6 +273,18 @@ def _seeds_section(agg: dict[str, Any]) -> list[str]:
             f"{fmt(a.get('never_served'), '{:.1f}')} | "
             f"{'**' + ', '.join(flagged) + '**' if flagged else 'none'} |"
         )
+    for policy, a in agg["policies"].items():
+        if not a.get("sweep"):
+            continue
+        key = next(k for k in a["sweep"][0] if k not in _SPREAD)
+        lines += ["", f"{policy} over {key}, mean [min-max] over seeds:", ""]
+        lines += [f"| {key} | TTFT p99 s | SLO | worst model p99 s |", "|---|---|---|---|"]
+        for pt in a["sweep"]:
+            lines.append(
+                f"| {_value(pt[key])} | {fmt(pt['ttft_p99_s'], '{:.3f}')} | "
+                f"{fmt(pt['slo_attainment'], '{:.1%}')} | "
+                f"{fmt(pt['worst_model_ttft_p99_s'], '{:.3f}')} |"
+            )
     lines += ["", "Sections above show the first seed. A difference between policies inside "
               "these ranges is no difference."]  # fmt: skip
     return lines
