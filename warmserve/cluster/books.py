@@ -379,7 +379,7 @@ class Books:
         # view whose fields did not change is the cached object: building frozen views is most
         # of a snapshot's cost, and most views are unchanged from one snapshot to the next.
         if layout_changed or self._snapshot is None:
-            gpus = tuple(self._gpu_view(d) for d in self.devices)
+            gpus = self._gpu_views_now()
             views = self._replica_views
             fresh: dict[ReplicaId, ReplicaView] = {}
             for r in self.replicas.values():
@@ -434,20 +434,25 @@ class Books:
             self.page_bytes,
         )
 
-    def _gpu_view(self, d: DeviceBook) -> GpuView:
-        ids = d.instance_ids
-        inst = (ids[0] if ids else None) if d.alive else DEAD
-        v = self._gpu_views[d.device_id]
-        if (
-            v is None
-            or v.free_pages != d.free_pages
-            or v.instance_id != inst
-            or v.total_pages != d.total_pages
-            or v.node_id != d.node_id
-        ):
-            v = GpuView(d.device_id, d.node_id, d.total_pages, d.free_pages, inst)
-            self._gpu_views[d.device_id] = v
-        return v
+    def _gpu_views_now(self) -> tuple[GpuView, ...]:
+        cached = self._gpu_views
+        out = []
+        for d in self.devices:
+            ids = d.instance_ids
+            inst = (ids[0] if ids else None) if d.alive else DEAD
+            v = cached[d.device_id]
+            if (
+                v is None
+                or v.free_pages != d.free_pages
+                or v.instance_id != inst
+                or v.total_pages != d.total_pages
+                or v.node_id != d.node_id
+            ):
+                v = cached[d.device_id] = GpuView(
+                    d.device_id, d.node_id, d.total_pages, d.free_pages, inst
+                )
+            out.append(v)
+        return tuple(out)
 
     def check_invariants(self) -> None:
         """Pages conserved on every device, and every page's owner accounted for."""

@@ -94,7 +94,9 @@ class Controller:
         # while its layout is unchanged, and then the plan would be the same.
         self._last_planned: tuple[tuple[GpuView, ...], tuple[ReplicaView, ...]] | None = None
         self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
-        self._unchanged_plan: tuple | None = None  # inputs of the last plan, if it did nothing
+        # The inputs of the last plan if it did nothing, and its demand's if it wanted nothing.
+        self._unchanged_plan: tuple | None = None
+        self._nothing_wanted: tuple | None = None
         self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
 
     # ----- events -----------------------------------------------------------------------
@@ -455,29 +457,37 @@ class Controller:
         last = self._last_planned
         if last is not None and last[0] is snap.gpus and last[1] is snap.replicas:
             return
+        forecasts = self.forecasts()
+        live = self._live_counts()
+        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only; replicas that went
+        # another way (a lost worker) must not pile up here.
+        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
+        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
+        # A plan is a function of its inputs alone (ids are drawn only for actions). When the
+        # last one wanted no new replica, only the demand's inputs matter (usually only free
+        # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
+        demand = _demand_key(snap, forecasts, live)
+        if demand == self._nothing_wanted:
+            self._last_planned = (snap.gpus, snap.replicas)
+            return
+        key = (demand, _layout_key(snap))
+        if key == self._unchanged_plan:
+            self._last_planned = (snap.gpus, snap.replicas)
+            return
         inp = PlanInput(
             snapshot=snap,
             models=self.models,
-            forecasts=self.forecasts(),
-            live_instances=self._live_counts(),
+            forecasts=forecasts,
+            live_instances=live,
             planning_bandwidth=self.cfg.planning_bandwidth,
             capacity=self.cfg.capacity_per_instance,
             group_search=self.cfg.group_search,
             prior=self.policy.prior_prewarm,
         )
-        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only; replicas that went
-        # another way (a lost worker) must not pile up here.
-        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
-        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
-        # The plan is a function of these inputs alone (ids are drawn only for actions): when
-        # they equal those of the last plan, and it changed nothing, so would this one.
-        key = _plan_key(inp)
-        if key == self._unchanged_plan:
-            self._last_planned = (snap.gpus, snap.replicas)
-            return
         planner = plan_evict_aware if self.policy.smart_placement else plan_round_robin
         plan = planner(inp, self._new_replica_id)
         self._replica_scores = plan.scores
+        self._nothing_wanted = demand if plan.num_wanted == 0 else None
         self._unchanged_plan = None if plan.actions else key
         if plan.actions:
             self._record(plan.actions, now)
@@ -524,14 +534,22 @@ class Controller:
         return self._replica_scores
 
 
-def _plan_key(inp: PlanInput) -> tuple:
-    """What the planners read of their input, in order (the order sets ties and float sums);
-    models and constants are fixed for a controller's life."""
-    snap = inp.snapshot
+def _demand_key(
+    snap: ClusterSnapshot, forecasts: Mapping[ModelName, Forecast], live: Mapping[ModelName, int]
+) -> tuple:
+    """What the planners' demand reads (models and constants are fixed for a controller)."""
+    return (
+        tuple((r.replica_id, r.model) for r in snap.replicas),
+        tuple(i.model for i in snap.instances if i.state == InstanceState.STOPPING),
+        tuple(forecasts.items()),
+        tuple(live.items()),
+    )
+
+
+def _layout_key(snap: ClusterSnapshot) -> tuple:
+    """The rest of what the planners read, in order (the order sets ties and float sums)."""
     return (
         tuple(g.free_pages for g in snap.gpus),
-        tuple((r.replica_id, r.model, r.gpus, r.pages_per_gpu) for r in snap.replicas),
-        tuple((i.instance_id, i.model, i.gpus, i.state == "stopping") for i in snap.instances),
-        tuple(inp.forecasts.items()),
-        tuple(inp.live_instances.items()),
+        tuple((r.gpus, r.pages_per_gpu) for r in snap.replicas),
+        tuple((i.instance_id, i.model, i.gpus) for i in snap.instances),
     )

@@ -59,6 +59,9 @@ class PlanInput:
 class Plan:
     actions: list[Evict | Prewarm]  # evicted priors come before the prewarm needing them
     scores: dict[ReplicaId, float]  # value of every existing replica (0 = beyond demand)
+    # New replicas the demand asked for, placed or not. With none, the plan depends only on
+    # the replicas, the draining instances, forecasts and live counts: not on free pages.
+    num_wanted: int = 0
 
 
 @lru_cache(maxsize=4096)
@@ -139,7 +142,7 @@ def plan_evict_aware(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
         rid = new_id()
         occ.add(Block(("r", rid), name, best[1], score, m.pages_per_gpu), m.pages_per_gpu)
         actions.append(Prewarm(rid, name, best[1]))
-    return Plan(actions, existing)
+    return Plan(actions, existing, len(wanted))
 
 
 def _group_over_priors(
@@ -196,7 +199,7 @@ def plan_round_robin(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
     while True:
         for name in order:
             if not quota[name]:
-                return Plan(actions, existing)
+                return Plan(actions, existing, len(wanted))
             m = inp.models[name]
             group = None
             for node in range(occ.num_gpus // gpn):
@@ -210,7 +213,7 @@ def plan_round_robin(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
                     group = tuple(fits[: m.tp])
                     break
             if group is None:
-                return Plan(actions, existing)
+                return Plan(actions, existing, len(wanted))
             rid = new_id()
             block = Block(("r", rid), name, group, quota[name].pop(0), m.pages_per_gpu)
             occ.add(block, m.pages_per_gpu)
