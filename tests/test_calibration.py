@@ -136,6 +136,7 @@ def test_calibrate_writes_a_profile_the_simulator_reads(tmp_path, capsys):
     assert "step-time fit: mean |error|" in text
     p = load_profile(str(out))
     assert p.name == "mine" and p.shared_host
+    assert p.host.cores >= 1 and p.host.threads_per_device >= 1  # written from the measurement
     assert p.latency.step_overhead_s + p.latency.seq_overhead_s > 0
     assert p.costs.engine_attach_s >= 0 and p.costs.cold_engine_init_s > 0
     report = tmp_path / "mine-report"

@@ -97,7 +97,7 @@ class Experiment:
     control: ControlConfig = field(default_factory=ControlConfig)
     costs: StartupCosts = field(default_factory=StartupCosts)
     latency: LatencyParams = field(default_factory=LatencyParams)
-    sweep: dict[str, list[float]] | None = None  # e.g. {"rps": [0.5, 1, 2]}
+    sweep: dict[str, list[Any]] | None = None  # e.g. {"rps": [0.5, 1, 2]}, {"costs.X": [2, 10]}
     base_dir: Path = Path()
     profile: DeviceProfile | None = None  # the profile `costs` and `latency` start from
 
@@ -225,7 +225,11 @@ def load_experiment(path: Path) -> Experiment:
     return parse_experiment(read_yaml(path), path.parent, path.stem)
 
 
-def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment") -> Experiment:
+def parse_experiment(
+    raw: Any, base_dir: Path, default_name: str = "experiment", profile: DeviceProfile | None = None
+) -> Experiment:
+    """An experiment from its YAML mapping; `profile`, if given, replaces the one `cluster`
+    names (a caller that adjusted a loaded profile: sim/from_serve.py)."""
     if not isinstance(raw, dict):
         raise ExperimentError("experiment file must be a YAML mapping")
     unknown = sorted(set(raw) - _TOP)
@@ -236,7 +240,7 @@ def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment")
     if not isinstance(raw["models"], list):
         raise ExperimentError("models: expected a list")
     cluster = build_section(ClusterConfig, raw.get("cluster"), "cluster")
-    profile = _profile(cluster, base_dir)
+    profile = profile or _profile(cluster, base_dir)
     exp = Experiment(
         name=convert_value(raw.get("name", default_name), str, "name"),
         seed=convert_value(raw.get("seed", 0), int, "seed"),
@@ -281,8 +285,17 @@ def _parse_sweep(raw: Any) -> dict[str, list[float]] | None:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise ExperimentError("sweep: expected one key, e.g. {rps: [0.5, 1, 2]}")
     ((key, values),) = raw.items()
+    if isinstance(key, str) and "." in key:
+        # Any setting by its dotted key (costs.X, control.X, ...): `warmserve simulate` checks
+        # the key and each value as `--set` would.
+        if not isinstance(values, list) or not values:
+            raise ExperimentError(f"sweep.{key}: expected a list of values")
+        return {key: values}
     if key not in ("rps", "alpha", "burstiness_cv"):
-        raise ExperimentError(f"sweep: cannot sweep {key!r} (rps, alpha or burstiness_cv)")
+        raise ExperimentError(
+            f"sweep: cannot sweep {key!r} (rps, alpha, burstiness_cv or a dotted key such as "
+            "costs.serverless_engine_init_s; seeds: --seeds)"
+        )
     points = convert_value(values, list[float], f"sweep.{key}")
     if not points or min(points) <= 0:
         raise ExperimentError(f"sweep.{key}: give at least one positive value")

@@ -484,8 +484,12 @@ class Controller:
             group_search=self.cfg.group_search,
             prior=self.policy.prior_prewarm,
         )
-        planner = plan_evict_aware if self.policy.smart_placement else plan_round_robin
-        plan = planner(inp, self._new_replica_id)
+        if self.policy.smart_placement:
+            plan = plan_evict_aware(inp, self._new_replica_id)
+        else:
+            plan = plan_round_robin(
+                inp, self._new_replica_id, reference_quirk=self.policy.reference_round_robin
+            )
         self._replica_scores = plan.scores
         self._nothing_wanted = demand if plan.num_wanted == 0 else None
         self._unchanged_plan = None if plan.actions else key
