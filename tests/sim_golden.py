@@ -20,24 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from warmserve.control.registry import POLICIES
 from warmserve.experiment import Experiment, load_experiment, parse_experiment
 from warmserve.sim.runner import PolicyResult, make_workload, run_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "data" / "sim_golden.json"
 
-ALL = (
-    "warmserve",
-    "warmserve-plus",
-    "warmserve-no-placement",
-    "warmserve-no-prewarm",
-    "warmserve-no-kv-prewarm",
-    "vanilla-autoscale",
-    "serverlessllm",
-    "muxserve",
-    "static",
-    "oracle",
-)
+ALL = tuple(POLICIES)  # every registered policy
 
 
 def _small() -> Experiment:
