@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    # A terminated benchmark still removes its baseline worktree (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workloads = args.workloads.split(",")
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:

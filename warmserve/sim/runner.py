@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -195,10 +196,10 @@ def run_policy(
     cluster.on_kv_pressure = lambda inst_id: controller.on_kv_pressure(loop.now(), inst_id, cluster)
     names = wl.model_names
     # Python lists, read once per request: the same values as indexing the arrays, faster.
-    arrival = wl.arrival_s.tolist()
+    arrival = list(map(float, wl.arrival_s.tolist()))
     model_of = [ModelName(names[i]) for i in wl.model_idx.tolist()]
-    inputs = wl.input_tokens.tolist()
-    outputs = wl.output_tokens.tolist()
+    inputs = list(map(int, wl.input_tokens.tolist()))
+    outputs = list(map(int, wl.output_tokens.tolist()))
     last = wl.num_requests - 1
     requests = cluster.requests
 
@@ -285,18 +286,24 @@ def request_rows(
     policy: str, wl: Workload, log: RequestLog, outcomes: tuple[str, ...]
 ) -> Iterator[RequestRow]:
     """One row per request, in the columns `warmserve bench` writes."""
-    ttft = log.first_token_s - log.arrival_s
-    latency = log.finish_s - log.arrival_s
+    # Lists, not per-element array reads: the same values, for every request of a long run.
+    ttft = (log.first_token_s - log.arrival_s).tolist()
+    latency = (log.finish_s - log.arrival_s).tolist()
+    arrival = list(map(float, log.arrival_s.tolist()))
+    model = [wl.model_names[i] for i in wl.model_idx.tolist()]
+    inputs = list(map(int, wl.input_tokens.tolist()))
+    outputs = list(map(int, wl.output_tokens.tolist()))
     for k, outcome in enumerate(outcomes):
         done = not outcome
+        t = ttft[k]
         yield RequestRow(
-            float(log.arrival_s[k]),
-            wl.model_names[int(wl.model_idx[k])],
-            int(wl.input_tokens[k]),
-            int(wl.output_tokens[k]),
-            None if np.isnan(ttft[k]) else float(ttft[k]),
-            float(latency[k]) if done else None,
-            int(wl.output_tokens[k]) if done else 0,
+            arrival[k],
+            model[k],
+            inputs[k],
+            outputs[k],
+            None if math.isnan(t) else t,
+            latency[k] if done else None,
+            outputs[k] if done else 0,
             outcome,
             policy,
         )
@@ -311,8 +318,8 @@ def request_outcomes(log: RequestLog, queued: set[int], cluster: SimCluster) -> 
             where = f"unfinished: on instance {inst.instance_id} ({inst.state}) at the end"
             on_instance.setdefault(rid, []).append(where)
     out = []
-    for k in range(len(log.arrival_s)):
-        found = [] if np.isnan(log.finish_s[k]) else [""]
+    for k, unfinished in enumerate(np.isnan(log.finish_s).tolist()):
+        found = [] if unfinished else [""]
         if k in queued:
             found.append("queued: no instance took it by the end")
         found += on_instance.get(k, [])
