@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,7 +35,9 @@ def test_default_config_is_valid_and_local():
         ({"models": []}, "at least one model"),
         ({"models": [{"name": "a"}], "bogus": 1}, "unknown key 'bogus'"),
         ({"models": [{"name": "a"}, {"name": "a"}]}, "appears twice"),
-        ({"models": [{"name": "a", "tp": 2}]}, "TP = 1"),
+        ({"models": [{"name": "a", "tp": 3}]}, "not a power of two"),
+        ({"models": [{"name": "a", "tp": 4}]}, "workers.count = 2"),
+        ({"models": [{"name": "a", "tp": 2}], "policy": "vanilla-autoscale"}, "a warmserve policy"),
         ({"models": [{"name": "a", "path": "/nonexistent"}]}, "no config.json"),
         ({"models": [{"name": "a"}], "policy": "nope"}, "unknown policy"),
         ({"models": [{"name": "a"}], "policy": "muxserve"}, "simulator only"),
@@ -109,3 +112,16 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path, tiny_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_tp_model_is_accepted_where_it_fits_a_node():
+    from warmserve.serve_config import shard_pages_error
+
+    cfg = parse_serve_config(
+        {"workers": {"count": 4}, "models": [{"name": "a", "tp": 2}, {"name": "b", "tp": 4}]},
+        Path(),
+    )
+    assert [m.tp for m in cfg.models] == [2, 4]
+    assert shard_pages_error("a", 2, cfg.workers.num_pages - 1, cfg.workers) is None
+    err = shard_pages_error("a", 2, cfg.workers.num_pages, cfg.workers)
+    assert err is not None and "TP 2 shard" in err and "\n" not in err

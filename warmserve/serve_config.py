@@ -48,6 +48,11 @@ class WorkerConfig:
     # and 0.65 -> 0.78 req/s (benchmarks/ray_scale.py, local runtime). Ray workers get
     # Ray's own (15).
     nice: int = 10
+    # Gloo's timeout for building a node's TP groups and for each collective of a TP engine.
+    # A follower waits in a collective for the leader's next step, so this bounds how long a
+    # TP instance may stay idle before its group is declared broken (and the node's workers
+    # replaced); a dead worker is noticed by the supervisor long before.
+    tp_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -58,6 +63,8 @@ class WorkerConfig:
             raise ValueError("threads must be >= 0")
         if not 0 <= self.nice <= 19:
             raise ValueError("nice must lie in [0, 19]")
+        if not self.tp_timeout_s > 0:
+            raise ValueError("tp_timeout_s must be > 0")
 
     @property
     def num_pages(self) -> int:
@@ -226,11 +233,7 @@ def _validate(cfg: ServeConfig) -> None:
     for k, m in enumerate(cfg.models):
         if not m.name or any(c.isspace() for c in m.name):
             raise ServeConfigError(f"models[{k}].name: {m.name!r} is empty or has spaces")
-        if m.tp != 1:
-            raise ServeConfigError(
-                f"models[{k}].tp: the serving runtime runs TP = 1 only ({m.tp} given); "
-                "tensor parallelism is simulated by 'warmserve simulate'"
-            )
+        _validate_tp(cfg, k, m)
         if m.max_model_len is not None and m.max_model_len < 2:
             raise ServeConfigError(f"models[{k}].max_model_len must be >= 2")
         if not m.priority > 0:
@@ -263,6 +266,41 @@ def _validate(cfg: ServeConfig) -> None:
         )
     if cfg.forecast.history is not None and not (cfg.base_dir / cfg.forecast.history).is_file():
         raise ServeConfigError(f"forecast.history: no file {cfg.base_dir / cfg.forecast.history}")
+
+
+def _validate_tp(cfg: ServeConfig, k: int, m: ModelConfig) -> None:
+    """A TP instance spans `tp` workers of one node, on a pre-built aligned group: a power of
+    two dividing the workers of a node (`workers.count` is per node under Ray too). Whether a
+    shard fits a worker's pool is checked once the checkpoint is read (`shard_pages_error`)."""
+    tp, n = m.tp, cfg.workers.count
+    if tp < 1 or tp & (tp - 1):
+        raise ServeConfigError(f"models[{k}].tp: {tp} is not a power of two (1, 2, 4, ...)")
+    if tp == 1:
+        return
+    if tp > n or n % tp:
+        raise ServeConfigError(
+            f"models[{k}].tp: {tp} workers per instance, but a node has workers.count = {n} "
+            f"(TP groups stay within a node and must divide its workers)"
+        )
+    known = POLICIES.get(cfg.policy)
+    if known is not None and not known.spec.unified_memory:
+        raise ServeConfigError(
+            f"models[{k}].tp: policy {cfg.policy!r} restarts a worker process per instance, "
+            "which a node's TP communicators cannot survive; use a warmserve policy"
+        )
+
+
+def shard_pages_error(name: str, tp: int, shard_pages: int, cfg: WorkerConfig) -> str | None:
+    """Why one TP shard of `name` (`shard_pages` weight pages per worker) cannot be served from
+    a worker's pool, or None. Weights must leave at least one page for the KV cache."""
+    if shard_pages < cfg.num_pages:
+        return None
+    what = f"a TP {tp} shard of model {name!r}" if tp > 1 else f"model {name!r}"
+    hint = "raise workers.pool_mib" + (" or models[].tp" if tp < cfg.count else "")
+    return (
+        f"{what} needs {shard_pages} pages of {cfg.page_mib} MiB; a worker pool has "
+        f"{cfg.num_pages} ({hint})"
+    )
 
 
 def with_overrides(

@@ -54,6 +54,14 @@ class ControlConfig:
     kv_hysteresis: float = 0.25
     kv_lend_min_s: float = 30.0
     prewarm_min_life_s: float = 10.0
+    # Fair starts (policies with fair_starts, e.g. warmserve-plus). A model whose oldest queued
+    # request has waited this long, with no free room, gets an aligned GPU block held for it:
+    # idle instances there are released, busy ones drained, and no other model starts there.
+    # Until it has waited starve_preempt_s, only instances the autoscaler could have stopped
+    # (their models' other instances carry the load below scale_down_threshold) are drained;
+    # after, any (a model's last instance too). Lower: a shorter worst wait, more drains.
+    starve_wait_s: float = 2.0
+    starve_preempt_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.capacity_per_instance < 1:
@@ -80,6 +88,8 @@ class ControlConfig:
             raise ValueError("kv_floor_requests must be >= 0")
         if not 0 <= self.kv_hysteresis <= 1:
             raise ValueError("kv_hysteresis must lie in [0, 1]")
+        if not 0 <= self.starve_wait_s <= self.starve_preempt_s:
+            raise ValueError("need 0 <= starve_wait_s <= starve_preempt_s")
         if self.serverless_target <= 0 or self.serverless_loop_s <= 0:
             raise ValueError("serverless_target and serverless_loop_s must be > 0")
         if self.serverless_max_instances < 1 or self.serverless_max_queue < 1:
@@ -113,6 +123,11 @@ class PolicySpec:
     queue_aging: bool = False
     # Calm KV lending: hysteresis and a minimum lifetime for lends (ControlConfig.kv_*).
     calm_kv: bool = False
+    # Starts that cannot starve: starts keep free aligned blocks for larger TP degrees (a
+    # prewarm hit that would break one a waiting model needs loses to another replica or a
+    # miss); a start with no room demotes the idle instances of one aligned block; a model
+    # waiting `starve_wait_s` gets an aligned block held for it, its busy instances drained.
+    fair_starts: bool = False
     # Without smart placement: the reference's round-robin planner, which stops at the first
     # model with no quota (planner.plan_round_robin); only `warmserve-no-placement-ref`.
     reference_round_robin: bool = False

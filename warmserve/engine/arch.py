@@ -141,6 +141,10 @@ class LlamaShape:
     windows: tuple[int | None, ...] = ()
     local_rope_theta: float | None = None  # sliding layers' RoPE base where it differs (Gemma 3)
     query_scale: float | None = None  # None: head_dim ** -0.5
+    # A tensor-parallel shard of a model with q/k norms over the whole projection (OLMo 2):
+    # the whole Q and K widths the norms average over, and whether this rank's K counts in
+    # the sum (False on all but one of the ranks sharing a replicated KV head).
+    full_norm: tuple[int, int, bool] | None = None
 
     @property
     def variant(self) -> Variant:

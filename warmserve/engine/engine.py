@@ -3,6 +3,13 @@
 One request's failure never takes the others down: a sampling error (e.g. non-finite logits)
 drops that request alone, and a failed forward pass drops the requests of that step; both are
 reported in the step's output, and the engine goes on serving.
+
+Tensor parallelism (`tp`): the engine of each rank runs over that rank's shard of the weights
+and its own KV cache. The leader's (rank 0) is the engine the runtime drives as on one device:
+`add`, `step`, `abort`, its scheduler deciding the block ids of every rank. A follower's engine
+only runs `follow()` in a loop, which returns False once the leader calls `stop_followers()`.
+A forward failing on any rank fails the step on every rank, the leader dropping its requests
+as above; a broken group raises `lockstep.TPBroken` (see `engine.lockstep`).
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from warmserve.engine.llama import PagedKVCache, PagedLlama, SeqInput
+from warmserve.engine.lockstep import Lockstep, StepFailed, TPBroken
 from warmserve.engine.request import Request, SamplingParams, TokenLogprobs
 from warmserve.engine.scheduler import Scheduler, SchedulerOutput
+from warmserve.engine.tp import TPGroup
 
 # Below this temperature sampling is greedy: dividing logits by a tiny temperature overflows,
 # and the distribution is a point mass on the argmax anyway (vLLM uses the same threshold).
@@ -75,13 +84,45 @@ class Engine:
         cache: PagedKVCache,
         scheduler: Scheduler,
         eos_token_id: int | None,
+        tp: TPGroup | None = None,
     ) -> None:
+        """`tp`: this rank's group, the model and cache being its shard's. The leader's
+        scheduler must hand out only blocks every rank's cache holds
+        (`lockstep.agree_num_blocks`); a follower's scheduler is kept for the KV books only."""
         self.model = model
         self.cache = cache
         self.scheduler = scheduler
         self.eos_token_id = eos_token_id
+        self.tp = tp
+        self._lockstep = Lockstep(tp, model, cache) if tp is not None and tp.size > 1 else None
         self._gens: dict[int, torch.Generator] = {}
         self._next_id = 0
+
+    @property
+    def is_follower(self) -> bool:
+        return self.tp is not None and not self.tp.is_leader
+
+    def follow(self) -> bool:
+        """A follower: run this rank's part of the leader's next step (blocking until it
+        comes); False once the leader has called `stop_followers`. A step that failed on some
+        rank returns True like any other: the leader reports it, and the ranks stay in step."""
+        if self._lockstep is None or not self.is_follower:
+            raise RuntimeError("follow() runs on the follower ranks of a TP group only")
+        try:
+            return self._lockstep.follow()
+        except StepFailed:
+            return True
+
+    def stop_followers(self) -> None:
+        """The leader: release every follower from `follow()` (once; then no more steps)."""
+        if self._lockstep is None or self.is_follower:
+            raise RuntimeError("stop_followers() runs on the leader of a TP group only")
+        self._lockstep.stop()
+
+    def _forward(self, seqs: list[SeqInput], rows: list[int] | None) -> torch.Tensor:
+        if self._lockstep is None:
+            return self.model.forward(seqs, self.cache, rows)
+        return self._lockstep.lead(seqs, rows)
 
     def add(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: int | None = None
@@ -125,6 +166,8 @@ class Engine:
 
     def step(self) -> StepOutput:
         """One engine step: the tokens sampled, the requests finished and those dropped."""
+        if self.is_follower:
+            raise RuntimeError("a follower rank does not step; it runs follow()")
         out = self.scheduler.schedule()
         if not out.seqs:
             if self.scheduler.has_work():
@@ -132,17 +175,17 @@ class Engine:
             return self._output({}, [], {}, {})
         rows, last, want_prompt = self._rows(out)
         try:
-            logits = self.model.forward(
-                [SeqInput(s.token_ids, s.start, s.block_table) for s in out.seqs],
-                self.cache,
-                rows,
+            logits = self._forward(
+                [SeqInput(s.token_ids, s.start, s.block_table) for s in out.seqs], rows
             )
             if want_prompt:
                 self._prompt_logprobs(out, logits, want_prompt)
                 logits = logits[last]
         except Exception as e:  # the whole step is lost: drop its requests, keep serving
-            failed = {s.request_id: f"the engine step failed ({type(e).__name__})"
-                      for s in out.seqs}  # fmt: skip
+            if isinstance(e, TPBroken):
+                raise  # no step can run any more: the instance must go
+            why = type(e).__name__ if not isinstance(e, StepFailed) else str(e)
+            failed = {s.request_id: f"the engine step failed ({why})" for s in out.seqs}
             for rid in failed:
                 self.abort(rid)
             return self._output({}, [], failed, {})

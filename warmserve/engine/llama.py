@@ -15,7 +15,7 @@ multi-token one has its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -188,6 +188,7 @@ class PagedLlama:
         params: Mapping[str, torch.Tensor],
         fuse: bool | None = None,
         name: str = "model",
+        reduce: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         """`fuse`: run Q/K/V and gate/up as one matmul each where they lie back to back. By
         default only on a GPU: on this project's 2-core CPUs the wider matmuls were no faster
@@ -196,8 +197,14 @@ class PagedLlama:
 
         The parameters must be exactly those the shape needs (`UnsupportedModel` otherwise);
         an in-memory `lm_head.weight` that is the embedding itself (a tied model's state
-        dict) is accepted."""
+        dict) is accepted.
+
+        `reduce`: a rank of a tensor-parallel group (`shape` is then its `tp.shard_shape`)
+        sums the row-parallel outputs of o_proj and down_proj over the group in place with
+        it, before their (replicated) biases (and OLMo 2's sums of squares for its q/k norms);
+        a forward makes exactly the sums `sum_shapes` lists."""
         self.shape = shape
+        self.reduce = reduce
         v = shape.variant
         p = dict(params)
         self.embed = p.get("model.embed_tokens.weight")
@@ -326,12 +333,63 @@ class PagedLlama:
     def _linear(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
+    def sum_shapes(self, tokens: int) -> list[tuple[tuple[int, int], torch.dtype]]:
+        """The shape and dtype of each of `reduce`'s sums in a forward of `tokens` new tokens,
+        in order (a rank whose forward fails makes the ones it still owes)."""
+        act = ((tokens, self.shape.hidden_size), self.embed.dtype)
+        norms = [((tokens, 2), torch.float32)] if self.shape.full_norm is not None else []
+        return [*norms, act, act] * self.shape.num_layers
+
+    def _shard_full_norms(
+        self, q: torch.Tensor, k: torch.Tensor, layer: _Layer, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMS norms over the whole Q and K projections, of which this rank holds a slice:
+        the sums of squares are summed over the group (one small sum for both)."""
+        assert self.reduce is not None and self.shape.full_norm is not None
+        q_width, k_width, k_counts = self.shape.full_norm
+        q32, k32 = q.float(), k.float()
+        sq = torch.stack((q32.pow(2).sum(-1), k32.pow(2).sum(-1)), dim=-1)
+        if not k_counts:  # another rank holding this KV head counts it
+            sq[:, 1] = 0
+        self.reduce(sq)
+        qn = q32 * torch.rsqrt(sq[:, :1] / q_width + eps)
+        kn = k32 * torch.rsqrt(sq[:, 1:] / k_width + eps)
+        if self._norm is _rms_norm_fp32:
+            return (qn * layer.q_norm).to(q.dtype), (kn * layer.k_norm).to(k.dtype)
+        return layer.q_norm * qn.to(q.dtype), layer.k_norm * kn.to(k.dtype)
+
+    def _row_parallel(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        if self.reduce is None:
+            return self._linear(x, w, name)
+        out = F.linear(x, w[name + ".weight"])
+        self.reduce(out)  # the partial sums of every rank, then the bias once
+        bias = w.get(name + ".bias")
+        return out if bias is None else out + bias
+
     @torch.inference_mode()
     def forward(
         self, seqs: Sequence[SeqInput], cache: PagedKVCache, rows: Sequence[int] | None = None
     ) -> torch.Tensor:
         """Logits of the last new token of each sequence, `[len(seqs), vocab]`; with `rows`,
         of those rows of the step's new tokens instead (prompt log-probabilities need all)."""
+        x, bounds = self._layers(seqs, cache)
+        last = self._tensor(bounds[1:]) - 1 if rows is None else self._tensor(list(rows))
+        h = self._norm(x[last], self.norm, self.shape.rms_norm_eps)
+        # `W @ h.T`, not `h @ W.T`: with a tall vocabulary matrix and a few rows, the CPU BLAS
+        # runs the former 1.5-2x faster (SmolLM2, 32 rows: 34 vs 53 ms); same result.
+        return torch.mm(self.lm_head, h.t()).t().contiguous()
+
+    @torch.inference_mode()
+    def forward_layers(self, seqs: Sequence[SeqInput], cache: PagedKVCache) -> None:
+        """The step without the head: the new tokens' K/V into the cache (and, on a
+        tensor-parallel rank, its part of every sum). A TP follower runs this: its logits
+        would only repeat the leader's."""
+        self._layers(seqs, cache)
+
+    def _layers(
+        self, seqs: Sequence[SeqInput], cache: PagedKVCache
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The hidden states after the last layer, and where each sequence's rows start."""
         s = self.shape
         bs = cache.block_size
         ids = self._tensor([t for q in seqs for t in q.token_ids])
@@ -370,7 +428,9 @@ class PagedLlama:
                 q = self._linear(h, w, "self_attn.q_proj")
                 k = self._linear(h, w, "self_attn.k_proj")
                 v = self._linear(h, w, "self_attn.v_proj")
-            if self._qk_norm == "full":  # OLMo 2: over the whole projection
+            if self._qk_norm == "full" and s.full_norm is not None:  # OLMo 2, a TP shard
+                q, k = self._shard_full_norms(q, k, layer, eps)
+            elif self._qk_norm == "full":  # OLMo 2: over the whole projection
                 q, k = norm(q, layer.q_norm, eps), norm(k, layer.k_norm, eps)
             q = q.reshape(-1, s.num_heads, s.head_dim)
             k = k.reshape(-1, s.num_kv_heads, s.head_dim)
@@ -406,7 +466,7 @@ class PagedLlama:
                     attn_mask=mask, is_causal=mask is None, enable_gqa=True, scale=s.query_scale,
                 )  # fmt: skip
                 out[lo:hi] = o[0].transpose(0, 1)
-            a = self._linear(out.reshape(-1, q_width), w, "self_attn.o_proj")
+            a = self._row_parallel(out.reshape(-1, q_width), w, "self_attn.o_proj")
             x = x + (a if attn_out is None else norm(a, attn_out, eps))
             h = x if mlp_in is None else norm(x, mlp_in, eps)
             if layer.gate_up is not None:
@@ -414,13 +474,9 @@ class PagedLlama:
             else:
                 gate = self._linear(h, w, "mlp.gate_proj")
                 up = self._linear(h, w, "mlp.up_proj")
-            m = self._linear(self._act(gate) * up, w, "mlp.down_proj")
+            m = self._row_parallel(self._act(gate) * up, w, "mlp.down_proj")
             x = x + (m if mlp_out is None else norm(m, mlp_out, eps))
-        last = self._tensor(bounds[1:]) - 1 if rows is None else self._tensor(list(rows))
-        h = norm(x[last], self.norm, eps)
-        # `W @ h.T`, not `h @ W.T`: with a tall vocabulary matrix and a few rows, the CPU BLAS
-        # runs the former 1.5-2x faster (SmolLM2, 32 rows: 34 vs 53 ms); same result.
-        return torch.mm(self.lm_head, h.t()).t().contiguous()
+        return x, bounds
 
     def _multi_meta(
         self, seq: SeqInput, lo: int, hi: int, bs: int

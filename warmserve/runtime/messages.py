@@ -21,6 +21,8 @@ class LoadModel:
     name: str
     model_dir: str
     token: int  # echoed in `Loaded`, so a stale load is never taken for a newer one
+    tp_rank: int = 0  # this worker's shard of a TP replica
+    tp_size: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,11 @@ class Activate:
     name: str
     model_dir: str  # loaded first (a cold start) when not resident
     instance_id: int = -1  # echoed in `Activated`: a late one never marks a newer instance
+    # A TP instance: the node-local ranks of its workers (a pre-built group), lowest first;
+    # this worker is the leader (hosts the scheduler, takes requests) if it is the first.
+    group: tuple[int, ...] = ()
+    rank: int = 0  # this worker's place in `group`
+    kv_pages: int | None = None  # the books' KV pages per worker (TP: the same on every rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,19 @@ class AbortRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupKv:
+    """Out of band (not queued): how many of a TP instance's `MapKvPages` each rank has
+    finished, by rank, as reported so far (every rank gets the same ones, in the same order).
+    A follower lends pages in its k-th resize only once the leader (which alone allocates
+    blocks) has finished its k-th; the leader uses pages reclaimed in its k-th resize only
+    once every follower has finished its k-th. Counting resizes, not comparing page counts,
+    keeps this right when a lend and a reclaim follow each other quickly."""
+
+    instance_id: int
+    done: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     pass
 
@@ -74,6 +94,7 @@ Command = (
     | MapKvPages
     | AddRequest
     | AbortRequest
+    | GroupKv
     | Shutdown
 )
 
@@ -83,6 +104,8 @@ Command = (
 class Ready:
     num_pages: int
     page_bytes: int
+    tp_groups: int = 0  # the node's aligned TP groups this worker belongs to, built before this
+    tp_groups_s: float = 0.0  # joining the node's world and building them (wall clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +163,19 @@ class StepFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class KvMapped:
+    """A rank of a TP instance finished its `done`-th `MapKvPages` since the activation."""
+
+    instance_id: int
+    done: int
+
+
+@dataclass(frozen=True, slots=True)
 class CommandFailed:
     command: str
     message: str
 
 
-Event = Ready | Loaded | Activated | TokenBatch | RequestFailed | StepFailed | CommandFailed
+Event = (
+    Ready | Loaded | Activated | TokenBatch | RequestFailed | StepFailed | KvMapped | CommandFailed
+)

@@ -123,6 +123,12 @@ class ServeMetrics:
         self.worker_up = Gauge(
             "warmserve:worker_up", "1 while the worker process is ready", ["worker"], registry=r
         )
+        self.tp_groups_build = Gauge(
+            "warmserve:tp_groups_build_seconds",
+            "Joining the node's TP world and building every aligned group, at the worker's start",
+            ["worker"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "warmserve:worker_restarts",
             "Worker processes restarted after dying",

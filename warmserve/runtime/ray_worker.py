@@ -25,6 +25,7 @@ from typing import Any
 import ray
 
 from warmserve.runtime import messages as m
+from warmserve.runtime.groups import GroupSpec
 from warmserve.runtime.transport import LOOPBACK_ENV
 from warmserve.serve_config import RuntimeConfig, WorkerConfig
 
@@ -33,13 +34,15 @@ POLL_S = 1.0  # a long poll returns at least this often, so a stopped server is 
 
 @ray.remote(concurrency_groups={"commands": 1, "events": 1})
 class WorkerActor:
-    def __init__(self, num_pages: int, page_bytes: int, threads: int) -> None:
+    def __init__(
+        self, num_pages: int, page_bytes: int, threads: int, groups: GroupSpec | None = None
+    ) -> None:
         from warmserve.runtime.worker_main import worker_main
 
         self._conn, child = Pipe()
         self._thread = threading.Thread(
-            target=worker_main, args=(child, num_pages, page_bytes, threads), daemon=True,
-            name="warmserve-worker",
+            target=worker_main, args=(child, num_pages, page_bytes, threads, 0, groups),
+            daemon=True, name="warmserve-worker",
         )  # fmt: skip
         self._thread.start()
 
@@ -118,6 +121,7 @@ class RayWorkerLink:
         placement: RayPlacement,
         on_event: Callable[[int, int, m.Event], None],
         on_exit: Callable[[int, int], None],
+        groups: GroupSpec | None = None,
     ) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -130,7 +134,7 @@ class RayWorkerLink:
             num_cpus=0,  # the pool and threads are sized by workers.*, not by Ray's CPUs
             scheduling_strategy=strategy,
             name=None,
-        ).remote(cfg.num_pages, cfg.page_bytes, cfg.torch_threads())
+        ).remote(cfg.num_pages, cfg.page_bytes, cfg.torch_threads(), groups)
         self._stopped = threading.Event()
         self._reader = threading.Thread(
             target=self._read, args=(on_event, on_exit), daemon=True,

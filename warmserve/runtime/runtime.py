@@ -23,7 +23,6 @@ from warmserve.control.api import ControlPlane, RequestInfo, ServedModel
 from warmserve.control.forecaster import make_forecaster
 from warmserve.control.registry import get_policy
 from warmserve.engine.request import SamplingParams
-from warmserve.hardware import pages_for
 from warmserve.runtime import messages as m
 from warmserve.runtime import views
 from warmserve.runtime.cluster import ModelFiles, RuntimeCluster
@@ -36,11 +35,11 @@ from warmserve.runtime.requests import (
     ShuttingDown,
     StreamError,
 )
-from warmserve.runtime.supervisor import Supervisor
+from warmserve.runtime.supervisor import NodeWorlds, Supervisor
+from warmserve.runtime.tp import tp_shard_size
 from warmserve.runtime.transport import WorkerLinks
-from warmserve.serve_config import ServeConfig
+from warmserve.serve_config import ServeConfig, shard_pages_error
 from warmserve.types import ModelName
-from warmserve.worker.layout import checkpoint_files, weights_layout
 
 log = logging.getLogger("warmserve.runtime")
 
@@ -73,29 +72,30 @@ class ServingRuntime:
         n = self.links.count
         files: dict[str, ModelFiles] = {}
         served: list[ServedModel] = []
+        tps = {mc.name: mc.tp for mc in cfg.models}
         for rm in models:
-            _, total = weights_layout(checkpoint_files(rm.model_dir))
-            pages = max(1, pages_for(total, page_bytes))
-            files[rm.name] = ModelFiles(rm.name, str(rm.model_dir), pages)
+            tp = tps.get(rm.name, 1)
+            shard = tp_shard_size(rm.model_dir, tp, page_bytes, rm.kv_bytes_per_token)
+            files[rm.name] = ModelFiles(rm.name, str(rm.model_dir), shard.pages, tp)
             served.append(
                 ServedModel(
                     ModelName(rm.name),
-                    1,
-                    pages,
-                    total,
-                    float(rm.kv_bytes_per_token),
+                    tp,
+                    shard.pages,
+                    shard.bytes,
+                    shard.kv_bytes_per_token,
                     rm.max_model_len,
                     rm.priority,
                 )
             )
-            if pages >= cfg.workers.num_pages:
-                raise ValueError(
-                    f"model {rm.name!r} needs {pages} pages of {cfg.workers.page_mib} MiB; a "
-                    f"worker pool has {cfg.workers.num_pages} (raise workers.pool_mib)"
-                )
+            err = shard_pages_error(rm.name, tp, shard.pages, cfg.workers)
+            if err is not None:
+                raise ValueError(err)
         self.cluster = RuntimeCluster(
-            n, files, self._send, self._routed, page_bytes, payload=self._payload
-        )
+            n, files, self._send, self._routed, page_bytes, payload=self._payload,
+            workers_per_node=cfg.workers.count,
+        )  # fmt: skip
+        self.tp_groups_s: dict[int, float] = {}  # per worker: its last TP group build
         ctl = cfg.control
         self.forecaster = make_forecaster(ctl)
         fc_cfg = cfg.forecast
@@ -112,8 +112,15 @@ class ServingRuntime:
         self.controller: ControlPlane = self.policy.build(ctl, served, self.forecaster)
         self.outputs = OutputProcessor(self.metrics, self.clock, self._released)
         # Without unified memory (vanilla autoscaling) every instance is a new engine.
+        max_tp = max(tps.values(), default=1)
+        worlds = (
+            NodeWorlds(self.links.nodes, max_tp, cfg.workers.tp_timeout_s,
+                       cfg.workers.startup_timeout_s)
+            if max_tp > 1
+            else None
+        )  # fmt: skip
         self.supervisor = Supervisor(
-            self.links, not spec.unified_memory, self._on_event, self._on_worker_death
+            self.links, not spec.unified_memory, self._on_event, self._on_worker_death, worlds
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -199,8 +206,8 @@ class ServingRuntime:
     def _routed(self, request_id: int, instance_id: int) -> None:
         """The cluster sent the request to its instance's worker: note where it runs."""
         req = self.requests[request_id]
-        (wid,) = self.cluster.instances[instance_id].devices
-        req.instance_id, req.worker_id = instance_id, wid
+        leader = self.cluster.instances[instance_id].devices[0]  # a TP instance's scheduler
+        req.instance_id, req.worker_id = instance_id, leader
 
     def _send(self, wid: int | None, cmd: m.Command) -> None:
         self.supervisor.send(wid, cmd)
@@ -231,11 +238,18 @@ class ServingRuntime:
                 self.controller.on_kv_pressure(self.clock.now(), inst.instance_id, self.cluster)
         elif isinstance(ev, m.Ready):
             self.metrics.worker_up.labels(str(wid)).set(1)
+            if ev.tp_groups:
+                self.tp_groups_s[wid] = ev.tp_groups_s
+                self.metrics.tp_groups_build.labels(str(wid)).set(ev.tp_groups_s)
+                log.info("worker %d: joined its node's TP world and built %d groups in %.3f s",
+                         wid, ev.tp_groups, ev.tp_groups_s)  # fmt: skip
             if not fresh:  # (a fresh engine is for an instance the books already hold)
                 self.cluster.worker_ready(wid, ev.num_pages)
                 self._after_layout_change()
         elif isinstance(ev, m.Loaded):
             self.cluster.mark_loaded(wid, ev.token)
+        elif isinstance(ev, m.KvMapped):
+            self.cluster.kv_mapped(wid, ev.instance_id, ev.done)
         elif isinstance(ev, m.Activated):
             inst = self.cluster.mark_running(wid, ev.kv_blocks, ev.block_bytes, ev.instance_id)
             if inst is not None:

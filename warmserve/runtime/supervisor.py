@@ -11,10 +11,19 @@ thread; the links' reader threads hand events over with `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
+import logging
+import os
+import tempfile
+import uuid
 from collections.abc import Callable
 
 from warmserve.runtime import messages as m
+from warmserve.runtime.groups import GroupSpec
 from warmserve.runtime.transport import WorkerLink, WorkerLinks
+
+log = logging.getLogger("warmserve.runtime")
 
 
 def restart_delay(deaths: int) -> float:
@@ -24,6 +33,56 @@ def restart_delay(deaths: int) -> float:
     return min(30.0, 0.5 * 2 ** (max(1, deaths) - 1))
 
 
+class NodeWorlds:
+    """Each node's TP world: its workers, and the generation of the world they meet in.
+
+    A world cannot take a replaced process back, so the death of any worker of a node ends
+    that node's world: the generation moves on and every other worker of the node is replaced
+    too (`Supervisor._exit`); the new incarnations meet in the next generation's store."""
+
+    def __init__(
+        self, nodes: list[str], max_tp: int, timeout_s: float, rendezvous_s: float
+    ) -> None:
+        self.max_tp = max_tp
+        self.timeout_s = timeout_s
+        self.rendezvous_s = rendezvous_s
+        self.node_of = nodes
+        order = list(dict.fromkeys(nodes))  # nodes in the order of their first worker
+        self.index = {n: k for k, n in enumerate(order)}
+        self.members: dict[str, list[int]] = {n: [] for n in order}
+        for wid, n in enumerate(nodes):
+            self.members[n].append(wid)
+        self.generation = dict.fromkeys(order, 0)
+        self.spawned_in: list[int] = [0] * len(nodes)  # the generation of each incarnation
+        # Files on each node's local disk (a node's workers share it); one name per server.
+        self._prefix = os.path.join(tempfile.gettempdir(), f"warmserve-tp-{uuid.uuid4().hex[:12]}")
+
+    def spec(self, wid: int) -> GroupSpec:
+        node = self.node_of[wid]
+        gen = self.generation[node]
+        self.spawned_in[wid] = gen
+        peers = self.members[node]
+        path = f"{self._prefix}-n{self.index[node]}-g{gen}"
+        return GroupSpec(
+            path, peers.index(wid), len(peers), self.max_tp, self.timeout_s, self.rendezvous_s
+        )
+
+    def world_ended(self, wid: int) -> list[int]:
+        """Worker `wid` died: the other workers of its node that must now be replaced (none
+        when its world had already ended, e.g. it was one of those replaced)."""
+        node = self.node_of[wid]
+        if self.spawned_in[wid] != self.generation[node]:
+            return []
+        self.generation[node] += 1
+        return [w for w in self.members[node] if w != wid]
+
+    def remove_files(self) -> None:
+        """The local node's store files (a remote node's are in its temporary directory)."""
+        for path in glob.glob(self._prefix + "-*"):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 class Supervisor:
     def __init__(
         self,
@@ -31,11 +90,14 @@ class Supervisor:
         engine_per_instance: bool,
         on_event: Callable[[int, m.Event, bool], None],
         on_death: Callable[[int], None],
+        worlds: NodeWorlds | None = None,
     ) -> None:
         """`on_event(worker, event, fresh)`: an event of a worker's current incarnation;
         `fresh` marks the `Ready` of an engine process started for an instance the books
-        already hold. `on_death(worker)`: the current incarnation died (not on purpose)."""
+        already hold. `on_death(worker)`: the current incarnation died (not on purpose).
+        `worlds`: each node's TP world, where a served model has TP > 1."""
         n = links.count
+        self.worlds = worlds
         self.links = links
         self.workers: list[WorkerLink | None] = [None] * n
         self.respawns: list[asyncio.TimerHandle | None] = [None] * n
@@ -72,6 +134,8 @@ class Supervisor:
         workers = [w for w in self.workers if w is not None]
         await asyncio.gather(*(asyncio.to_thread(w.stop, timeout_s) for w in workers))
         self.links.close()
+        if self.worlds is not None:
+            self.worlds.remove_files()
 
     def send(self, wid: int | None, cmd: m.Command) -> None:
         if wid is None:
@@ -105,8 +169,9 @@ class Supervisor:
             return
         self._incarnation[wid] += 1
         self._ready[wid] = self._loop.create_future()
+        groups = self.worlds.spec(wid) if self.worlds is not None else None
         self.workers[wid] = self.links.spawn(
-            wid, self._incarnation[wid], self._event_threadsafe, self._exit_threadsafe
+            wid, self._incarnation[wid], self._event_threadsafe, self._exit_threadsafe, groups
         )
 
     # ----- from the links' reader threads -----------------------------------------------
@@ -142,6 +207,13 @@ class Supervisor:
             fut.cancel()  # a replacement died while starting: handled as any death
         self._fresh.discard(wid)
         self._deaths[wid] += 1
+        if self.worlds is not None:
+            # Its node's world is broken: the node's other workers (a TP peer may be waiting
+            # in a collective on it) are replaced too, and all meet in a new world.
+            for peer in self.worlds.world_ended(wid):
+                log.error("worker %d died: replacing worker %d of its node's TP world",
+                          wid, peer)  # fmt: skip
+                self.kill(peer)
         self._on_death(wid)
         assert self._loop is not None
         self.respawns[wid] = self._loop.call_later(

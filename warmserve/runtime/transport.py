@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from warmserve.runtime import messages as m
+from warmserve.runtime.groups import GroupSpec
 from warmserve.serve_config import ServeConfig
 
 # Ray keeps a single-node cluster on 127.0.0.1 only with this set before it is imported (it
@@ -64,16 +65,25 @@ class WorkerLinks:
             self.count = cfg.workers.count
             self.nodes = [LOCAL_NODE] * self.count
 
-    def spawn(self, wid: int, incarnation: int, on_event: OnEvent, on_exit: OnExit) -> WorkerLink:
+    def spawn(
+        self,
+        wid: int,
+        incarnation: int,
+        on_event: OnEvent,
+        on_exit: OnExit,
+        groups: GroupSpec | None = None,
+    ) -> WorkerLink:
+        """`groups`: the node's TP world the worker joins before it reports ready."""
         if self.kind == "ray":
             from warmserve.runtime.ray_worker import RayWorkerLink
 
             return RayWorkerLink(
-                wid, incarnation, self.cfg.workers, self._placements[wid], on_event, on_exit
-            )
+                wid, incarnation, self.cfg.workers, self._placements[wid], on_event, on_exit,
+                groups,
+            )  # fmt: skip
         from warmserve.runtime.worker_process import WorkerProcess
 
-        return WorkerProcess(wid, incarnation, self.cfg.workers, on_event, on_exit)
+        return WorkerProcess(wid, incarnation, self.cfg.workers, on_event, on_exit, groups)
 
     def close(self) -> None:
         if self._started_ray:

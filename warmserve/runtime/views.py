@@ -70,6 +70,7 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
                 "pages_total": d.total_pages,
                 "pages_free": d.free_pages,
                 "instance": d.instance_id,
+                "tp_groups_build_s": rt.tp_groups_s.get(d.device_id),
             }
             for d in cluster.devices
         ],
@@ -77,7 +78,8 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
             {
                 "instance": i.instance_id,
                 "model": i.model,
-                "worker": i.devices[0],
+                "worker": i.devices[0],  # a TP instance's leader
+                "workers": list(i.devices),
                 "state": str(i.state),
                 "start_path": str(i.path),
                 "kv_pages": i.kv_pages,
@@ -93,6 +95,7 @@ def admin_view(rt: ServingRuntime) -> dict[str, Any]:
                 "replica": r.replica_id,
                 "model": r.model,
                 "worker": r.devices[0],
+                "workers": list(r.devices),
                 "pages": r.pages_per_device,
                 "ready": r.is_ready,
                 "serving": r.owner is not None,

@@ -5,6 +5,17 @@ background load) when there is none: no sleeps, no polling. Loads run on the wor
 thread, so prewarming never stalls the serving engine; a command that needs a load finished
 (`Activate`, `UnloadModel` of a loading model) waits for it in order, as on the reference's
 per-GPU queue.
+
+Tensor parallelism: a worker serving a TP instance is its leader or a follower. The leader
+(the group's lowest worker) hosts the scheduler, takes `AddRequest` and steps as any engine,
+its steps broadcast to the group. A follower runs its shard's part of each step on a thread
+of its own, blocked in `engine.follow()`, so that its loop still takes commands (loads for
+other replicas, KV lend and reclaim, deactivation) in order: relaying them through the
+leader would put another replica's prewarm behind the leader's queue, and a follower's pool
+belongs to it alone. The follow thread touches only the instance's KV and weight pages,
+which no command frees while it runs: `Deactivate` waits for it to end (the leader's
+`stop_followers`), and KV pages are lent only once the leader no longer hands out the blocks
+on them (`GroupKv`).
 """
 
 from __future__ import annotations
@@ -16,13 +27,16 @@ import threading
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import torch
 
 from warmserve.engine.engine import Engine, StepOutput
+from warmserve.engine.lockstep import TPBroken, tp_group
 from warmserve.runtime import messages as m
+from warmserve.runtime.groups import GroupSpec, NodeGroups, build_groups
 from warmserve.worker.pages import CpuPages
 from warmserve.worker.pool import PagePool
 from warmserve.worker.weights import LoadCancelled
@@ -30,7 +44,12 @@ from warmserve.worker.worker import UniversalWorker, WorkerError
 
 
 def worker_main(
-    conn: Connection, num_pages: int, page_bytes: int, threads: int, nice: int = 0
+    conn: Connection,
+    num_pages: int,
+    page_bytes: int,
+    threads: int,
+    nice: int = 0,
+    groups: GroupSpec | None = None,
 ) -> None:
     # Ctrl-C and service managers signal the whole process group; the server shuts its
     # workers down in order (a `Shutdown` command, or EOF on the pipe if it died). A Ray
@@ -45,8 +64,13 @@ def worker_main(
     torch.set_num_threads(max(1, threads))
     pool = PagePool(CpuPages(num_pages, page_bytes))
     worker = UniversalWorker(pool)
-    loop = _Loop(conn, worker)
-    conn.send(m.Ready(num_pages, page_bytes))
+    # The node's TP communicators, once, before the worker counts as up.
+    node_groups = build_groups(groups) if groups is not None else None
+    loop = _Loop(conn, worker, node_groups)
+    if node_groups is None:
+        conn.send(m.Ready(num_pages, page_bytes))
+    else:
+        conn.send(m.Ready(num_pages, page_bytes, len(node_groups.groups), node_groups.build_s))
     try:
         loop.run()
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
@@ -54,13 +78,30 @@ def worker_main(
     finally:
         worker.close()
         pool.close()
+        if node_groups is not None:
+            node_groups.close()
+
+
+@dataclass(slots=True)
+class _TpRole:
+    """This worker's part in the TP instance it serves."""
+
+    instance_id: int
+    rank: int
+    size: int
+    done: list[int]  # KV resizes each rank has finished, as last reported (GroupKv)
+    follow: threading.Thread | None = None  # a follower's step thread
 
 
 class _Loop:
-    def __init__(self, conn: Connection, worker: UniversalWorker) -> None:
+    def __init__(
+        self, conn: Connection, worker: UniversalWorker, groups: NodeGroups | None = None
+    ) -> None:
         self.conn = conn
         self.worker = worker
-        self.engine: Engine | None = None
+        self.groups = groups
+        self.engine: Engine | None = None  # the engine this loop steps (none on a follower)
+        self.tp: _TpRole | None = None
         self.pending: deque[m.Command] = deque()
         self._send_lock = threading.Lock()  # the loader thread reports loads too
         # A background load wakes the loop through this pipe when it ends.
@@ -76,7 +117,13 @@ class _Loop:
                     os.read(self._wake_r, 4096)
             if self.conn in ready:
                 while self.conn.poll():
-                    self.pending.append(self.conn.recv())
+                    cmd = self.conn.recv()
+                    if isinstance(cmd, m.GroupKv):  # news, not work: never queued
+                        if self.tp is not None and self.tp.instance_id == cmd.instance_id:
+                            self.tp.done = [max(a, b) for a, b in
+                                            zip(self.tp.done, cmd.done, strict=True)]  # fmt: skip
+                    else:
+                        self.pending.append(cmd)
             if not self._drain_commands():
                 return
             if self.engine is not None and self.engine.has_work():
@@ -95,10 +142,12 @@ class _Loop:
             if isinstance(cmd, m.Activate) and self._must_wait(cmd.name):
                 return True
             try:
-                if isinstance(cmd, m.MapKvPages) and not self._set_kv(cmd.pages):
+                waits = isinstance(cmd, m.MapKvPages) and not self._set_kv(cmd.pages)
+                if waits and not self._deactivating():
                     return True  # the engine steps meanwhile; retried after each step
                 self.pending.popleft()
                 if isinstance(cmd, m.Shutdown):
+                    self._leave_tp()
                     return False
                 self._run(cmd)
             except Exception as e:  # a command's failure is reported, the worker lives on
@@ -114,6 +163,26 @@ class _Loop:
                     self.send(m.CommandFailed(type(cmd).__name__, detail.strip()))
         return True
 
+    def _deactivating(self) -> bool:
+        """A TP rank's resize waits for its peers, but the instance is going away (a
+        `Deactivate` is queued behind): drop the resize, since the KV goes with the instance,
+        and the peers' news may never come (the runtime relays none for a released instance).
+        Nothing is unmapped early: a follower frees its KV only after the leader's release."""
+        return self.tp is not None and any(isinstance(c, m.Deactivate) for c in self.pending)
+
+    def _leave_tp(self) -> None:
+        """Shutting down while serving a TP instance: release the followers (the leader) or
+        wait for the release (a follower; every worker is told to shut down), so that no
+        thread is left inside a collective when the process group is destroyed."""
+        role, self.tp = self.tp, None
+        if role is None:
+            return
+        if role.follow is not None:
+            role.follow.join(10.0)
+        elif self.engine is not None:
+            with contextlib.suppress(Exception):  # a follower may have gone already
+                self.engine.stop_followers()
+
     def _must_wait(self, name: str) -> bool:
         """Activation waits for every load (its own, and cancelled ones freeing pages)."""
         loading = self.worker.status().loading
@@ -125,22 +194,41 @@ class _Loop:
     def _run(self, cmd: m.Command) -> None:
         w = self.worker
         if isinstance(cmd, m.LoadModel):
-            fut = w.prewarm(cmd.name, Path(cmd.model_dir), background=True)
+            fut = w.prewarm(cmd.name, Path(cmd.model_dir), background=True,
+                            tp_rank=cmd.tp_rank, tp_size=cmd.tp_size)  # fmt: skip
             fut.add_done_callback(lambda f, c=cmd: self._loaded(c, f))
         elif isinstance(cmd, m.UnloadModel):
             w.evict(cmd.name)
         elif isinstance(cmd, m.Activate):
-            if cmd.name not in w.resident:
-                w.prewarm(cmd.name, Path(cmd.model_dir))  # a cold start: load on the spot
+            size = max(1, len(cmd.group))
+            if cmd.name not in w.resident:  # a cold start: load on the spot
+                w.prewarm(cmd.name, Path(cmd.model_dir), tp_rank=cmd.rank, tp_size=size)
             t0 = time.perf_counter()
-            self.engine = w.activate(cmd.name)
-            blocks = self.engine.num_kv_blocks
-            self.send(
-                m.Activated(
-                    cmd.name, cmd.instance_id, blocks, w._block_bytes, time.perf_counter() - t0
+            tp = None
+            if cmd.group:
+                if self.groups is None:
+                    raise WorkerError("a TP instance on a worker without TP groups")
+                tp = tp_group(self.groups.group(cmd.group))
+            engine = w.activate(cmd.name, tp=tp, kv_pages=cmd.kv_pages)
+            seconds = time.perf_counter() - t0
+            if tp is not None:
+                self.tp = _TpRole(cmd.instance_id, cmd.rank, size, [0] * size)
+            if tp is None or tp.is_leader:
+                self.engine = engine
+            else:
+                assert self.tp is not None
+                self.tp.follow = threading.Thread(
+                    target=self._follow, args=(engine,), daemon=True, name="tp-follow"
                 )
-            )
+                self.tp.follow.start()
+            blocks = engine.num_kv_blocks
+            self.send(m.Activated(cmd.name, cmd.instance_id, blocks, w._block_bytes, seconds))
         elif isinstance(cmd, m.Deactivate):
+            role, self.tp = self.tp, None
+            if role is not None and role.follow is not None:
+                role.follow.join()  # ends with the leader's `stop_followers`
+            elif role is not None and self.engine is not None:
+                self.engine.stop_followers()
             w.deactivate(cmd.keep_weights)
             self.engine = None
         elif isinstance(cmd, m.MapKvPages):
@@ -167,11 +255,25 @@ class _Loop:
         os.write(self._wake_w, b"x")
 
     # ----- engine -----------------------------------------------------------------------
+    def _follow(self, engine: Engine) -> None:  # a follower's step thread
+        try:
+            while engine.follow():
+                pass
+        except Exception:
+            # The group is broken (a peer died, or gloo timed out): the server replaces this
+            # worker, and with it the node's world.
+            detail = traceback.format_exc(-1).strip()
+            self.send(m.CommandFailed("follow", f"a TP follower's step failed: {detail}"))
+
     def _step(self) -> None:
         eng = self.engine
         assert eng is not None
         try:
             out = eng.step()
+        except TPBroken as e:  # a TP peer is gone: no step can run; the server replaces us
+            self.send(m.CommandFailed("step", f"the TP group broke: {e}"))
+            self.engine = None
+            return
         except Exception:  # a bug below the engine's own isolation: drop what runs, live on
             detail = traceback.format_exc(-1).strip()
             out = StepOutput(failed={rid: "the engine step failed" for rid in eng.abort_all()})
@@ -192,12 +294,25 @@ class _Loop:
         self.send(m.TokenBatch(items, used, waiting))
 
     def _set_kv(self, pages: int) -> bool:
-        """Move toward `pages` mapped KV pages; False while a lend waits for held blocks."""
+        """Move toward `pages` mapped KV pages; False while a lend waits for held blocks (or,
+        in a TP instance, for the other ranks: see `GroupKv`)."""
         w = self.worker
-        if self.engine is None:
+        if w.engine is None:
             raise WorkerError("no model is active on this worker")
+        tp = self.tp
+        k = tp.done[tp.rank] + 1 if tp is not None else 0  # this resize's number
         if pages > w.kv_pages:
+            if tp is not None and tp.rank == 0 and min(tp.done[1:]) < k:
+                return False  # a follower has not mapped the pages the new blocks need
             w.reclaim_kv(pages - w.kv_pages)
-            self._report(())
-            return True
-        return pages == w.kv_pages or w.lend_kv(w.kv_pages - pages)
+            if self.engine is not None:
+                self._report(())
+        elif pages < w.kv_pages:
+            if tp is not None and tp.rank > 0 and tp.done[0] < k:
+                return False  # the leader may still hand out blocks on these pages
+            if not w.lend_kv(w.kv_pages - pages):
+                return False
+        if tp is not None:
+            tp.done[tp.rank] = k
+            self.send(m.KvMapped(tp.instance_id, k))
+        return True

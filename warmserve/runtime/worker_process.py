@@ -9,6 +9,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from warmserve.runtime import messages as m
+from warmserve.runtime.groups import GroupSpec
 from warmserve.runtime.worker_main import worker_main
 from warmserve.serve_config import WorkerConfig
 
@@ -25,6 +26,7 @@ class WorkerProcess:
         cfg: WorkerConfig,
         on_event: Callable[[int, int, m.Event], None],
         on_exit: Callable[[int, int], None],
+        groups: GroupSpec | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.incarnation = incarnation
@@ -34,7 +36,7 @@ class WorkerProcess:
         w = cfg
         self.process = ctx.Process(
             target=worker_main,
-            args=(child, w.num_pages, w.page_bytes, w.torch_threads(), w.nice),
+            args=(child, w.num_pages, w.page_bytes, w.torch_threads(), w.nice, groups),
             name=f"warmserve-worker-{worker_id}",
             daemon=True,
         )
@@ -54,6 +56,7 @@ class WorkerProcess:
         conn: Connection,
         on_event: Callable[[int, int, m.Event], None],
         on_exit: Callable[[int, int], None],
+        groups: GroupSpec | None = None,
     ) -> None:
         while True:
             try:

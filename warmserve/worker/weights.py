@@ -1,4 +1,8 @@
-"""Weights straight from safetensors into a pool slot, and tensors that are views of slots."""
+"""Weights straight from safetensors into a pool slot, and tensors that are views of slots.
+
+A tensor-parallel rank's slot holds only its shard: each sliced tensor is read as slices of
+the checkpoint's tensor (never the whole of it) and written once into its place.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from warmserve.engine.arch import LlamaShape
+from warmserve.engine.tp import TPShard
 from warmserve.hardware import pages_for
-from warmserve.worker.layout import TensorPlace, weights_layout
+from warmserve.worker.layout import TensorPlace, sharded_layout, weights_layout
 from warmserve.worker.pool import PagePool, Slot
 
 
@@ -63,7 +69,7 @@ def copy_into_slot(
                 if cancel is not None and cancel.is_set():
                     raise LoadCancelled(place.name)
                 pool.wait_mapped(slot, -(-(place.offset + place.nbytes) // pool.page_bytes))
-                t = f.get_tensor(place.name)
+                t = _read(f, place)
                 view = whole[place.offset : place.offset + place.nbytes].view(t.dtype)
                 view = view.view(t.shape)
                 view.copy_(t)
@@ -72,9 +78,30 @@ def copy_into_slot(
     return out
 
 
+def _read(f, place: TensorPlace) -> torch.Tensor:
+    """The tensor a place holds: the checkpoint's, or the concatenated slices of a shard."""
+    if not place.pieces:
+        return f.get_tensor(place.name)
+    src = f.get_slice(place.name)
+    lead = (slice(None),) * place.dim
+    parts = [src[(*lead, slice(a, b))] for a, b in place.pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=place.dim)
+
+
 def load_into_slot(pool: PagePool, slot: Slot, files: list[Path]) -> dict[str, torch.Tensor]:
     """Grow the slot by exactly the pages needed and copy the checkpoint into it."""
     layout, total = weights_layout(files)
+    pages = max(1, pages_for(total, pool.page_bytes))
+    pool.grow(slot, pages)
+    return copy_into_slot(pool, slot, layout, pages)
+
+
+def load_shard_into_slot(
+    pool: PagePool, slot: Slot, files: list[Path], shard: TPShard, shape: LlamaShape
+) -> dict[str, torch.Tensor]:
+    """Grow the slot by the pages one rank's shard needs and copy the shard into it; the
+    views' shapes are those of `engine.tp.shard_shape(shape, shard)`."""
+    layout, total = sharded_layout(files, shard, shape)
     pages = max(1, pages_for(total, pool.page_bytes))
     pool.grow(slot, pages)
     return copy_into_slot(pool, slot, layout, pages)

@@ -6,6 +6,11 @@ prewarmed models are evicted and their pages become the KV cache of the new inst
 remapping, with no copy of weights or KV. `deactivate` drops the KV and keeps the weights
 prewarmed. Pool books are touched under one lock (the loader thread and the caller share
 them); tensor copies and engine steps run outside it.
+
+A rank of a tensor-parallel instance holds only its shard (`engine.tp`): `prewarm` with
+`tp_rank`/`tp_size` loads that rank's slices, and `activate` with a `TPGroup` agrees with the
+group's other ranks on the KV blocks (the same block ids must fit every rank's cache, whose
+blocks differ in size where ranks own unequal KV heads) and builds a lockstep engine.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from warmserve.engine.engine import Engine
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama
 from warmserve.engine.scheduler import Scheduler
+from warmserve.engine.tp import TPGroup, shard_plan, shard_shape
 from warmserve.hardware import pages_for
 from warmserve.model_spec import read_hf_config
-from warmserve.worker.layout import checkpoint_files, weights_layout
+from warmserve.worker.layout import checkpoint_files, sharded_layout, weights_layout
 from warmserve.worker.pool import PagePool, PageUse, Slot
 from warmserve.worker.weights import LoadCancelled, copy_into_slot, slot_view
 
@@ -41,6 +47,7 @@ class Resident:
     slot: Slot
     params: dict[str, torch.Tensor]
     eos_token_id: int | None
+    tp_size: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,24 +75,40 @@ class UniversalWorker:
         self._block_bytes = 0
 
     # ----- weights ----------------------------------------------------------------------
-    def prewarm(self, name: str, model_dir: Path, *, background: bool = False) -> Future[float]:
-        """Load `name` into a slot; the future gives the load's seconds (or its error)."""
+    def prewarm(
+        self,
+        name: str,
+        model_dir: Path,
+        *,
+        background: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> Future[float]:
+        """Load `name` (rank `tp_rank`'s shard of it at TP `tp_size`) into a slot; the future
+        gives the load's seconds (or its error)."""
         with self._lock:
             if name in self.resident or name in self._loading:
                 raise WorkerError(f"model {name!r} is already resident")
             cancel = threading.Event()
-            fut = self._loader.submit(self._load, name, model_dir, cancel)
+            fut = self._loader.submit(self._load, name, model_dir, cancel, tp_rank, tp_size)
             self._loading[name] = (fut, cancel)
         if not background:
             fut.result()
         return fut
 
-    def _load(self, name: str, model_dir: Path, cancel: threading.Event) -> float:
+    def _load(
+        self, name: str, model_dir: Path, cancel: threading.Event, tp_rank: int, tp_size: int
+    ) -> float:
         t0 = time.perf_counter()
         try:
             cfg = read_hf_config(model_dir)
             shape = LlamaShape.from_hf_config(cfg, name)
-            layout, total = weights_layout(checkpoint_files(model_dir))
+            if tp_size > 1:
+                shard = shard_plan(shape, tp_size)[tp_rank]
+                layout, total = sharded_layout(checkpoint_files(model_dir), shard, shape)
+                shape = shard_shape(shape, shard)  # the model this rank runs
+            else:
+                layout, total = weights_layout(checkpoint_files(model_dir))
             # Refused before a page is taken: a tensor missing, unused or of the wrong shape.
             shape.check_tensors(name, {t.name: t.shape for t in layout})
             pages = max(1, pages_for(total, self.pool.page_bytes))
@@ -105,7 +128,7 @@ class UniversalWorker:
             eos = cfg.get("eos_token_id")
             with self._lock:
                 self.resident[name] = Resident(
-                    name, shape, slot, params, eos if isinstance(eos, int) else None
+                    name, shape, slot, params, eos if isinstance(eos, int) else None, tp_size
                 )
         finally:
             with self._lock:
@@ -147,15 +170,25 @@ class UniversalWorker:
             self.pool.free_slot(res.slot)
 
     # ----- serving ----------------------------------------------------------------------
-    def activate(self, name: str, kv_dtype: torch.dtype | None = None) -> Engine:
-        """Serve `name`: evict every other prewarmed model, KV over all the pages then free.
+    def activate(
+        self,
+        name: str,
+        kv_dtype: torch.dtype | None = None,
+        tp: TPGroup | None = None,
+        kv_pages: int | None = None,
+    ) -> Engine:
+        """Serve `name`: evict every other prewarmed model, KV over all the pages then free
+        (at most `kv_pages` of them: a TP instance's books give every rank the same count).
 
-        Waits for loads in progress first (its own, and cancelled ones freeing pages)."""
+        Waits for loads in progress first (its own, and cancelled ones freeing pages). With
+        `tp`, a collective over the group: every rank of it activates its shard."""
         if self.serving is not None:
             raise WorkerError(f"already serving {self.serving!r}; deactivate first")
         self.wait_loads()
         if name not in self.resident:
             raise WorkerError(f"model {name!r} is not resident")
+        if self.resident[name].tp_size != (tp.size if tp is not None else 1):
+            raise WorkerError(f"model {name!r} is resident as another TP shard")
         for other in [n for n in self.resident if n != name]:
             self.evict(other)
         model = self.resident[name]
@@ -163,22 +196,35 @@ class UniversalWorker:
         dtype = kv_dtype or next(iter(model.params.values())).dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-        block_bytes = PagedKVCache.block_bytes(s, self.block_size, dtype)
+        block_bytes = own_bytes = PagedKVCache.block_bytes(s, self.block_size, dtype)
+        with self._lock:
+            free_pages = self.pool.counts()[PageUse.FREE]
+        if kv_pages is not None:
+            free_pages = min(free_pages, kv_pages)
+        num_blocks = free_pages * self.pool.page_bytes // block_bytes
+        if tp is not None:
+            # Block ids are the leader's and name the same block on every rank: count blocks
+            # in the largest rank's size, over the fewest pages any rank has.
+            block_bytes = _all_reduce_int(block_bytes, "max", tp.group)
+            num_blocks = _all_reduce_int(
+                free_pages * self.pool.page_bytes // block_bytes, "min", tp.group
+            )
+        if num_blocks < 1:
+            raise WorkerError(f"no room for KV: {free_pages} free pages")
         with self._lock:
             kv = self.pool.new_slot(PageUse.KV)
-            free_pages = self.pool.counts()[PageUse.FREE]
-            num_blocks = free_pages * self.pool.page_bytes // block_bytes
-            if num_blocks < 1:
-                self.pool.free_slot(kv)
-                raise WorkerError(f"no room for KV: {free_pages} free pages")
             self.pool.grow(kv, free_pages)
         self.pool.wait_mapped(kv, free_pages)
         buf = slot_view(self.pool, kv, free_pages * self.pool.page_bytes)
+        del own_bytes  # (the cache's own blocks are no larger than `block_bytes`)
         cache = PagedKVCache.from_buffer(s, buf, num_blocks, self.block_size, dtype)
         sched = Scheduler(BlockAllocator(num_blocks, self.block_size))
-        self.engine = Engine(
-            PagedLlama(s, model.params, name=name), cache, sched, model.eos_token_id
-        )
+        if tp is None:
+            self.engine = Engine(
+                PagedLlama(s, model.params, name=name), cache, sched, model.eos_token_id
+            )
+        else:
+            self.engine = tp_engine(s, model.params, name, cache, sched, model.eos_token_id, tp)
         self._kv_slot, self.serving = kv, name
         self._block_bytes = block_bytes
         return self.engine
@@ -260,3 +306,17 @@ class UniversalWorker:
             for _, cancel in self._loading.values():
                 cancel.set()
         self._loader.shutdown(wait=True)
+
+
+def _all_reduce_int(value: int, op: str, group) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
+def tp_engine(shape, params, name, cache, sched, eos, tp: TPGroup) -> Engine:
+    """A rank's engine of a TP instance: its shard's model, stepping in lockstep with the
+    group's leader (the engine installs the group's all-reduce in the model)."""
+    return Engine(PagedLlama(shape, params, name=name), cache, sched, eos, tp=tp)

@@ -1,0 +1,277 @@
+"""Starts that cannot starve (warmserve-plus's fair_starts): fragmentation-aware start choice,
+demotion of the idle instances of one aligned block, and aligned blocks held and drained for
+a model that waits too long. Policy level, on the shared cluster books (no simulator)."""
+
+import dataclasses
+
+from helpers import instance, model, replica, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warmserve.cluster.books import Books
+from warmserve.control.allocation import StartContext, choose_start
+from warmserve.control.api import ClusterSnapshot, ReleaseInstance, RequestInfo, StartInstance
+from warmserve.control.config import ControlConfig
+from warmserve.control.controller import Controller
+from warmserve.control.forecaster import Forecast, Forecaster
+from warmserve.control.registry import get_policy
+from warmserve.types import ModelName, RequestId, StartPath
+
+PLUS = get_policy("warmserve-plus").spec
+NO_FAIR = dataclasses.replace(PLUS, fair_starts=False)
+
+
+class _Zero(Forecaster):
+    def __init__(self) -> None:
+        super().__init__(300.0, 10)
+
+    def forecast(self, model):  # no history: the planner asks for no replica
+        return Forecast(0.0, 0.0)
+
+
+# ----- start choice on crafted cluster states ------------------------------------------------
+
+
+def test_a_miss_keeps_the_free_aligned_block_a_larger_model_needs():
+    # GPUs 0 and 2 serve; 1 and 3 each hold a replica of another model; 4-7 are a free
+    # aligned block of four. The paper's rule (fewest replicas) breaks that block.
+    snap = snapshot(
+        instances=[instance(0, "x", (0,)), instance(1, "y", (2,))],
+        replicas=[replica(0, "z", (1,)), replica(1, "z", (3,))],
+    )
+    a = model("a", tp=1)
+    old = choose_start(a, snap, smart=True, use_replicas=True)
+    assert old.gpus == (4,)
+    fair = choose_start(
+        a, snap, smart=True, use_replicas=True, ctx=StartContext(tp_sizes=frozenset({1, 4}))
+    )
+    assert fair.path == StartPath.COLD and fair.gpus in ((1,), (3,))
+
+
+def test_a_prewarm_hit_that_breaks_a_waiting_models_block_loses():
+    busy = [instance(0, "x", (0,)), instance(1, "y", (2,)), instance(2, "y2", (3,))]
+    a = model("a", tp=1)
+    # a's only replica sits in the free block 4-7; GPU 1 is free too.
+    snap = snapshot(instances=busy, replicas=[replica(5, "a", (4,))])
+    waiting = StartContext(waiting_tps=frozenset({4}), tp_sizes=frozenset({1, 4}))
+    c = choose_start(a, snap, smart=True, use_replicas=True, ctx=waiting)
+    assert (c.gpus, c.path) == ((1,), StartPath.COLD)  # a miss beats the fragmenting hit
+    # With no TP-4 model waiting, the hit wins: a load saved now beats a block kept.
+    calm = StartContext(tp_sizes=frozenset({1, 4}))
+    c = choose_start(a, snap, smart=True, use_replicas=True, ctx=calm)
+    assert (c.gpus, c.path, c.replica_id) == ((4,), StartPath.PREWARM_HIT, 5)
+    # A better-placed replica wins over a lower id, waiting model or not.
+    snap = snapshot(instances=busy, replicas=[replica(5, "a", (4,)), replica(6, "a", (1,))])
+    for ctx in (waiting, calm):
+        c = choose_start(a, snap, smart=True, use_replicas=True, ctx=ctx)
+        assert (c.gpus, c.path, c.replica_id) == ((1,), StartPath.PREWARM_HIT, 6)
+
+
+def test_held_gpus_are_never_chosen():
+    snap = snapshot(num_gpus=4, gpus_per_node=4, replicas=[replica(1, "a", (0, 1))])
+    a = model("a", tp=2)
+    ctx = StartContext(blocked=frozenset({1}), tp_sizes=frozenset({2}))
+    c = choose_start(a, snap, smart=True, use_replicas=True, ctx=ctx)
+    assert (c.gpus, c.path) == ((2, 3), StartPath.COLD)
+    ctx = StartContext(blocked=frozenset({1, 2}), tp_sizes=frozenset({2}))
+    assert choose_start(a, snap, smart=True, use_replicas=True, ctx=ctx) is None
+
+
+@st.composite
+def _cluster(draw):
+    """A node layout of laminar (buddy-aligned) instances and replicas, with held GPUs."""
+    gpn = draw(st.sampled_from([4, 8]))
+    nodes = draw(st.integers(1, 2))
+    n = gpn * nodes
+    used: set[int] = set()
+    instances = []
+    for k in range(draw(st.integers(0, n))):
+        tp = draw(st.sampled_from([1, 2, 4]))
+        base = draw(st.integers(0, n // tp - 1)) * tp
+        group = tuple(range(base, base + tp))
+        if used.isdisjoint(group):
+            used.update(group)
+            instances.append(instance(100 + k, f"i{k}", group, kv=10))
+    replicas = []
+    for k in range(draw(st.integers(0, 6))):
+        tp = draw(st.sampled_from([1, 2, 4]))
+        base = draw(st.integers(0, n // tp - 1)) * tp
+        name = draw(st.sampled_from([f"a{tp}", "b"]))  # a model's replicas have its TP
+        replicas.append(replica(k, name, tuple(range(base, base + tp)), pages=5))
+    blocked = frozenset(draw(st.sets(st.integers(0, n - 1), max_size=n // 2)))
+    waiting = frozenset(draw(st.sets(st.sampled_from([1, 2, 4]))))
+    snap = snapshot(n, gpn, 200, replicas, instances)
+    return snap, StartContext(blocked, waiting, frozenset({1, 2, 4}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_cluster(), st.sampled_from([1, 2, 4]), st.booleans())
+def test_fair_starts_never_overlap_serving_or_held_gpus(cluster, tp, smart):
+    snap, ctx = cluster
+    m = model(f"a{tp}", tp=tp)
+    c = choose_start(m, snap, smart=smart, use_replicas=True, ctx=ctx)
+    serving = {g.gpu_id for g in snap.gpus if g.instance_id is not None}
+    gpn = snap.gpus_per_node
+    if c is None:
+        # Nothing was free: no aligned block of the size exists outside serving and held GPUs.
+        taken = serving | ctx.blocked
+        assert all(not taken.isdisjoint(range(b, b + tp)) for b in range(0, len(snap.gpus), tp))
+        return
+    assert len(set(c.gpus)) == tp and len({g // gpn for g in c.gpus}) == 1
+    assert serving.isdisjoint(c.gpus) and ctx.blocked.isdisjoint(c.gpus)
+    if c.path == StartPath.COLD:
+        assert c.replica_id is None
+    else:
+        (r,) = [r for r in snap.replicas if r.replica_id == c.replica_id]
+        assert r.model == m.name and r.gpus == c.gpus
+    on_gpus = {r.replica_id for r in snap.replicas if set(r.gpus) & set(c.gpus)}
+    assert set(c.evict) == on_gpus - {c.replica_id}
+
+
+# ----- the controller on the books ------------------------------------------------------------
+
+
+class _Checked:
+    """The books, refusing any start on GPUs held for another model."""
+
+    def __init__(self, books: Books, ctl: Controller) -> None:
+        self.books, self.ctl, self.starts, self.released = books, ctl, [], []
+
+    def snapshot(self) -> ClusterSnapshot:
+        return self.books.snapshot()
+
+    def apply(self, actions) -> None:
+        for a in actions:
+            if isinstance(a, StartInstance):
+                held = self.ctl._blocked(a.model)
+                assert held.isdisjoint(a.gpus), f"{a.model} started on held GPUs {a.gpus}"
+                self.starts.append(a)
+            elif isinstance(a, ReleaseInstance):
+                self.released.append(a)
+        self.books.apply(actions)
+
+
+def _setup(models, spec, nodes=1, gpn=8, **cfg):
+    cfg = ControlConfig(**{"protect_period_s": 0.0, "keep_alive_s": 1e9, **cfg})
+    ctl = Controller(cfg, spec, models, _Zero())
+    books = Books(nodes * gpn, gpn, {m.name: m.pages_per_gpu for m in models}, pages_per_device=100)
+    return ctl, _Checked(books, ctl)
+
+
+def test_a_tp4_start_demotes_the_idle_instances_of_one_aligned_block():
+    """Eight idle TP-1 instances fill a node; idle longest alternates between its halves. A
+    TP-4 request stops the four of one half (their weights stay prewarmed) and starts there;
+    the reclaim without fair starts stops them longest idle first, across both halves."""
+
+    def run(spec):
+        small = [model(f"s{k}") for k in range(8)]
+        big = model("big", tp=4)
+        ctl, h = _setup([*small, big], spec)
+        rid = iter(range(10**6))
+        for k, m in enumerate(small):
+            r = RequestId(next(rid))
+            ctl.on_request(float(k), RequestInfo(r, m.name, float(k), 8, 8), h)
+            (i,) = [i for i, b in h.books.instances.items() if b.model == m.name]
+            h.books.mark_running(i)
+        assert sorted(g for s in h.starts for g in s.gpus) == list(range(8))
+        on = {s.gpus[0]: s.instance_id for s in h.starts}
+        for t, g in enumerate([0, 4, 1, 5, 2, 6, 3, 7]):  # the request on GPU g ends at 10 + t
+            (r,) = h.books.instances[on[g]].requests
+            h.books.request_done(on[g], r)
+            ctl.on_request_done(10.0 + t, r, h)
+        ctl.on_request(20.0, RequestInfo(RequestId(next(rid)), big.name, 20.0, 8, 8), h)
+        left = {b.model for b in h.books.instances.values()}
+        return h, left
+
+    h, left = run(PLUS)
+    assert h.starts[-1].model == "big" and h.starts[-1].gpus == (0, 1, 2, 3)
+    assert left == {"big", "s4", "s5", "s6", "s7"}  # four stopped, one block
+    # Demoted: each stop keeps its weights as a prewarmed replica (the start then takes them).
+    assert len(h.released) == 4 and all(a.keep_as is not None for a in h.released)
+    h, left = run(NO_FAIR)
+    assert h.starts[-1].model == "big"
+    # Longest idle first frees GPUs 0, 4, 1, 5, and the start takes them unaligned: both
+    # halves of the node are broken for the next TP-4 start.
+    assert h.starts[-1].gpus == (0, 1, 4, 5) and left == {"big", "s2", "s3", "s6", "s7"}
+
+
+def _busy_cluster(spec, cycles=40, **cfg):
+    """Two TP-1 models fill a two-GPU node and never go idle (each asks again before its
+    request ends); a TP-2 model asks at t = 0. Returns when the TP-2 model started, or None."""
+    a, b, c = model("a"), model("b"), model("c", tp=2)
+    ctl, h = _setup([a, b, c], spec, gpn=2, **cfg)
+    rid = iter(range(10**6))
+    now = 0.0
+    live: dict[str, list] = {"a": [], "b": []}
+
+    def ask(name):
+        r = RequestId(next(rid))
+        ctl.on_request(now, RequestInfo(r, ModelName(name), now, 8, 8), h)
+        if name in live:
+            live[name].append(r)
+
+    ask("a")
+    ask("b")
+    ask("c")
+    for _ in range(cycles):
+        for i in list(h.books.instances):
+            h.books.mark_running(i)
+        now += 1.0
+        ask("a")
+        ask("b")
+        for name in ("a", "b"):
+            old = live[name].pop(0)
+            (inst,) = [i for i, x in h.books.instances.items() if old in x.requests]
+            h.books.request_done(inst, old)
+            ctl.on_request_done(now, old, h)
+        ctl.tick(now, h)
+        if any(x.model == "c" for x in h.books.instances.values()):
+            return now
+    return None
+
+
+def test_a_starving_model_is_served_within_a_bound():
+    cfg = {"starve_wait_s": 2.0, "starve_preempt_s": 5.0}
+    # Queue aging alone cannot help: no GPU is ever free or idle.
+    assert _busy_cluster(NO_FAIR, **cfg) is None
+    started = _busy_cluster(PLUS, **cfg)
+    # Held once it waited starve_preempt_s (both TP-1 models would be left with no instance),
+    # then the drains end with the next completions.
+    assert started is not None and started <= cfg["starve_preempt_s"] + 2.0
+    # The bound moves with the setting.
+    later = _busy_cluster(PLUS, starve_wait_s=2.0, starve_preempt_s=12.0)
+    assert later is not None and 12.0 <= later <= 14.0
+
+
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["ask", "done", "tick", "run"]), st.integers(0, 3)),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_OPS)
+def test_controller_starts_never_overlap_serving_or_held_groups(ops):
+    models = [model("a"), model("b"), model("c", tp=2), model("d", tp=4)]
+    ctl, h = _setup(models, PLUS, nodes=2, gpn=4, starve_wait_s=1.0, starve_preempt_s=2.0)
+    rid = iter(range(10**6))
+    now = 0.0
+    for op, k in ops:
+        now += 0.5
+        if op == "ask":
+            r = RequestId(next(rid))
+            ctl.on_request(now, RequestInfo(r, models[k].name, now, 8, 8), h)
+        elif op == "done":
+            held = [(i, r) for i, x in h.books.instances.items() for r in x.requests]
+            if held:
+                i, r = held[k % len(held)]
+                h.books.request_done(i, r)
+                ctl.on_request_done(now, r, h)
+        elif op == "run":
+            for i in list(h.books.instances):
+                h.books.mark_running(i)
+        else:
+            ctl.tick(now, h)
+        h.books.check_invariants()  # among others: no device serves two instances
+        held = list(ctl._reserved.values())
+        assert all(set(x).isdisjoint(y) for k, x in enumerate(held) for y in held[k + 1 :])
