@@ -62,14 +62,13 @@ def cases() -> dict[str, tuple[Experiment, tuple[str, ...]]]:
         "paper-azure-conv-1h": (_with(paper, duration_s=3600), ALL),
         # Eight deployments at 16 req/s: evictions, KV lending under pressure, co-location.
         "servegen-m-mid-16rps-5min": (_with(servegen, duration_s=300, rps=16.0), ALL),
-        # The same on one node: GPUs run out (starts that wait). Not warmserve-plus: there it
-        # reclaims an idle instance that is still starting, which the books refuse.
+        # The same on one node: GPUs run out (starts that wait, idle instances reclaimed).
         "servegen-m-mid-1node-5min": (
             dataclasses.replace(
                 _with(servegen, duration_s=300, rps=16.0),
                 cluster=dataclasses.replace(servegen.cluster, nodes=1),
             ),
-            tuple(p for p in ALL if p != "warmserve-plus"),
+            ALL,
         ),
     }
 
