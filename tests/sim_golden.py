@@ -7,6 +7,12 @@ per-request time, start and memory sample, so an exact match means an identical 
 A deliberate change of behaviour rewrites the pins, from the worktree root:
 
     PYTHONPATH=$PWD:tests python tests/sim_golden.py --write
+
+or, to pin what another commit computes (e.g. main, before a change meant to keep results),
+with `warmserve` imported from a worktree of it and the experiments of this tree:
+
+    git worktree add --detach /tmp/ref main
+    PYTHONPATH=/tmp/ref:tests python tests/sim_golden.py --write
 """
 
 from __future__ import annotations
