@@ -199,7 +199,13 @@ def test_priority_reaches_the_control_plane_from_experiment_and_serve_files(tmp_
     assert cfg.models[0].priority == 2.5
     # Accepted only where it is honoured: the faithful policy has no priors.
     with pytest.raises(ServeConfigError, match="does not prewarm by priors"):
-        parse_serve_config({"models": [{"name": "x", "priority": 2.5}]}, tmp_path)
+        parse_serve_config(
+            {"models": [{"name": "x", "priority": 2.5}], "policy": "warmserve"}, tmp_path
+        )
+    # The serve default is warmserve-plus, which honours it.
+    assert parse_serve_config({"models": [{"name": "x", "priority": 2.5}]}, tmp_path).policy == (
+        "warmserve-plus"
+    )
     raw["models"][1]["priority"] = 3.0
     raw["policies"] = ["warmserve", "vanilla-autoscale"]
     with pytest.raises(ExperimentError, match="prewarm by priors"):

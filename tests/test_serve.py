@@ -14,8 +14,10 @@ from live_server import LiveServer, free_port
 
 from warmserve.gateway.app import build_app
 
+# The default policy (warmserve-plus) keeps idle instances keep_alive_s: short here, so that
+# scale-down (weights stay as a prewarmed replica) happens within a test.
 CONTROL = {"capacity_per_instance": 4, "scale_window_s": 1.0, "protect_period_s": 1.0,
-           "tick_s": 0.1}  # fmt: skip
+           "tick_s": 0.1, "keep_alive_s": 1.0}  # fmt: skip
 
 
 def config(tiny_dir, smollm2_dir, **extra):

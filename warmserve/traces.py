@@ -125,8 +125,10 @@ class ServeGenClient:
     # 6-h window start -> (input values, input probabilities, output values, probabilities)
 
 
-def servegen_clients(model: str) -> list[ServeGenClient]:
-    """The shipped ServeGen clients of `model`, busiest first (see data/servegen/CLIENTS.txt)."""
+@cache
+def servegen_clients(model: str) -> tuple[ServeGenClient, ...]:
+    """The shipped ServeGen clients of `model`, busiest first (see data/servegen/CLIENTS.txt).
+    Read once per process (parsing the length distributions takes seconds); do not modify."""
     root = _data_path("servegen")
     if not root.joinpath(model).is_dir():
         raise TraceError(f"no ServeGen data for model {model!r} (shipped: m-mid)")
@@ -153,4 +155,4 @@ def servegen_clients(model: str) -> list[ServeGenClient]:
                             np.array(list(out_.values())) / sum(out_.values()),
                         )
         out.append(ServeGenClient(client, rate, cv, lengths))
-    return out
+    return tuple(out)

@@ -84,6 +84,9 @@ class Controller:
         self._replica_scores: dict[int, float] = {}
         self._requests_seen = 0  # dispatches + completions, to skip unchanged KV reviews
         self._kv_reviewed: tuple[tuple[InstanceView, ...], int] | None = None
+        # Per running instance, the (view, in-flight) of a tick review that could not act on
+        # any cluster: the next tick skips it while they are unchanged.
+        self._kv_settled: dict[InstanceId, tuple[InstanceView, int]] = {}
         self._next_instance = 0
         self._next_replica = 0
         self._window = 0
@@ -91,6 +94,9 @@ class Controller:
         # while its layout is unchanged, and then the plan would be the same.
         self._last_planned: tuple[tuple[GpuView, ...], tuple[ReplicaView, ...]] | None = None
         self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
+        # The inputs of the last plan if it did nothing, and its demand's if it wanted nothing.
+        self._unchanged_plan: tuple | None = None
+        self._nothing_wanted: tuple | None = None
         self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
         # Fair starts: aligned GPU blocks held for starving models (no other model starts there).
         self._reserved: dict[ModelName, tuple[int, ...]] = {}
@@ -466,13 +472,14 @@ class Controller:
             self._last_planned = None  # forecasts changed: plan again
 
     def _autoscale(self, name: ModelName, now: float, cluster: ClusterHandle) -> None:
-        active = [
-            ActiveInstance(i, inst.created_s, inst.in_flight)
+        live = [
+            (i, inst)
             for i, inst in self._instances.items()
             if inst.model == name and not inst.stopping
         ]
-        delta = scale_delta(self.load(name, now), len(active), self.cfg)
+        delta = scale_delta(self.load(name, now), len(live), self.cfg)
         if delta < 0:
+            active = [ActiveInstance(i, inst.created_s, inst.in_flight) for i, inst in live]
             views = cluster.snapshot().instance_by_id
             active = [
                 replace(a, starting=(v := views.get(a.instance_id)) is not None
@@ -510,8 +517,15 @@ class Controller:
         last = self._kv_reviewed
         if last is not None and last[0] is snap.instances and last[1] == self._requests_seen:
             return  # no instance, KV use or in-flight count changed since the last review
+        settled, self._kv_settled = self._kv_settled, {}
         for view in snap.instances:
-            if view.state == InstanceState.RUNNING and self._review_kv(view, snap, cluster, now):
+            if view.state != InstanceState.RUNNING:
+                continue
+            inst = self._instances.get(view.instance_id)
+            key = (view, inst.in_flight if inst else 0)
+            if settled.get(view.instance_id) == key:
+                self._kv_settled[view.instance_id] = key  # the same inputs: no action again
+            elif self._review_kv(view, snap, cluster, now):
                 snap = cluster.snapshot()
         self._kv_reviewed = (snap.instances, self._requests_seen)
 
@@ -542,11 +556,19 @@ class Controller:
             # the target follows every admitted request, and chasing it churns prewarms.
             band = max(1, math.ceil(self.cfg.kv_hysteresis * full))
             recent = inst is not None and now - inst.kv_changed_s < self.cfg.kv_lend_min_s
-            if recent or abs(target - view.kv_pages) < band:
+            if abs(target - view.kv_pages) < band:
+                self._kv_settled[view.instance_id] = (view, in_flight)
+                return False
+            if recent:
                 return False
             min_lend = band
             young = now - self.cfg.prewarm_min_life_s
             protected = frozenset(r for r, t in self._replica_born.items() if t > young)
+        elif not pressure and view.kv_pages - min_lend < target <= view.kv_pages:
+            # Within a lend's minimum of the target, or at it: no action whatever the cluster
+            # holds, as long as this view and in-flight count stay as they are.
+            self._kv_settled[view.instance_id] = (view, in_flight)
+            return False
         actions = kv_actions(view, target, snap, self._replica_scores, min_lend, protected)
         if actions:
             self._record(actions, now, view.kv_pages)
@@ -593,20 +615,33 @@ class Controller:
         last = self._last_planned
         if last is not None and last[0] is snap.gpus and last[1] is snap.replicas:
             return
+        forecasts = self.forecasts()
+        live = self._live_counts()
+        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only; replicas that went
+        # another way (a lost worker) must not pile up here.
+        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
+        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
+        # A plan is a function of its inputs alone (ids are drawn only for actions). When the
+        # last one wanted no new replica, only the demand's inputs matter (usually only free
+        # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
+        demand = _demand_key(snap, forecasts, live)
+        if demand == self._nothing_wanted:
+            self._last_planned = (snap.gpus, snap.replicas)
+            return
+        key = (demand, _layout_key(snap))
+        if key == self._unchanged_plan:
+            self._last_planned = (snap.gpus, snap.replicas)
+            return
         inp = PlanInput(
             snapshot=snap,
             models=self.models,
-            forecasts=self.forecasts(),
-            live_instances=self._live_counts(),
+            forecasts=forecasts,
+            live_instances=live,
             planning_bandwidth=self.cfg.planning_bandwidth,
             capacity=self.cfg.capacity_per_instance,
             group_search=self.cfg.group_search,
             prior=self.policy.prior_prewarm,
         )
-        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only; replicas that went
-        # another way (a lost worker) must not pile up here.
-        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
-        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
         if self.policy.smart_placement:
             plan = plan_evict_aware(inp, self._new_replica_id)
         else:
@@ -614,6 +649,8 @@ class Controller:
                 inp, self._new_replica_id, reference_quirk=self.policy.reference_round_robin
             )
         self._replica_scores = plan.scores
+        self._nothing_wanted = demand if plan.num_wanted == 0 else None
+        self._unchanged_plan = None if plan.actions else key
         if plan.actions:
             self._record(plan.actions, now)
             cluster.apply(plan.actions)
@@ -657,3 +694,24 @@ class Controller:
     @property
     def replica_scores(self) -> Mapping[int, float]:
         return self._replica_scores
+
+
+def _demand_key(
+    snap: ClusterSnapshot, forecasts: Mapping[ModelName, Forecast], live: Mapping[ModelName, int]
+) -> tuple:
+    """What the planners' demand reads (models and constants are fixed for a controller)."""
+    return (
+        tuple((r.replica_id, r.model) for r in snap.replicas),
+        tuple(i.model for i in snap.instances if i.state == InstanceState.STOPPING),
+        tuple(forecasts.items()),
+        tuple(live.items()),
+    )
+
+
+def _layout_key(snap: ClusterSnapshot) -> tuple:
+    """The rest of what the planners read, in order (the order sets ties and float sums)."""
+    return (
+        tuple(g.free_pages for g in snap.gpus),
+        tuple((r.gpus, r.pages_per_gpu) for r in snap.replicas),
+        tuple((i.instance_id, i.model, i.gpus) for i in snap.instances),
+    )

@@ -3,7 +3,9 @@
 A *block* is a set of GPUs holding one model: a prewarmed or loading replica, or a live instance.
 Placing a new block of TP degree t on group G is allowed only if, for every block q meeting G:
 same TP ⇒ same GPUs; smaller TP ⇒ q inside G; larger TP ⇒ G inside q; and no GPU of G already
-holds the same model. Activating a block then evicts only blocks lying wholly inside it.
+holds the same model. Activating a block then evicts only blocks lying wholly inside it and
+larger blocks containing it (their shards on G become its memory); never a block that straddles
+G's edge, so no prewarm outside G is wasted.
 """
 
 from __future__ import annotations

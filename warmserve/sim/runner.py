@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -194,18 +195,25 @@ def run_policy(
     )
     cluster.on_kv_pressure = lambda inst_id: controller.on_kv_pressure(loop.now(), inst_id, cluster)
     names = wl.model_names
+    # Python lists, read once per request: the same values as indexing the arrays, faster.
+    arrival = list(map(float, wl.arrival_s.tolist()))
+    model_of = [ModelName(names[i]) for i in wl.model_idx.tolist()]
+    inputs = list(map(int, wl.input_tokens.tolist()))
+    outputs = list(map(int, wl.output_tokens.tolist()))
+    last = wl.num_requests - 1
+    requests = cluster.requests
 
     def arrive(k: int) -> None:
-        req = SimRequest(k, int(wl.input_tokens[k]), int(wl.output_tokens[k]))
-        cluster.requests[k] = req
-        info = RequestInfo(
-            k, ModelName(names[wl.model_idx[k]]), loop.now(), req.input_tokens, req.output_tokens
-        )
-        controller.on_request(loop.now(), info, cluster)
-        if k + 1 < wl.num_requests:
-            loop.at(float(wl.arrival_s[k + 1]), arrive, k + 1)
+        req = SimRequest(k, inputs[k], outputs[k])
+        requests[k] = req
+        now = loop.now()
+        controller.on_request(now, RequestInfo(k, model_of[k], now, req.input_tokens,
+                                               req.output_tokens), cluster)  # fmt: skip
+        if k < last:
+            loop.at(arrival[k + 1], arrive, k + 1)
 
-    end_s = (float(wl.arrival_s[-1]) if wl.num_requests else 0.0) + exp.workload.drain_s
+    last_arrival_s = arrival[-1] if wl.num_requests else 0.0
+    end_s = last_arrival_s + exp.workload.drain_s
     sample_every = max(1, round(max(end_s, 1.0) / 2000 / cfg.tick_s))
     samples: list[tuple[float, list[int], list[int], list[int], list[int]]] = []
     ticks = [0]
@@ -218,11 +226,11 @@ def run_policy(
             samples.append((now, [x.free_pages for x in g], [x.prewarm_pages for x in g],
                             [x.weights_pages for x in g], [x.kv_pages for x in g]))  # fmt: skip
         ticks[0] += 1
-        if remaining[0] > 0 or now < float(wl.arrival_s[-1] if wl.num_requests else 0.0):
+        if remaining[0] > 0 or now < last_arrival_s:
             loop.at(now + cfg.tick_s, tick)
 
     if wl.num_requests:
-        loop.at(float(wl.arrival_s[0]), arrive, 0)
+        loop.at(arrival[0], arrive, 0)
     loop.at(-exp.workload.warmup_s, tick)
     loop.run(
         end_s, after_event=cluster.check_invariants if check_invariants else None, progress=progress
@@ -278,18 +286,24 @@ def request_rows(
     policy: str, wl: Workload, log: RequestLog, outcomes: tuple[str, ...]
 ) -> Iterator[RequestRow]:
     """One row per request, in the columns `warmserve bench` writes."""
-    ttft = log.first_token_s - log.arrival_s
-    latency = log.finish_s - log.arrival_s
+    # Lists, not per-element array reads: the same values, for every request of a long run.
+    ttft = (log.first_token_s - log.arrival_s).tolist()
+    latency = (log.finish_s - log.arrival_s).tolist()
+    arrival = list(map(float, log.arrival_s.tolist()))
+    model = [wl.model_names[i] for i in wl.model_idx.tolist()]
+    inputs = list(map(int, wl.input_tokens.tolist()))
+    outputs = list(map(int, wl.output_tokens.tolist()))
     for k, outcome in enumerate(outcomes):
         done = not outcome
+        t = ttft[k]
         yield RequestRow(
-            float(log.arrival_s[k]),
-            wl.model_names[int(wl.model_idx[k])],
-            int(wl.input_tokens[k]),
-            int(wl.output_tokens[k]),
-            None if np.isnan(ttft[k]) else float(ttft[k]),
-            float(latency[k]) if done else None,
-            int(wl.output_tokens[k]) if done else 0,
+            arrival[k],
+            model[k],
+            inputs[k],
+            outputs[k],
+            None if math.isnan(t) else t,
+            latency[k] if done else None,
+            outputs[k] if done else 0,
             outcome,
             policy,
         )
@@ -304,8 +318,8 @@ def request_outcomes(log: RequestLog, queued: set[int], cluster: SimCluster) -> 
             where = f"unfinished: on instance {inst.instance_id} ({inst.state}) at the end"
             on_instance.setdefault(rid, []).append(where)
     out = []
-    for k in range(len(log.arrival_s)):
-        found = [] if np.isnan(log.finish_s[k]) else [""]
+    for k, unfinished in enumerate(np.isnan(log.finish_s).tolist()):
+        found = [] if unfinished else [""]
         if k in queued:
             found.append("queued: no instance took it by the end")
         found += on_instance.get(k, [])
