@@ -92,15 +92,28 @@ def test_tp4_placement_keeps_existing_tp2_whole():
             assert g >= {2, 3} or not g & {2, 3}, (search, g)
 
 
-def test_round_robin_stops_at_first_model_without_quota():
+def test_round_robin_reference_quirk_stops_at_first_model_without_quota():
+    a, b, c = model("a"), model("b"), model("c")
+    fc = {"a": Forecast(64, 64), "b": Forecast(0, 0), "c": Forecast(64, 64)}
+    plan = plan_round_robin(plan_input(snapshot(), [a, b, c], fc), ids(), reference_quirk=True)
+    assert [x.model for x in plan.actions] == ["a"]  # the reference's quirk
+    fc["b"] = Forecast(1, 1)
+    plan = plan_round_robin(plan_input(snapshot(), [a, b, c], fc), ids(), reference_quirk=True)
+    assert [x.model for x in plan.actions] == ["a", "b", "c", "a"]
+    assert plan.actions[0].gpus == (0,) and plan.actions[3].gpus == (1,)  # first fit
+
+
+def test_round_robin_places_every_model_with_quota_round_robin_over_devices():
     a, b, c = model("a"), model("b"), model("c")
     fc = {"a": Forecast(64, 64), "b": Forecast(0, 0), "c": Forecast(64, 64)}
     plan = plan_round_robin(plan_input(snapshot(), [a, b, c], fc), ids())
-    assert [x.model for x in plan.actions] == ["a"]  # the reference's quirk, kept on purpose
-    fc["b"] = Forecast(1, 1)
-    plan = plan_round_robin(plan_input(snapshot(), [a, b, c], fc), ids())
-    assert [x.model for x in plan.actions] == ["a", "b", "c", "a"]
-    assert plan.actions[0].gpus == (0,) and plan.actions[3].gpus == (1,)  # first fit
+    # b wants nothing; a and c still get both their replicas (ceil(64/32) = 2 each).
+    assert [x.model for x in plan.actions] == ["a", "c", "a", "c"]
+    assert [x.gpus for x in plan.actions] == [(0,), (1,), (2,), (3,)]  # a cursor over devices
+    t = model("t", tp=2)
+    fc = {"a": Forecast(32, 32), "t": Forecast(64, 64)}
+    plan = plan_round_robin(plan_input(snapshot(), [a, t], fc), ids())
+    assert [(x.model, x.gpus) for x in plan.actions] == [("a", (0,)), ("t", (1, 2)), ("t", (3, 4))]
 
 
 # ----- properties ---------------------------------------------------------------------------

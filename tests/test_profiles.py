@@ -30,7 +30,9 @@ def test_shipped_profiles_load_and_the_gpu_ones_keep_the_former_constants():
     # The shipped experiments' results stay as they were: the GPU profiles hold exactly the
     # constants the simulator used before profiles existed.
     assert h100.latency == LatencyParams() and h100.costs == StartupCosts()
-    assert a100.latency == LatencyParams() and a100.costs == StartupCosts()
+    # The A100 node's host link is its own (ServerlessLLM issue #14's 8xA100 figure).
+    assert a100.latency == LatencyParams()
+    assert a100.costs == dataclasses.replace(StartupCosts(), host_node_bandwidth=25e9)
     assert (h100.device.peak_flops, h100.device.hbm_bandwidth) == (989e12, 3.35e12)
     assert (h100.device.host_to_device_bandwidth, h100.device.nvlink_bandwidth) == (55e9, 450e9)
     assert (a100.device.peak_flops, a100.device.hbm_bandwidth) == (312e12, 2.039e12)

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -27,9 +28,30 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, help="output folder (default: results/<name>)")
     sim.add_argument("--seed", type=int, help="override the experiment's seed")
     sim.add_argument(
+        "--seeds",
+        metavar="SEEDS",
+        help="run every cell with each seed (1-5 or 1,2,3) and report mean and min-max",
+    )
+    sim.add_argument(
         "--sweep",
         metavar="KEY=V1,V2,...",
-        help="run every policy at each value of a workload setting (rps or alpha)",
+        help="run every policy at each value of one setting: rps, alpha, burstiness_cv, or "
+        "a dotted key (costs.serverless_engine_init_s, control.keep_alive_s, workload.X, ...)",
+    )
+    sim.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        help="override one setting of the experiment, as its YAML would (repeatable), e.g. "
+        "costs.engine_attach_s=0.1",
+    )
+    sim.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rate sweeps: N bisections per policy between its highest passing rate and the "
+        "next swept rate (adaptive grid near the knee)",
     )
     sim.add_argument(
         "--check", action="store_true", help="check page conservation after every event (slow)"
@@ -257,14 +279,14 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from warmserve.sim.report import write_report
-    from warmserve.sim.runner import PolicyResult, build_models, make_workload, run_policy
-    from warmserve.sim.sweep import SLO_TARGET, parse_sweep, run_sweep, sweep_summary
-    from warmserve.workload.builders import Workload
+    from warmserve.sim.overrides import apply_sets, canonical_key, get_value, parse_seeds
+    from warmserve.sim.report import seeds_summary, write_report
+    from warmserve.sim.sweep import SLO_TARGET, SLO_TARGETS, parse_sweep
 
     exp = load_experiment(args.experiment)
     if args.seed is not None:
         exp = dataclasses.replace(exp, seed=args.seed)
+    exp = apply_sets(exp, args.set)
     if args.policies:
         names = [p.strip() for p in args.policies.split(",") if p.strip()]
         unknown = [p for p in names if p not in POLICIES]
@@ -272,6 +294,74 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ExperimentError(f"unknown policy {unknown[0]!r} (known: {', '.join(POLICIES)})")
         exp = dataclasses.replace(exp, policies=names)
     out = args.out or Path("results") / exp.name
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    if sweep is None and exp.sweep:
+        ((key, values),) = exp.sweep.items()
+        sweep = (key, values)
+    if sweep is not None:
+        get_value(exp, canonical_key(sweep[0]), "--sweep")  # a known setting
+    if args.refine and (sweep is None or canonical_key(sweep[0]) != "workload.rps"):
+        raise ExperimentError("--refine: needs a rate sweep (--sweep rps=...)")
+    seeds = parse_seeds(args.seeds) if args.seeds else [exp.seed]
+    per_seed = []
+    for seed in seeds:
+        label = f"seed {seed}: " if len(seeds) > 1 else ""
+        per_seed.append(_simulate_seed(dataclasses.replace(exp, seed=seed), sweep, args, label))
+    results, summaries, requests = per_seed[0]
+    meta: dict[str, Any] = {
+        "seed": seeds[0],
+        "requests": requests,
+        "failed_ttft_s": exp.slo.failed_ttft_s,
+    }
+    if args.set:
+        meta["overrides"] = list(args.set)
+    if sweep is not None:
+        key, values = sweep
+        meta["sweep"] = {"key": key, "values": list(values), "slo_target": SLO_TARGET}
+        meta["slo_targets"] = list(SLO_TARGETS)
+    if len(seeds) > 1:
+        meta["seeds"] = seeds_summary(seeds, [s for _, s, _ in per_seed])
+    write_report(out, exp.name, results, meta, summaries)
+    for r in results:
+        s = summaries[r.policy]
+        if "max_rps_at_slo" in s:
+            cens = [f"{t:.0%}" for t in SLO_TARGETS
+                    if s.get(f"max_rps_at_slo{'' if t == SLO_TARGET else f'_{round(t * 100)}'}"
+                             "_censored")]  # fmt: skip
+            note = f"  (censored at {', '.join(cens)}: the top rate still meets the SLO)"
+            print(
+                f"{r.policy:26s} max rps at SLO: {s['max_rps_at_slo']} (90 %), "
+                f"{s.get('max_rps_at_slo_99')} (99 %){note if cens else ''}"
+            )
+        p99 = s["ttft_p99_s"]
+        flagged = s.get("flagged_models") or []
+        print(
+            f"{r.policy:26s} done {s['completed']}/{s['arrived']}  TTFT p99 {p99:.3f} s  "
+            f"SLO {s['slo_attainment']:.1%}  cold {s['cold_starts']}  hits {s['prewarm_hits']}"
+            + (f"  FLAGGED: {', '.join(flagged)}" if flagged else "")
+        )
+    if len(seeds) > 1:
+        for policy, agg in meta["seeds"]["policies"].items():
+            p, a = agg["ttft_p99_s"], agg["slo_attainment"]
+            print(
+                f"{policy:26s} {len(seeds)} seeds: TTFT p99 mean {p['mean']:.3f} s "
+                f"[{p['min']:.3f}-{p['max']:.3f}]  SLO mean {a['mean']:.1%} "
+                f"[{a['min']:.1%}-{a['max']:.1%}]"
+            )
+    print(f"wrote {out}/summary.json, report.md and plots")
+    return 0
+
+
+def _simulate_seed(
+    exp: Experiment, sweep: tuple[str, list[Any]] | None, args: argparse.Namespace, label: str
+) -> tuple[list[Any], dict[str, dict[str, Any]], int]:
+    """One seed: every policy at the experiment's own settings, then the sweep (its point at
+    the experiment's value reuses those runs). (results, summaries, requests)."""
+    from warmserve.sim.overrides import canonical_key, get_value
+    from warmserve.sim.runner import PolicyResult, build_models, make_workload, run_policy
+    from warmserve.sim.sweep import refine_knees, run_sweep, sweep_summary
+    from warmserve.workload.builders import Workload
+
     models = build_models(exp)
     try:
         workload = make_workload(exp, models)
@@ -279,15 +369,11 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ExperimentError(str(e)) from None
     if workload.num_requests == 0:
         raise ExperimentError("the workload has no requests")
-    sweep = parse_sweep(args.sweep) if args.sweep else None
-    if sweep is None and exp.sweep:
-        ((key, values),) = exp.sweep.items()
-        sweep = (key, values)
     results = []
     horizon = float(workload.arrival_s[-1]) + exp.workload.drain_s
     for policy in exp.policies:
         with tqdm(
-            total=round(horizon), unit="sim s", desc=policy, disable=args.quiet, leave=True
+            total=round(horizon), unit="sim s", desc=label + policy, disable=args.quiet, leave=True
         ) as bar:
 
             def progress(t: float, bar: tqdm = bar) -> None:
@@ -298,42 +384,28 @@ def _simulate(args: argparse.Namespace) -> int:
             )
             bar.update(bar.total - bar.n)  # the run ends early once every request is done
         results.append(result)
-    meta = {
-        "seed": exp.seed,
-        "requests": workload.num_requests,
-        "failed_ttft_s": exp.slo.failed_ttft_s,
-    }
     summaries = {r.policy: r.summary for r in results}
     if sweep is not None:
         key, values = sweep
-        runs = len(values) * len(exp.policies)
-        with tqdm(total=runs, unit="run", desc=f"sweep {key}", disable=args.quiet) as bar:
+        runs = len(values) * len(exp.policies) + args.refine * len(exp.policies)
+        with tqdm(total=runs, unit="run", desc=f"{label}sweep {key}", disable=args.quiet) as bar:
             done = {r.policy: r for r in results}
-            base = getattr(exp.workload, key)
+            base = get_value(exp, canonical_key(key))
 
             def run(point: Experiment, policy: str, wl: Workload) -> PolicyResult:
-                value = getattr(point.workload, key)
-                bar.set_postfix_str(f"{policy} {key}={value:g}")
+                value = get_value(point, canonical_key(key))
+                bar.set_postfix_str(f"{policy} {key}={value}")
                 # The base point was just run above: same experiment, same seed, same result.
-                result = done[policy] if value == base else run_policy(point, policy, wl)
+                same = value == base and point.policies == exp.policies
+                result = done[policy] if same else run_policy(point, policy, wl)
                 bar.update()
                 return result
 
             swept = run_sweep(exp, key, values, run)
+            if args.refine:
+                refine_knees(exp, swept, args.refine, run)
         summaries = {p: sweep_summary(key, base, pts) for p, pts in swept.items()}
-        meta["sweep"] = {"key": key, "values": list(values), "slo_target": SLO_TARGET}
-    write_report(out, exp.name, results, meta, summaries)
-    for r in results:
-        s = summaries[r.policy]
-        if "max_rps_at_slo" in s:
-            print(f"{r.policy:26s} max rps at SLO: {s['max_rps_at_slo']}")
-        p99 = s["ttft_p99_s"]
-        print(
-            f"{r.policy:26s} done {s['completed']}/{s['arrived']}  TTFT p99 {p99:.3f} s  "
-            f"SLO {s['slo_attainment']:.1%}  cold {s['cold_starts']}  hits {s['prewarm_hits']}"
-        )
-    print(f"wrote {out}/summary.json, report.md and plots")
-    return 0
+    return results, summaries, workload.num_requests
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -225,7 +225,11 @@ def load_experiment(path: Path) -> Experiment:
     return parse_experiment(read_yaml(path), path.parent, path.stem)
 
 
-def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment") -> Experiment:
+def parse_experiment(
+    raw: Any, base_dir: Path, default_name: str = "experiment", profile: DeviceProfile | None = None
+) -> Experiment:
+    """An experiment from its YAML mapping; `profile`, if given, replaces the one `cluster`
+    names (a caller that adjusted a loaded profile: sim/from_serve.py)."""
     if not isinstance(raw, dict):
         raise ExperimentError("experiment file must be a YAML mapping")
     unknown = sorted(set(raw) - _TOP)
@@ -236,7 +240,7 @@ def parse_experiment(raw: Any, base_dir: Path, default_name: str = "experiment")
     if not isinstance(raw["models"], list):
         raise ExperimentError("models: expected a list")
     cluster = build_section(ClusterConfig, raw.get("cluster"), "cluster")
-    profile = _profile(cluster, base_dir)
+    profile = profile or _profile(cluster, base_dir)
     exp = Experiment(
         name=convert_value(raw.get("name", default_name), str, "name"),
         seed=convert_value(raw.get("seed", 0), int, "seed"),

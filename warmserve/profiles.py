@@ -4,7 +4,9 @@ A profile has three sections, each a frozen dataclass the simulator already take
 
 - `device` (`GpuSpec`): memory, peak FLOP/s, memory and host-to-device bandwidth, NVLink;
 - `latency` (`LatencyParams`): the step-time model's coefficients (efficiencies, overheads);
-- `costs` (`StartupCosts`): engine attach, KV mapping, load bandwidths, cold engine start.
+- `costs` (`StartupCosts`): engine attach, KV mapping, load bandwidths, cold engine start;
+- `host` (`HostParams`, only with `shared_host: true`): the cores the devices and the gateway
+  share, and the gateway's CPU cost per streamed token (warmserve/sim/host.py).
 
 Experiments name a shipped profile (`cluster: {profile: h100-sxm-80g}`) or give a path to
 one (relative to the experiment file); `warmserve calibrate` writes one measured on the
@@ -18,6 +20,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import yaml
 
 from warmserve.hardware import GpuSpec
 from warmserve.sim.costs import StartupCosts
+from warmserve.sim.host import HostParams
 from warmserve.sim.latency import LatencyParams
 
 
@@ -43,11 +47,17 @@ class DeviceProfile:
     # charge them for contention. False for GPUs, which run independently.
     shared_host: bool = False
     description: str = ""
+    host: HostParams = dc_field(default_factory=HostParams)  # read only with shared_host
+
+    @property
+    def host_params(self) -> HostParams | None:
+        """The shared host the simulator models, or None for independent devices."""
+        return self.host if self.shared_host else None
 
 
 # The names the old `cluster.gpu` key took, and the shipped profile each now means.
 LEGACY_GPU_NAMES = {"H100-SXM-80G": "h100-sxm-80g", "A100-80G": "a100-80g"}
-_SECTIONS = {"name", "description", "shared_host", "device", "latency", "costs"}
+_SECTIONS = {"name", "description", "shared_host", "device", "latency", "costs", "host"}
 
 
 def shipped_profiles() -> list[str]:
@@ -112,7 +122,13 @@ def parse_profile(raw: Any, where: str) -> DeviceProfile:
     if min(latency.step_overhead_s, latency.layer_overhead_s, latency.allreduce_latency_s) < 0:
         raise ProfileError(f"{where}: latency overheads must be >= 0")
     costs = _section(StartupCosts, _mapping(raw.get("costs"), where, "costs"), where, "costs")
-    return DeviceProfile(name, device, latency, costs, shared, str(raw.get("description", "")))
+    if "host" in raw and not shared:
+        raise ProfileError(f"{where}: a host: section needs shared_host: true")
+    if shared and "host" not in raw:
+        raise ProfileError(f"{where}: shared_host: true needs a host: section (cores, ...)")
+    host = _section(HostParams, _mapping(raw.get("host"), where, "host"), where, "host")
+    return DeviceProfile(name, device, latency, costs, shared, str(raw.get("description", "")),
+                         host)  # fmt: skip
 
 
 def _mapping(value: Any, where: str, key: str) -> dict[str, Any]:
@@ -186,7 +202,8 @@ def profile_yaml(profile: DeviceProfile, comments: dict[str, str] | None = None,
     if profile.description:
         lines.append(f"description: {json.dumps(profile.description)}")  # JSON is YAML
     lines.append(f"shared_host: {'true' if profile.shared_host else 'false'}")
-    for section in ("device", "latency", "costs"):
+    sections = ("device", "latency", "costs") + (("host",) if profile.shared_host else ())
+    for section in sections:
         lines.append(f"{section}:")
         for f in dataclasses.fields(getattr(profile, section)):
             if section == "device" and f.name == "name":

@@ -8,6 +8,7 @@ pages), `Engine.step` (continuous batching) and a spawned worker process until i
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import subprocess
 import tempfile
@@ -83,6 +84,7 @@ class Measurements:
     models: tuple[ModelTiming, ...]
     steps: tuple[StepSample, ...]
     specs: dict[str, ModelSpec] = field(default_factory=dict)
+    host_cores: int = 0  # CPUs this process may run on (the shared host's cores); 0: unknown
 
 
 def random_llama(root: Path, layers: int) -> Path:
@@ -350,7 +352,8 @@ def run_calibration(cfg: CalibrationConfig, tick: Callable[[str], None]) -> Meas
         props = torch.cuda.get_device_properties(torch.device(cfg.device))
         name, memory = props.name, int(props.total_memory)
     return Measurements(cfg.device, name, cfg.threads, flops, bw, memory, h2d, kv_map, starts,
-                        tuple(timings), tuple(samples), specs)  # fmt: skip
+                        tuple(timings), tuple(samples), specs,
+                        len(os.sched_getaffinity(0)))  # fmt: skip
 
 
 def _cpu_name() -> str:

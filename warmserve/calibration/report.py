@@ -12,6 +12,13 @@ from warmserve.calibration.measure import Measurements
 from warmserve.hardware import GpuSpec
 from warmserve.profiles import DeviceProfile, load_profile, profile_yaml
 from warmserve.sim.costs import StartupCosts
+from warmserve.sim.host import HostParams
+
+# The gateway's host CPU per streamed token is not measured by calibrate (it needs the whole
+# server and a client): benchmarks/fidelity.py measures it (this process's CPU time over a
+# replay, divided by the tokens streamed: gateway, control plane and bench client) and the
+# shipped CPU profile holds the figure it printed on the 2-core development machine.
+GATEWAY_S_PER_TOKEN = 0.0032
 
 
 def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit, dict[str, str]]:
@@ -52,13 +59,17 @@ def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit
         # A vanilla start: a fresh worker process, then the same load into the pool.
         cold_engine_init_s=start + load_fixed,
         vanilla_load_bandwidth=load_bw,
+        # Not measured concurrently: concurrent loads share one load's rate.
+        host_node_bandwidth=h2d,
     )
     # Four significant digits: the measurements are not better than that.
     device, costs = _rounded(device), _rounded(costs)
     latency = _rounded(fit.latency)
+    cores = meas.host_cores or 1
+    host = HostParams(float(cores), meas.threads, GATEWAY_S_PER_TOKEN)
     profile = DeviceProfile(name, device, latency, costs, shared_host=cpu,
                             description=f"{meas.device_name}, {meas.threads} torch thread(s), "
-                            "measured by warmserve calibrate")  # fmt: skip
+                            "measured by warmserve calibrate", host=host)  # fmt: skip
     acts = ", ".join(f"{t.name} {statistics.median(t.activate_s) * 1e3:.0f} ms"
                      for t in meas.models)  # fmt: skip
     loads_txt = ", ".join(f"{t.name} {t.weights_bytes / 1e6:.0f} MB in {s:.2f} s"
@@ -100,8 +111,18 @@ def build_profile(meas: Measurements, name: str) -> tuple[DeviceProfile, StepFit
         "worker load)",
         "costs.serverless_engine_init_s": "not measured (ServerlessLLM baseline): the H100 "
         "profile's",
+        "costs.serverless_tuned_engine_init_s": "not measured (serverlessllm-tuned): the H100 "
+        "profile's",
+        "costs.host_node_bandwidth": "assumption: concurrent loads share one load's measured "
+        "rate (not measured concurrently)",
         "costs.serverless_ssd_bandwidth": "not measured: the H100 profile's",
         "costs.serverless_dram_cache_bytes": "not measured: the H100 profile's",
+        "host.cores": "measured: the CPUs this process may run on"
+        if meas.host_cores
+        else "not measured: assumed 1",
+        "host.threads_per_device": "the torch threads calibrate ran with (--threads)",
+        "host.gateway_s_per_token": "not measured by calibrate: benchmarks/fidelity.py's figure "
+        "on the 2-core development machine (rerun it and set yours)",
     }
     return profile, fit, notes
 

@@ -33,8 +33,19 @@ class ControlConfig:
     group_search: Literal["aligned", "exhaustive"] = "aligned"
     # KV reservation: requests of max_model_len tokens an instance always keeps room for.
     kv_floor_requests: int = 1
-    # warmserve-plus and ServerlessLLM: an idle instance lives this long before scale-down.
+    # warmserve-plus and serverlessllm-tuned: an idle instance lives this long before
+    # scale-down.
     keep_alive_s: float = 30.0
+    # serverlessllm (control/serverless.py), ServerlessLLM's shipped defaults
+    # (sllm/cli/default_config.json; loops in sllm/serve/routers/roundrobin_router.py):
+    # instances wanted = ceil(requests in the system / target), at most max_instances; an
+    # idle model keeps its instances keep_alive_s; the autoscaling and routing loops run every
+    # loop_s (at tick_s granularity); a ready instance takes at most max_queue requests.
+    serverless_target: float = 1.0
+    serverless_max_instances: int = 10
+    serverless_keep_alive_s: float = 0.0
+    serverless_loop_s: float = 1.0
+    serverless_max_queue: int = 10
     # Calm KV lending (policies with calm_kv, e.g. warmserve-plus). A tick lends or reclaims
     # only when the target moved by at least this fraction of the instance's full KV, and not
     # within kv_lend_min_s of the instance's last change; requests waiting for KV (pressure)
@@ -69,6 +80,12 @@ class ControlConfig:
             raise ValueError("kv_floor_requests must be >= 0")
         if not 0 <= self.kv_hysteresis <= 1:
             raise ValueError("kv_hysteresis must lie in [0, 1]")
+        if self.serverless_target <= 0 or self.serverless_loop_s <= 0:
+            raise ValueError("serverless_target and serverless_loop_s must be > 0")
+        if self.serverless_max_instances < 1 or self.serverless_max_queue < 1:
+            raise ValueError("serverless_max_instances and serverless_max_queue must be >= 1")
+        if self.serverless_keep_alive_s < 0:
+            raise ValueError("serverless_keep_alive_s must be >= 0")
         if self.kv_lend_min_s < 0 or self.prewarm_min_life_s < 0:
             raise ValueError("kv_lend_min_s and prewarm_min_life_s must be >= 0")
 
@@ -96,3 +113,6 @@ class PolicySpec:
     queue_aging: bool = False
     # Calm KV lending: hysteresis and a minimum lifetime for lends (ControlConfig.kv_*).
     calm_kv: bool = False
+    # Without smart placement: the reference's round-robin planner, which stops at the first
+    # model with no quota (planner.plan_round_robin); only `warmserve-no-placement-ref`.
+    reference_round_robin: bool = False

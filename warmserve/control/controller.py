@@ -449,8 +449,12 @@ class Controller:
         # another way (a lost worker) must not pile up here.
         horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
         self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
-        planner = plan_evict_aware if self.policy.smart_placement else plan_round_robin
-        plan = planner(inp, self._new_replica_id)
+        if self.policy.smart_placement:
+            plan = plan_evict_aware(inp, self._new_replica_id)
+        else:
+            plan = plan_round_robin(
+                inp, self._new_replica_id, reference_quirk=self.policy.reference_round_robin
+            )
         self._replica_scores = plan.scores
         if plan.actions:
             self._record(plan.actions, now)

@@ -160,11 +160,19 @@ def _group_over_priors(
     return None if best is None else (best[1], best[2])
 
 
-def plan_round_robin(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
-    """The reference's `--disable-placement` planner: models in turn, first fit.
+def plan_round_robin(
+    inp: PlanInput, new_id: Callable[[], ReplicaId], reference_quirk: bool = False
+) -> Plan:
+    """The `--disable-placement` planner: models in turn (popularity order), one replica each a
+    round, placed round robin over devices: the scan for GPUs that have the pages free and hold
+    no replica of the model starts after the last GPU used, and the first node (in that order)
+    with enough of them takes the replica. A model with no quota left or that fits nowhere
+    drops out; the others keep their turns until every quota is placed or nothing fits.
 
-    Kept with its quirk: the loop stops as soon as it meets a model with no quota left or a
-    placement fails.
+    `reference_quirk` (policy `warmserve-no-placement-ref`): the reference's loop, which returns
+    as soon as it meets a model with no quota left or a failed placement. With a model that
+    wants no replica early in the order this issues almost nothing, so that ablation measures
+    no-prewarm rather than placement; it is kept only to reproduce the reference.
     """
     existing, wanted = _demands(inp)
     occ = Occupancy(inp.snapshot, existing)
@@ -172,27 +180,44 @@ def plan_round_robin(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
     for score, _, name in wanted:
         quota[name].append(score)
     actions: list[Prewarm] = []
-    order = list(inp.models)
-    gpn = occ.gpus_per_node
-    while True:
-        for name in order:
+    active = list(inp.models)
+    cursor = 0
+    while active:
+        still = []
+        for name in active:
             if not quota[name]:
-                return Plan(actions, existing)
+                if reference_quirk:
+                    return Plan(actions, existing)
+                continue
             m = inp.models[name]
-            group = None
-            for node in range(occ.num_gpus // gpn):
-                fits = [
-                    g
-                    for g in range(node * gpn, (node + 1) * gpn)
-                    if occ.free[g] >= m.pages_per_gpu
-                    and all(b.model != name for b in occ.on_gpu[g])
-                ]
-                if len(fits) >= m.tp:
-                    group = tuple(fits[: m.tp])
-                    break
+            group = _next_fit(occ, name, m.tp, m.pages_per_gpu, cursor)
             if group is None:
-                return Plan(actions, existing)
+                if reference_quirk:
+                    return Plan(actions, existing)
+                continue  # fits nowhere now: its later replicas cannot either
             rid = new_id()
             block = Block(("r", rid), name, group, quota[name].pop(0), m.pages_per_gpu)
             occ.add(block, m.pages_per_gpu)
             actions.append(Prewarm(rid, name, group))
+            still.append(name)
+            if not reference_quirk:  # the reference always scans from GPU 0 (first fit)
+                cursor = (group[-1] + 1) % occ.num_gpus
+        active = still
+    return Plan(actions, existing)
+
+
+def _next_fit(
+    occ: Occupancy, name: ModelName, tp: int, pages: int, cursor: int
+) -> tuple[int, ...] | None:
+    """`tp` GPUs of one node that fit a replica of `name`, scanning from GPU `cursor` on
+    (wrapping round); None if no node has enough."""
+    n, gpn = occ.num_gpus, occ.gpus_per_node
+    by_node: dict[int, list[int]] = {}
+    for k in range(n):
+        g = (cursor + k) % n
+        if occ.free[g] >= pages and all(b.model != name for b in occ.on_gpu[g]):
+            fits = by_node.setdefault(g // gpn, [])
+            fits.append(g)
+            if len(fits) == tp:
+                return tuple(sorted(fits))
+    return None

@@ -10,7 +10,12 @@ from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecaster
 from warmserve.control.muxserve import MUXSERVE, MuxServeController
-from warmserve.control.serverless import SERVERLESSLLM, ServerlessLLMController
+from warmserve.control.serverless import (
+    SERVERLESSLLM,
+    SERVERLESSLLM_TUNED,
+    ServerlessLLMController,
+    ServerlessLLMTunedController,
+)
 from warmserve.control.static import STATIC, StaticController
 
 ControlPlaneFactory = Callable[[ControlConfig, Sequence[ServedModel], Forecaster], ControlPlane]
@@ -21,6 +26,9 @@ class RegisteredPolicy:
     spec: PolicySpec  # what the cluster must provide (e.g. unified memory)
     build: ControlPlaneFactory
     needs_future: bool = False  # give it an OracleForecaster (knows the workload ahead)
+    # The `costs:` key of the engine start behind the host checkpoint caches, for policies
+    # that use them (a cost key's name, so that the control plane stays free of the simulator).
+    engine_init_cost: str = "serverless_engine_init_s"
 
 
 def _warmserve(spec: PolicySpec, needs_future: bool = False) -> RegisteredPolicy:
@@ -35,6 +43,7 @@ POLICIES: dict[str, RegisteredPolicy] = {
     for p in (
         PolicySpec("warmserve"),
         PolicySpec("warmserve-no-placement", smart_placement=False),
+        PolicySpec("warmserve-no-placement-ref", smart_placement=False, reference_round_robin=True),
         PolicySpec("warmserve-no-prewarm", proactive_prewarm=False),
         PolicySpec("warmserve-no-kv-prewarm", kv_prewarm=False),
         PolicySpec(
@@ -54,6 +63,11 @@ POLICIES["warmserve-plus"] = _warmserve(
 POLICIES["oracle"] = _warmserve(PolicySpec("oracle"), needs_future=True)
 POLICIES["static"] = RegisteredPolicy(STATIC, StaticController)
 POLICIES["serverlessllm"] = RegisteredPolicy(SERVERLESSLLM, ServerlessLLMController)
+POLICIES["serverlessllm-tuned"] = RegisteredPolicy(
+    SERVERLESSLLM_TUNED,
+    ServerlessLLMTunedController,
+    engine_init_cost="serverless_tuned_engine_init_s",
+)
 POLICIES["muxserve"] = RegisteredPolicy(MUXSERVE, MuxServeController)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from warmserve.hardware import PAGE_BYTES
+from warmserve.sim.host import SharedHost
 from warmserve.sim.latency import StepTimeModel
 from warmserve.sim.loop import EventLoop
 from warmserve.types import InstanceState
@@ -74,6 +75,7 @@ class SimInstance:
         on_kv_change: Callable[[SimInstance], None],
         device: SharedDevice | None = None,
         on_kv_pressure: Callable[[SimInstance], None] | None = None,
+        host: SharedHost | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.model = model
@@ -88,6 +90,8 @@ class SimInstance:
         self._on_finish = on_finish
         self._on_kv_change = on_kv_change
         self._device = device
+        self._host = host  # None: the device does not share a host's cores
+        self.token_rate = 0.0  # tokens/s of the current step or run, solo (the gateway's load)
         self._on_kv_pressure = on_kv_pressure
         self._pressure_reported = False
         self.waiting: deque[SimRequest] = deque()
@@ -161,11 +165,13 @@ class SimInstance:
             self._on_kv_change(self)
             n = sum(r.input_tokens for r in admitted)
             sq = float(sum(r.input_tokens * r.input_tokens for r in admitted))
+            t = self._steps.prefill(n, sq, len(admitted))
+            self.token_rate = len(admitted) / t
             self._set_busy(True)
             slow = self._device.slowdown if self._device else 1
-            self._loop.at(
-                now + slow * self._steps.prefill(n, sq, len(admitted)), self._prefill_done, admitted
-            )
+            if self._host is not None:
+                slow *= self._host.slowdown()
+            self._loop.at(now + slow * t, self._prefill_done, admitted)
             return
         if not self.running:
             self._set_busy(False)
@@ -173,10 +179,13 @@ class SimInstance:
         batch = len(self.running)
         steps = min(r.output_tokens - r.generated for r in self.running)
         ctx = float(sum(r.input_tokens + r.generated for r in self.running))
-        self._set_busy(True)
         cum = self._steps.decode_run(batch, ctx, steps)
+        self.token_rate = batch * steps / float(cum[-1])
+        self._set_busy(True)
         if self._device is not None:
             cum = cum * self._device.slowdown
+        if self._host is not None:
+            cum = cum * self._host.slowdown()
         self._token += 1
         self._run = (now, cum, self._token)
         self._loop.at(now + float(cum[-1]), self._decode_done, steps, self._token)
@@ -185,6 +194,8 @@ class SimInstance:
         self._busy = busy
         if self._device is not None:
             self._device.set_busy(self, busy)
+        if self._host is not None:
+            self._host.set_stepping(self, busy)
 
     def _cut_run(self) -> None:
         """End the current decode run at the next step boundary, to admit a new request."""

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from warmserve.sim.overrides import spread
 from warmserve.sim.runner import PolicyResult
 from warmserve.workload.records import write_request_rows
 
@@ -40,13 +41,34 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def _table(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
-    head = "| | " + " | ".join(h for _, h, _ in _COLUMNS) + " |"
-    sep = "|---" * (len(_COLUMNS) + 1) + "|"
-    body = [
-        f"| {name} | " + " | ".join(_cell(s.get(k), f) for k, _, f in _COLUMNS) + " |"
-        for name, s in rows
-    ]
+def flag_text(s: dict[str, Any]) -> str:
+    """The models of a summary with failed or never-served requests, in bold; '' if none."""
+    parts = []
+    for name, m in s.get("per_model", {}).items():
+        if m.get("flagged"):
+            parts.append(f"**{name}: {m['failed']} failed, {m['never_served']} never served**")
+    return "; ".join(parts)
+
+
+def _table(rows: Sequence[tuple[str, dict[str, Any]]], pooled: bool = False) -> list[str]:
+    """One row a summary. `pooled`: policy rows, with the worst model's P99 TTFT and the
+    flagged models beside the pooled figures. Otherwise per-model rows, a flagged model's
+    name in bold with its never-served count."""
+    extra = ["worst model p99 s", "flagged models"] if pooled else ["never served"]
+    head = "| | " + " | ".join([h for _, h, _ in _COLUMNS] + extra) + " |"
+    sep = "|---" * (len(_COLUMNS) + len(extra) + 1) + "|"
+    body = []
+    for name, s in rows:
+        cells = [_cell(s.get(k), f) for k, _, f in _COLUMNS]
+        if pooled:
+            worst = s.get("worst_model")
+            p99 = _cell(s.get("worst_model_ttft_p99_s"), "{:.3f}")
+            cells += [f"{p99} ({worst})" if worst else "–", flag_text(s) or "none"]
+        else:
+            cells.append(_cell(s.get("never_served"), "{}"))
+            if s.get("flagged"):
+                name = f"**{name} (failed/never served)**"
+        body.append(f"| {name} | " + " | ".join(cells) + " |")
     return [head, sep, *body]
 
 
@@ -63,15 +85,19 @@ def write_report(
     summary = {"experiment": experiment, **meta, "policies": summaries}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# {experiment}", "", "## All policies", ""]
-    lines += _table([(r.policy, r.summary) for r in results])
+    lines += _table([(r.policy, r.summary) for r in results], pooled=True)
     if "sweep" in meta:
         lines += _sweep_section(meta["sweep"], summaries)
         _plot_sweep(out, meta["sweep"], summaries)
+    if "seeds" in meta:
+        lines += _seeds_section(meta["seeds"])
     for r in results:
         lines += ["", f"## {r.policy}", ""]
         lines += _table([("all", r.summary), *r.summary["per_model"].items()])
     lines += [
         "",
+        "Flagged (bold): a model with any failed or never-served request, whatever the pooled "
+        "attainment says; worst model p99: the highest per-model P99 TTFT. "
         "TTFT includes queueing and instance start-up; failed requests count as "
         f"{meta.get('failed_ttft_s', 999)} s. SLO = share of arrived requests meeting both the "
         "TTFT and TPOT bounds. cold/hits: instance starts by path. fcst err: mean relative "
@@ -147,31 +173,103 @@ def _plot_memory(path: Path, r: PolicyResult) -> None:
 
 def _sweep_section(sweep: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> list[str]:
     key = sweep["key"]
+    rate = key in ("rps", "workload.rps")
     lines = ["", f"## Sweep over {key}", ""]
-    lines.append(f"| policy | {key} | SLO | TTFT p99 s | done | max {key} at SLO |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append(f"| policy | {key} | SLO | TTFT p99 s | worst model p99 s | done | flagged |")
+    lines.append("|---|---|---|---|---|---|---|")
     for policy, s in summaries.items():
-        best = s.get("max_rps_at_slo", "–") if key == "rps" else "–"
         for pt in s["sweep"]:
+            flagged = pt.get("flagged_models") or []
             lines.append(
-                f"| {policy} | {pt[key]:g} | {_cell(pt['slo_attainment'], '{:.1%}')} | "
-                f"{_cell(pt['ttft_p99_s'], '{:.3f}')} | {pt['completed']}/{pt['arrived']} | "
-                f"{best if best is not None else 'none'} |"
+                f"| {policy} | {_value(pt[key])} | {_cell(pt['slo_attainment'], '{:.1%}')} | "
+                f"{_cell(pt['ttft_p99_s'], '{:.3f}')} | "
+                f"{_cell(pt.get('worst_model_ttft_p99_s'), '{:.3f}')} | "
+                f"{pt['completed']}/{pt['arrived']} | "
+                f"{'**' + ', '.join(flagged) + '**' if flagged else ''} |"
             )
-    target = f"{sweep['slo_target']:.0%}"
-    lines += [
-        "",
-        f"Max {key} at SLO: the highest swept value whose SLO attainment is >= {target}. "
-        f"Plot: `sweep_{key}.png`.",
-    ]
+    if rate:
+        lines += ["", "| policy | max rps at 90 % | max rps at 99 % |", "|---|---|---|"]
+        for policy, s in summaries.items():
+            cells = []
+            for suffix in ("", "_99"):
+                best = s.get(f"max_rps_at_slo{suffix}")
+                text = "none" if best is None else f"{best:g}"
+                if s.get(f"max_rps_at_slo{suffix}_censored"):
+                    text = f"≥ {text} (censored)"
+                cells.append(text)
+            lines.append(f"| {policy} | {cells[0]} | {cells[1]} |")
+        lines += [
+            "",
+            "Max rps at SLO: the highest swept rate whose SLO attainment is >= the target. "
+            "Censored: the top of the sweep still meets it, so the true maximum lies beyond the "
+            "sweep and a ratio taken from it is only a bound.",
+        ]
+    lines += ["", f"Plot: `sweep_{_slug(key)}.png`."]
+    return lines
+
+
+def _value(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, int | float) and not isinstance(v, bool) else str(v)
+
+
+def _slug(key: str) -> str:
+    return key.replace(".", "_")
+
+
+def seeds_summary(seeds: list[int], per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Mean and min-max over seeds of each policy's P99 TTFT, attainment, worst-model P99,
+    failed and never-served counts (and max rps at SLO for rate sweeps), plus the models
+    flagged in any seed."""
+    out: dict[str, Any] = {"seeds": seeds, "policies": {}}
+    keys = ["ttft_p99_s", "slo_attainment", "worst_model_ttft_p99_s", "failed", "never_served"]
+    keys += ["max_rps_at_slo", "max_rps_at_slo_99"]
+    for policy in per_seed[0]:
+        runs = [s[policy] for s in per_seed]
+        agg: dict[str, Any] = {k: spread([r.get(k) for r in runs]) for k in keys if k in runs[0]}
+        agg["flagged_models"] = sorted({m for r in runs for m in r.get("flagged_models", [])})
+        if "max_rps_at_slo_censored" in runs[0]:
+            agg["censored"] = any(r["max_rps_at_slo_censored"] for r in runs)
+            agg["censored_99"] = any(r["max_rps_at_slo_99_censored"] for r in runs)
+        out["policies"][policy] = agg
+    return out
+
+
+def _seeds_section(agg: dict[str, Any]) -> list[str]:
+    n = len(agg["seeds"])
+    lines = ["", f"## Over {n} seeds ({', '.join(map(str, agg['seeds']))})", ""]
+    lines.append("| policy | TTFT p99 s, mean [min-max] | SLO, mean [min-max] | worst model p99 s "
+                 "| never served | flagged in any seed |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|")
+
+    def fmt(d: dict[str, Any] | None, f: str) -> str:
+        if not d or d["mean"] is None:
+            return "–"
+        return f"{_cell(d['mean'], f)} [{_cell(d['min'], f)}-{_cell(d['max'], f)}]"
+
+    for policy, a in agg["policies"].items():
+        flagged = a["flagged_models"]
+        lines.append(
+            f"| {policy} | {fmt(a['ttft_p99_s'], '{:.3f}')} | "
+            f"{fmt(a['slo_attainment'], '{:.1%}')} | "
+            f"{fmt(a.get('worst_model_ttft_p99_s'), '{:.3f}')} | "
+            f"{fmt(a.get('never_served'), '{:.1f}')} | "
+            f"{'**' + ', '.join(flagged) + '**' if flagged else 'none'} |"
+        )
+    lines += ["", "Sections above show the first seed. A difference between policies inside "
+              "these ranges is no difference."]  # fmt: skip
     return lines
 
 
 def _plot_sweep(out: Path, sweep: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> None:
     key = sweep["key"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    numeric = all(
+        isinstance(pt[key], int | float) and not isinstance(pt[key], bool) and pt[key] > 0
+        for s in summaries.values()
+        for pt in s["sweep"]
+    )
     for policy, s in summaries.items():
-        xs = [pt[key] for pt in s["sweep"]]
+        xs = [pt[key] if numeric else str(pt[key]) for pt in s["sweep"]]
         a1.plot(xs, [pt["slo_attainment"] or 0 for pt in s["sweep"]], marker="o", label=policy)
         a2.plot(xs, [pt["ttft_p99_s"] for pt in s["sweep"]], marker="o", label=policy)
     a1.axhline(sweep["slo_target"], color="grey", linestyle="--", linewidth=1)
@@ -181,9 +279,10 @@ def _plot_sweep(out: Path, sweep: dict[str, Any], summaries: dict[str, dict[str,
     a2.set_ylabel("TTFT p99 (s, log)")
     a2.set_yscale("log")
     for ax in (a1, a2):
-        ax.set_xscale("log")
+        if numeric:
+            ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
     a1.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"sweep_{key}.png", dpi=120)
+    fig.savefig(out / f"sweep_{_slug(key)}.png", dpi=120)
     plt.close(fig)

@@ -63,6 +63,8 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
     gpu = exp.gpu
     costs = exp.costs
     bw = gpu.host_to_device_bandwidth if costs.weights_source == "host" else costs.ssd_bandwidth
+    # Alone on its node a load still gets no more than the node's host bandwidth.
+    node = float("inf") if costs.host_node_bandwidth is None else costs.host_node_bandwidth
     out = {}
     for name, spec, entry in exp.served_models():
         shard = spec.shard_bytes(entry.tp)
@@ -78,8 +80,10 @@ def build_models(exp: Experiment) -> dict[str, SimModel]:
         out[name] = SimModel(
             served=served,
             step_model=StepTimeModel(spec, entry.tp, gpu, exp.latency),
-            prewarm_load_s=shard / bw,
-            vanilla_start_s=costs.cold_engine_init_s + shard / costs.vanilla_load_bandwidth,
+            prewarm_load_s=shard / min(bw, node),
+            vanilla_start_s=costs.cold_engine_init_s
+            + shard / min(costs.vanilla_load_bandwidth, node),
+            load_bandwidth=bw,
         )
     return out
 
@@ -185,6 +189,8 @@ def run_policy(
         host_caches(exp) if policy.spec.host_checkpoint_cache else None,
         first_token,
         finished,
+        getattr(exp.costs, policy.engine_init_cost),
+        exp.profile.host_params if exp.profile is not None else None,
     )
     cluster.on_kv_pressure = lambda inst_id: controller.on_kv_pressure(loop.now(), inst_id, cluster)
     names = wl.model_names
@@ -238,6 +244,7 @@ def run_policy(
             exp.slo.failed_ttft_s,
         )
     summary["per_model"] = per_model
+    add_model_tails(summary, log, wl)
     counters = getattr(controller, "counters", None)  # the WarmServe family counts
     if counters is not None:
         control = dataclasses.asdict(counters)
@@ -246,6 +253,25 @@ def run_policy(
     memory = MemoryTimeline(*(np.array([s[i] for s in samples]) for i in range(5)))
     rows = tuple(request_rows(policy_name, wl, log, outcomes))
     return PolicyResult(policy_name, summary, log, memory, loop.num_events, rows)
+
+
+def add_model_tails(summary: dict[str, Any], log: RequestLog, wl: Workload) -> None:
+    """Per-model tails beside the pooled figures: each model's P99 TTFT, its never-served
+    requests (no first token by the end), and a flag on every model with a failed or
+    never-served request, whatever the pooled attainment says (a model with 1 % of the
+    requests can fail them all and the pool still meet a 90 % target)."""
+    per_model = summary["per_model"]
+    no_token = np.isnan(log.first_token_s)
+    for k, name in enumerate(wl.model_names):
+        s = per_model[name]
+        s["never_served"] = int(np.count_nonzero(no_token & (wl.model_idx == k)))
+        s["flagged"] = bool(s["failed"] or s["never_served"])
+    summary["never_served"] = sum(s["never_served"] for s in per_model.values())
+    summary["ttft_p99_by_model"] = {n: s["ttft_p99_s"] for n, s in per_model.items()}
+    worst = max(per_model, key=lambda n: per_model[n]["ttft_p99_s"] or 0.0, default=None)
+    summary["worst_model"] = worst
+    summary["worst_model_ttft_p99_s"] = per_model[worst]["ttft_p99_s"] if worst else None
+    summary["flagged_models"] = [n for n, s in per_model.items() if s["flagged"]]
 
 
 def request_rows(

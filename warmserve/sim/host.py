@@ -1,0 +1,86 @@
+"""One host's CPU cores, shared by the simulated devices on it and by the gateway.
+
+On a GPU node every device steps on its own silicon, so the simulator keeps them independent.
+Where the "devices" are the host's own cores (a CPU serve worker is a process with a few torch
+threads), they also compete with each other, with background weight loads (memcpy from the page
+cache) and with the gateway, which tokenizes, detokenizes and writes SSE on the same cores.
+
+The model is processor sharing: the host's `cores` go round the demand at any moment - each
+worker that is stepping (its torch threads), each worker loading weights (one loader thread),
+and the gateway's per-token work (a fluid share: seconds per streamed token × the tokens per
+second the stepping workers emit). While the demand exceeds the cores, every step takes
+demand / cores times its solo time. When the set of stepping or loading workers changes, the
+others end their decode run at the next step boundary and go on at the new speed (as
+`SharedDevice` does for co-located instances); a step's speed is otherwise fixed when it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from warmserve.sim.instance import SimInstance
+
+
+@dataclass(frozen=True, slots=True)
+class HostParams:
+    """A shared host's CPU, from the device profile's `host:` section."""
+
+    cores: float = 1.0  # cores the workers and the gateway share
+    threads_per_device: int = 1  # torch threads of one stepping worker
+    # Host CPU seconds the gateway spends per streamed token (detokenize, SSE framing, HTTP
+    # writes), charged as a fluid share of the cores.
+    gateway_s_per_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.cores > 0:
+            raise ValueError("cores must be > 0")
+        if self.threads_per_device < 1:
+            raise ValueError("threads_per_device must be >= 1")
+        if self.gateway_s_per_token < 0:
+            raise ValueError("gateway_s_per_token must be >= 0")
+
+
+class SharedHost:
+    """The stepping and loading workers of one host, and the slowdown they cause each other."""
+
+    __slots__ = ("_gateway", "_threads", "cores", "loading", "stepping")
+
+    def __init__(self, params: HostParams) -> None:
+        self.cores = params.cores
+        self._threads = params.threads_per_device
+        self._gateway = params.gateway_s_per_token
+        # Insertion-ordered, so runs are cut in a reproducible order.
+        self.stepping: dict[SimInstance, None] = {}
+        self.loading: dict[int, None] = {}  # devices with a weight load in flight
+
+    def slowdown(self) -> float:
+        """How many times its solo time a step (or load) started now takes."""
+        workers = len({inst.gpus for inst in self.stepping})  # co-located: one process
+        tokens_per_s = sum(inst.token_rate for inst in self.stepping)
+        demand = workers * self._threads + len(self.loading) + self._gateway * tokens_per_s
+        return max(1.0, demand / self.cores)
+
+    def set_stepping(self, inst: SimInstance, busy: bool) -> None:
+        if busy == (inst in self.stepping):
+            return
+        if busy:
+            self.stepping[inst] = None
+        else:
+            del self.stepping[inst]
+        self._cut_runs(inst)
+
+    def set_loading(self, device: int, busy: bool) -> None:
+        if busy == (device in self.loading):
+            return
+        if busy:
+            self.loading[device] = None
+        else:
+            del self.loading[device]
+        self._cut_runs(None)
+
+    def _cut_runs(self, changed: SimInstance | None) -> None:
+        for other in list(self.stepping):
+            if other is not changed and other._run is not None:
+                other._cut_run()
