@@ -38,8 +38,9 @@ def spread(values: Iterable[float | None]) -> Spread | None:
 def paired_ratios(num: Sequence[float | None], den: Sequence[float | None]) -> list[float | None]:
     """Per-seed num/den (same seed, same workload): the ratio's own spread, not a ratio of means."""
     if len(num) != len(den):
-        raise ValueError(f"paired ratios need as many values on each side ({len(num)} vs {len(den)})")
-    return [None if a is None or b is None or b == 0 else a / b for a, b in zip(num, den)]
+        raise ValueError(f"paired ratios need as many values a side ({len(num)} vs {len(den)})")
+    pairs = zip(num, den, strict=True)
+    return [None if a is None or b is None or b == 0 else a / b for a, b in pairs]
 
 
 def compare(a: Spread | None, b: Spread | None) -> str:

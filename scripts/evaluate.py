@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
+import os
+import pickle
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ import matplotlib.pyplot as plt
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_stats import (  # noqa: E402
+from eval_stats import (
     NO_DIFFERENCE,
     Spread,
     bold_if,
@@ -55,8 +58,8 @@ from eval_stats import (  # noqa: E402
     spread,
 )
 
-from warmserve.control.registry import POLICIES  # noqa: E402
-from warmserve.experiment import Experiment, parse_experiment, read_yaml  # noqa: E402
+from warmserve.control.registry import POLICIES
+from warmserve.experiment import Experiment, parse_experiment, read_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "eval"
@@ -67,53 +70,119 @@ TARGETS = (0.9, 0.99)
 # Policy lists; names not registered (yet) are dropped at run time, so the script runs on any
 # checkout of the simulator.
 ALL = [
-    "warmserve", "warmserve-plus", "warmserve-no-placement", "warmserve-no-placement-ref",
-    "warmserve-no-prewarm", "warmserve-no-kv-prewarm", "oracle", "serverlessllm",
-    "serverlessllm-tuned", "muxserve", "static", "vanilla-autoscale",
-]  # fmt: skip
-SWEEP_POLICIES = ["warmserve", "warmserve-plus", "serverlessllm", "serverlessllm-tuned",
-                  "muxserve", "static", "vanilla-autoscale"]  # fmt: skip
+    "warmserve",
+    "warmserve-plus",
+    "warmserve-no-placement",
+    "warmserve-no-placement-ref",
+    "warmserve-no-prewarm",
+    "warmserve-no-kv-prewarm",
+    "oracle",
+    "serverlessllm",
+    "serverlessllm-tuned",
+    "muxserve",
+    "static",
+    "vanilla-autoscale",
+]
+SWEEP_POLICIES = [
+    "warmserve",
+    "warmserve-plus",
+    "serverlessllm",
+    "serverlessllm-tuned",
+    "muxserve",
+    "static",
+    "vanilla-autoscale",
+]
 QUICK_SWEEP_POLICIES = ["warmserve", "warmserve-plus", "serverlessllm", "muxserve"]
 BAND_POLICIES = ["warmserve", "warmserve-plus", "serverlessllm", "serverlessllm-tuned"]
-ABLATION = ["warmserve", "warmserve-no-placement", "warmserve-no-placement-ref",
-            "warmserve-no-prewarm", "warmserve-no-kv-prewarm", "oracle", "warmserve-plus",
-            "vanilla-autoscale"]  # fmt: skip
+ABLATION = [
+    "warmserve",
+    "warmserve-no-placement",
+    "warmserve-no-placement-ref",
+    "warmserve-no-prewarm",
+    "warmserve-no-kv-prewarm",
+    "oracle",
+    "warmserve-plus",
+    "vanilla-autoscale",
+]
 SENS_POLICIES = ["warmserve", "warmserve-plus", "serverlessllm", "muxserve", "vanilla-autoscale"]
 SENS_RPS = 16.0
-COLOURS = dict(zip(ALL, ["#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a", "#d62728", "#9467bd",
-                         "#8c564b", "#e377c2", "#f7b6d2", "#7f7f7f", "#bcbd22", "#17becf"],
-                   strict=True))  # fmt: skip
+COLOURS = dict(
+    zip(
+        ALL,
+        [
+            "#1f77b4",
+            "#ff7f0e",
+            "#2ca02c",
+            "#98df8a",
+            "#d62728",
+            "#9467bd",
+            "#8c564b",
+            "#e377c2",
+            "#f7b6d2",
+            "#7f7f7f",
+            "#bcbd22",
+            "#17becf",
+        ],
+        strict=True,
+    )
+)
 MIXED = [("llama-2-7b", 1), ("llama-2-7b", 1), ("llama-2-13b", 2), ("llama-2-70b", 4)]
 
 # Rate sweeps: the starting grid, the cap of the upward extension, and the mixed-model count.
 SWEEPS: dict[str, dict[str, Any]] = {
     "conv": {"base": "paper-azure-conv", "grid": [1, 4, 16, 32, 48, 64], "cap": 256},
     "code": {"base": "paper-azure-code", "grid": [1, 4, 16, 64, 128], "cap": 512},
-    "conv-8models": {"base": "paper-azure-conv", "models": 8, "grid": [1, 2, 4, 8, 16, 32],
-                     "cap": 128},
-}  # fmt: skip
-SWEEP_TITLES = {"conv": "Azure Conversation", "code": "Azure Coding",
-                "conv-8models": "Azure Conversation, 8 models of mixed size"}  # fmt: skip
+    "conv-8models": {
+        "base": "paper-azure-conv",
+        "models": 8,
+        "grid": [1, 2, 4, 8, 16, 32],
+        "cap": 128,
+    },
+}
+SWEEP_TITLES = {
+    "conv": "Azure Conversation",
+    "code": "Azure Coding",
+    "conv-8models": "Azure Conversation, 8 models of mixed size",
+}
 MAX_ROUNDS = 8  # extension and bisection rounds after the starting grid
+REL_RESOLUTION = 0.1  # bisect a knee until its bracket is within this share of the rate
+# --quick: fewer starting rates (the extension and bisection find the rest) and a coarser knee.
+QUICK_GRIDS = {
+    "conv": [1, 16, 32, 48, 64],
+    "code": [1, 16, 64, 128],
+    "conv-8models": [1, 4, 8, 16, 32],
+}
+QUICK_RESOLUTION = 0.15
 
 # Assumed costs that set a headline: the key, its band, and where the cited value comes from.
 # The cited value itself is read from the experiment (profile + YAML), so it cannot drift
 # from what the headline runs used.
 BANDS: list[dict[str, Any]] = [
-    {"key": "costs.serverless_engine_init_s", "label": "ServerlessLLM engine start (s)",
-     "values": [1.0, 2.0, 5.0, 10.0, 20.0, 30.0],
-     "source": "a vLLM engine start: process, CUDA context, profiling run, CUDA-graph capture; "
-               "vLLM reports 30-100+ s for a full reload with weights (sleep-mode blog), "
-               "ServerlessLLM's published figures cover the checkpoint load only"},
-    {"key": "costs.engine_attach_s", "label": "WarmServe attach on a prewarm hit (s)",
-     "values": [0.05, 0.1, 0.3, 0.6, 1.0, 2.0],
-     "source": "assumption: a parked engine attaches to resident weights; the paper reports no "
-               "switch time; vLLM sleep-mode level-1 wake is 0.1-6 s"},
-    {"key": "gpu.host_to_device_bandwidth", "label": "host-to-device bandwidth per GPU (GB/s)",
-     "scale": 1e9, "values": [25e9, 32e9, 55e9],
-     "source": "pinned H2D measured with nvbandwidth: 24.8 GB/s on PCIe Gen4 (A100), "
-               "55.6 GB/s on Gen5 (H100); 32 GB/s is WarmServe's own planning constant"},
-]  # fmt: skip
+    {
+        "key": "costs.serverless_engine_init_s",
+        "label": "ServerlessLLM engine start (s)",
+        "values": [10.0, 20.0, 34.0, 60.0],
+        "source": "vLLM issue #20264: 'init engine (profile, create kv cache, warmup model) took "
+        "34.11 seconds' (CUDA-graph capture 17 s); band 10 s (RFC #20098: graph capture "
+        "alone can take more than 10 s) to 60 s (#19824: ~60 s of capture for a 70B, TP 8)",
+    },
+    {
+        "key": "costs.engine_attach_s",
+        "label": "WarmServe attach on a prewarm hit (s)",
+        "values": [0.05, 0.1, 0.3, 0.6, 1.0],
+        "source": "assumption: a parked engine attaches to resident weights (Python engine "
+        "construction is a few hundred ms); the paper reports no switch time",
+    },
+    {
+        "key": "costs.host_node_bandwidth",
+        "label": "node host-to-device bandwidth (GB/s)",
+        "scale": 1e9,
+        "values": [25e9, 52e9, 110e9, 220e9],
+        "source": "ServerlessLLM h100_2025 benchmark: Qwen3-32B (65.5 GB) from DRAM in 1.253 s on "
+        "an 8xH100 SXM node; 25 GB/s: its issue #14 (8xA100); 220 GB/s: 4 PCIe Gen5 "
+        "switch uplinks x 55 GB/s",
+    },
+]
 QUICK_SKIPS = [
     "band on Azure Coding (Conversation only)",
     "sweep policies serverlessllm-tuned, static and vanilla-autoscale",
@@ -123,9 +192,18 @@ QUICK_SKIPS = [
     "control-plane cost curve (carried over from the previous results.json)",
 ]
 SUMMARY_KEYS = [
-    "arrived", "completed", "failed", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_mean_s",
-    "slo_attainment", "cold_starts", "prewarm_hits", "inprogress_hits",
-]  # fmt: skip
+    "arrived",
+    "completed",
+    "failed",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "tpot_mean_s",
+    "slo_attainment",
+    "cold_starts",
+    "prewarm_hits",
+    "inprogress_hits",
+]
 PER_MODEL_KEYS = ["arrived", "completed", "failed", "ttft_p99_s", "slo_attainment"]
 
 
@@ -142,10 +220,14 @@ def build(cell: dict[str, Any], seed: int, duration_s: float | None) -> Experime
     raw["seed"] = seed
     if cell.get("models"):
         raw["models"] = [
-            {"name": f"m{i:02d}-{p.removeprefix('llama-2-')}", "preset": p, "tp": tp,
-             "max_model_len": 2048}
+            {
+                "name": f"m{i:02d}-{p.removeprefix('llama-2-')}",
+                "preset": p,
+                "tp": tp,
+                "max_model_len": 2048,
+            }
             for i, (p, tp) in ((i, MIXED[i % len(MIXED)]) for i in range(cell["models"]))
-        ]  # fmt: skip
+        ]
     gpu: dict[str, Any] = {}
     for key, value in cell["set"].items():
         section, _, name = key.partition(".")
@@ -184,7 +266,7 @@ def run_task(task: Task) -> list[dict[str, Any]]:
     group, labels, cell, seed, policies, duration_s = task
     t0 = time.perf_counter()
     exp = build(cell, seed, duration_s)
-    wl = make_workload(exp)
+    wl = cached_workload(exp, cell, seed, duration_s, make_workload)
     built = round(time.perf_counter() - t0, 2)
     rows = []
     for policy in policies:
@@ -208,6 +290,55 @@ def run_task(task: Task) -> list[dict[str, Any]]:
     return rows
 
 
+CACHE = Path("/tmp/warmserve-eval-workloads")
+# What a workload is built from besides the experiment: a change here must not reuse old ones.
+WORKLOAD_SOURCES = [
+    "warmserve/workload",
+    "warmserve/sim/latency.py",
+    "warmserve/traces.py",
+    "warmserve/models.py",
+    "warmserve/model_spec.py",
+    "warmserve/hardware.py",
+]
+
+
+def _sources_hash() -> str:
+    h = hashlib.sha1()
+    for rel in WORKLOAD_SOURCES:
+        path = ROOT / rel
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            if f.exists():
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def cached_workload(
+    exp: Experiment, cell: dict[str, Any], seed: int, duration_s: float | None, make: Any
+) -> Any:
+    """The cell's workload, from a disk cache shared by the worker processes: costs do not
+    change a workload, so the band cells reuse the headline's, and a rerun reuses all. The
+    forecast history (every earlier day of the trace) makes building one cost seconds."""
+    settings = {k: v for k, v in cell["set"].items() if not k.startswith(("costs.", "gpu."))}
+    base = (EXPERIMENTS / f"{cell['base']}.yaml").read_text()
+    blob = json.dumps(
+        [base, cell.get("models"), settings, seed, duration_s, _sources_hash()],
+        sort_keys=True,
+        default=str,
+    )
+    path = CACHE / f"{hashlib.sha1(blob.encode()).hexdigest()}.pkl"
+    if path.exists():
+        try:
+            return pickle.loads(path.read_bytes())
+        except Exception:  # a torn or stale file: rebuild it
+            pass
+    wl = make(exp)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(wl, protocol=pickle.HIGHEST_PROTOCOL))
+    tmp.replace(path)
+    return wl
+
+
 def task_cost(task: Task) -> float:
     """Rough work of a task (requests x policies), to start the longest first."""
     _, _, cell, _, policies, _ = task
@@ -216,30 +347,49 @@ def task_cost(task: Task) -> float:
 
 
 class Runner:
-    """Runs batches of tasks in a process pool behind one progress bar."""
+    """Runs batches of tasks in a process pool behind one progress bar. Every finished task's
+    rows are appended to `partial` at once, so a run cut short can still be reported
+    (--from-partial); past `stop_at` the tasks not yet started are cancelled."""
 
-    def __init__(self, jobs: int) -> None:
+    def __init__(self, jobs: int, partial: Path, stop_at: float) -> None:
         self.pool = ProcessPoolExecutor(jobs)
         self.bar = tqdm(total=0, unit="task", desc="evaluate", smoothing=0.05)
+        self.partial = partial
+        self.stop_at = stop_at
+        self.cancelled = 0
 
-    def run(self, tasks: list[Task]) -> list[dict[str, Any]]:
-        tasks = sorted(tasks, key=task_cost, reverse=True)
-        self.bar.total += len(tasks)
+    def run(self, tasks: list[Task], first: list[Task] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
+        """`first` before the rest (the cheap headline cells); then the longest first."""
+        order = list(first) + sorted(tasks, key=task_cost, reverse=True)
+        self.bar.total += len(order)
         self.bar.refresh()
         futures: dict[Future[list[dict[str, Any]]], Task] = {
-            self.pool.submit(run_task, t): t for t in tasks
+            self.pool.submit(run_task, t): t for t in order
         }
         rows: list[dict[str, Any]] = []
-        for fut in as_completed(futures):
-            rows += fut.result()
-            group, labels, _, seed, _, _ = futures[fut]
-            self.bar.set_postfix_str(f"{group} {labels} seed {seed}")
-            self.bar.update()
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=10, return_when=FIRST_COMPLETED)
+            for fut in done:
+                if fut.cancelled():
+                    continue
+                got = fut.result()
+                rows += got
+                with self.partial.open("a") as f:
+                    f.writelines(json.dumps(r, default=str) + "\n" for r in got)
+                group, labels, _, seed, _, _ = futures[fut]
+                self.bar.set_postfix_str(f"{group} {labels} seed {seed}")
+                self.bar.update()
+            if time.perf_counter() > self.stop_at:
+                for fut in pending:
+                    if fut.cancel():
+                        self.cancelled += 1
+                pending = {f for f in pending if not f.cancelled()}
         return rows
 
     def close(self) -> None:
         self.bar.close()
-        self.pool.shutdown()
+        self.pool.shutdown(cancel_futures=True)
 
 
 def available(policies: Iterable[str]) -> list[str]:
@@ -266,29 +416,50 @@ def fixed_tasks(
             ref = cited(band["key"])
             for v in band["values"]:
                 if v != ref:
-                    add("band", {"service": svc, "key": band["key"], "value": v},
-                        spec(base, **{band["key"]: v}), BAND_POLICIES)  # fmt: skip
+                    add(
+                        "band",
+                        {"service": svc, "key": band["key"], "value": v},
+                        spec(base, **{band["key"]: v}),
+                        BAND_POLICIES,
+                    )
         for corner, settings in corners().items():
-            add("band", {"service": svc, "key": "corner", "value": corner},
-                spec(base, **settings), BAND_POLICIES)  # fmt: skip
+            add(
+                "band",
+                {"service": svc, "key": "corner", "value": corner},
+                spec(base, **settings),
+                BAND_POLICIES,
+            )
     for count in (8, 16) if quick else (8, 16, 32):
-        add("ablation", {"models": count},
-            spec("paper-azure-conv", models=count, **{"workload.rps": SENS_RPS}), ABLATION)  # fmt: skip
+        add(
+            "ablation",
+            {"models": count},
+            spec("paper-azure-conv", models=count, **{"workload.rps": SENS_RPS}),
+            ABLATION,
+        )
     if quick:
         return out
     add("servegen", {"service": "servegen-m-mid"}, spec("servegen-m-mid"), ALL)
     for alpha in (0.5, 1.0, 2.0):
-        add("alpha", {"alpha": alpha},
+        add(
+            "alpha",
+            {"alpha": alpha},
             spec("paper-azure-conv", **{"workload.rps": SENS_RPS, "workload.alpha": alpha}),
-            SENS_POLICIES)  # fmt: skip
+            SENS_POLICIES,
+        )
     for cv in (None, 1.0, 2.0, 4.0):
-        add("burstiness", {"cv": cv},
+        add(
+            "burstiness",
+            {"cv": cv},
             spec("paper-azure-conv", **{"workload.rps": SENS_RPS, "workload.burstiness_cv": cv}),
-            SENS_POLICIES)  # fmt: skip
+            SENS_POLICIES,
+        )
     for nodes in (2, 4, 8, 16):
         scale = nodes // 2
-        cell = spec("paper-azure-conv", models=4 * scale,
-                    **{"cluster.nodes": nodes, "workload.rps": SENS_RPS * scale})  # fmt: skip
+        cell = spec(
+            "paper-azure-conv",
+            models=4 * scale,
+            **{"cluster.nodes": nodes, "workload.rps": SENS_RPS * scale},
+        )
         add("cluster", {"gpus": nodes * 8, "models": 4 * scale}, cell, SENS_POLICIES)
     for count in (4, 8, 16, 32, 64):
         cell = spec("paper-azure-conv", models=count, **{"workload.rps": SENS_RPS})
@@ -300,10 +471,11 @@ def corners() -> dict[str, dict[str, float]]:
     """The two ends of the band for the ServerlessLLM / WarmServe ratio: every cost at the end
     of its band that favours ServerlessLLM ('low'), and at the end that favours WarmServe."""
     sllm, attach, bw = (b["values"] for b in BANDS)
+    k = [b["key"] for b in BANDS]
     return {
-        "low": {BANDS[0]["key"]: min(sllm), BANDS[1]["key"]: max(attach), BANDS[2]["key"]: max(bw)},
-        "high": {BANDS[0]["key"]: max(sllm), BANDS[1]["key"]: min(attach), BANDS[2]["key"]: min(bw)},
-    }  # fmt: skip
+        "low": {k[0]: min(sllm), k[1]: max(attach), k[2]: max(bw)},
+        "high": {k[0]: max(sllm), k[1]: min(attach), k[2]: min(bw)},
+    }
 
 
 def sweep_cell(svc: str, rps: float) -> dict[str, Any]:
@@ -334,10 +506,10 @@ def run_sweeps(
             ("sweep", {"service": svc, "rps": rps}, sweep_cell(svc, rps), seed, pols, duration_s)
             for (svc, rps, seed), pols in plan.items()
         ]
-        rows += runner.run(tasks + first)
+        rows += runner.run(tasks, first)
         first = []
         plan = {}
-        if rounds >= MAX_ROUNDS or time.monotonic() > deadline:
+        if rounds >= MAX_ROUNDS or time.perf_counter() > deadline or runner.cancelled:
             stopped_early = bool(_next_plan(rows, policies, seeds))
             break
         plan = _next_plan(rows, policies, seeds)
@@ -353,7 +525,7 @@ def _next_plan(
     for svc, s in SWEEPS.items():
         for policy in policies:
             points = mean_curve([r for r in rows if r["group"] == "sweep"], svc, policy)
-            for rps in next_rates(points, TARGETS, s["grid"], s["cap"]):
+            for rps in next_rates(points, TARGETS, s["grid"], s["cap"], REL_RESOLUTION):
                 for seed in seeds:
                     plan.setdefault((svc, rps, seed), []).append(policy)
     return plan
@@ -444,13 +616,16 @@ def sweep_results(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 a, b = by[num][f"{t}"], by["muxserve"][f"{t}"]
                 seeds = sorted(set(a["per_seed"]) & set(b["per_seed"]))
                 r = spread(
-                    paired_ratios([a["per_seed"][s] for s in seeds],
-                                  [b["per_seed"][s] for s in seeds])
-                )  # fmt: skip
+                    paired_ratios(
+                        [a["per_seed"][s] for s in seeds], [b["per_seed"][s] for s in seeds]
+                    )
+                )
                 cen = ratio_censoring(a["censored"], b["censored"])
-                ratios[f"{num}/muxserve@{t}"] = {
-                    "spread": _d(r), "censored": cen, "text": fmt_ratio(r, cen)
-                }  # fmt: skip
+                never = [p for p, e in ((num, a), ("muxserve", b)) if e["censored"] == "never"]
+                text = fmt_ratio(r, cen)
+                if never:
+                    text = f"undefined: {' and '.join(never)} meets {t:.0%} at no rate swept"
+                ratios[f"{num}/muxserve@{t}"] = {"spread": _d(r), "censored": cen, "text": text}
         out[svc] = {"by_policy": by, "ratios": ratios}
     return out
 
@@ -464,17 +639,28 @@ def band_results(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for svc in services:
         for num in ("serverlessllm", "serverlessllm-tuned"):
             for den in ("warmserve", "warmserve-plus"):
-                at = ratio(select(rows, "headline", num, service=svc),
-                           select(rows, "headline", den, service=svc), "ttft_p99_s")  # fmt: skip
+                at = ratio(
+                    select(rows, "headline", num, service=svc),
+                    select(rows, "headline", den, service=svc),
+                    "ttft_p99_s",
+                )
                 if at is None:
                     continue
                 points = [("cited", None, at)]
-                keys = sorted({(r["key"], r["value"]) for r in rows
-                               if r["group"] == "band" and r["service"] == svc}, key=str)  # fmt: skip
+                keys = sorted(
+                    {
+                        (r["key"], r["value"])
+                        for r in rows
+                        if r["group"] == "band" and r["service"] == svc
+                    },
+                    key=str,
+                )
                 for key, value in keys:
-                    r = ratio(select(rows, "band", num, service=svc, key=key, value=value),
-                              select(rows, "band", den, service=svc, key=key, value=value),
-                              "ttft_p99_s")  # fmt: skip
+                    r = ratio(
+                        select(rows, "band", num, service=svc, key=key, value=value),
+                        select(rows, "band", den, service=svc, key=key, value=value),
+                        "ttft_p99_s",
+                    )
                     if r is not None:
                         points.append((key, value, r))
                 lo = min(points, key=lambda p: p[2].mean)
@@ -529,7 +715,11 @@ def policy_row(policy: str, cell: list[dict[str, Any]], models: list[str]) -> st
         if m in flags:
             text = f"**{text} ({flags[m]})**"
         per.append(text)
-    failed = sum(r["failed"] for r in cell)
+    failed = sum(r["failed"] or 0 for r in cell)
+    faults = sum(1 for r in cell if r.get("error"))
+    if faults:
+        per.append(f"**simulator fault in {faults} of {len(cell)} seeds**")
+        name = bold_if(policy, True)
     return (
         f"| {name} | {fmt_spread(stat(cell, 'ttft_p99_s'))} | "
         f"{fmt_spread(stat(cell, 'slo_attainment'), '{:.1f}', pct=True)} | "
@@ -538,7 +728,9 @@ def policy_row(policy: str, cell: list[dict[str, Any]], models: list[str]) -> st
     )
 
 
-def cell_table(rows: list[dict[str, Any]], group: str, policies: list[str], **labels: Any) -> list[str]:
+def cell_table(
+    rows: list[dict[str, Any]], group: str, policies: list[str], **labels: Any
+) -> list[str]:
     cells = {p: select(rows, group, p, **labels) for p in policies}
     cells = {p: c for p, c in cells.items() if c}
     if not cells:
@@ -573,11 +765,11 @@ def sweep_table(rows: list[dict[str, Any]], svc: str, sw: dict[str, Any]) -> lis
                 cells.append("–")
                 continue
             flags = flagged_models([r["per_model"] for r in cell])
-            text = (
-                f"{fmt_spread(stat(cell, 'slo_attainment'), '{:.0f}', pct=True).split(' (')[0]}"
-                f" / {stat(cell, 'ttft_p99_s').mean:.2g}"  # type: ignore[union-attr]
-            )
-            cells.append(bold_if(text, bool(flags)))
+            att, p99 = stat(cell, "slo_attainment"), stat(cell, "ttft_p99_s")
+            if att is None or p99 is None or any(r.get("error") for r in cell):
+                cells.append("**fault**")
+                continue
+            cells.append(bold_if(f"{att.mean:.0%} / {p99.mean:.2g}", bool(flags)))
         maxes = []
         for t in TARGETS:
             e = entry[f"{t}"]
@@ -604,28 +796,67 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
         "<!-- generated by scripts/evaluate.py; do not edit -->",
         "",
         f"Mode: **{'--quick' if meta['quick'] else 'full'}**, seeds {meta['seeds']}, "
-        f"{meta['tasks']} tasks in {meta['wall_min']:.1f} min on {meta['jobs']} processes"
-        + (f"; workload duration overridden to {meta['duration_s']} s (smoke run)"
-           if meta["duration_s"] else "") + ".",
+        f"{meta.get('tasks', '?')} tasks in "
+        f"{'?' if meta.get('wall_min') is None else round(meta['wall_min'], 1)} min "
+        f"on {meta['jobs']} processes"
+        + (
+            f"; workload duration overridden to {meta['duration_s']} s (smoke run)"
+            if meta["duration_s"]
+            else ""
+        )
+        + ".",
         "",
         "Every figure is the mean over seeds, with the min–max over seeds in brackets when they "
         "differ. A model in **bold** had a failed request (or was never served) in some seed; "
         "its policy is bold too, whatever its pooled attainment.",
         "",
-    ]  # fmt: skip
+    ]
     if meta["quick"]:
         lines += ["Skipped by --quick: " + "; ".join(QUICK_SKIPS) + ".", ""]
+    if meta.get("incomplete_cells"):
+        lines += [f"**Cells with fewer than {len(meta['seeds'])} seeds** (the run was cut short; "
+                  "their spread is over the seeds that finished): "
+                  + "; ".join(meta["incomplete_cells"]) + ".", ""]  # fmt: skip
+    if res["errors"]:
+        faults: dict[tuple[str, str], list[str]] = {}
+        for e in res["errors"]:
+            where = ", ".join(
+                f"{k} {e[k]}"
+                for k in ("service", "rps", "models", "key", "value")
+                if e.get(k) is not None
+            )
+            faults.setdefault((e["policy"], e["error"]), []).append(f"{e['group']} {where}")
+        lines += [
+            "**Simulator faults** (runs that raised; their cells are marked and left out "
+            "of every figure):",
+            "",
+        ]
+        for (policy, err), where in faults.items():
+            cells = "; ".join(sorted(set(where)))
+            lines.append(f"- {policy}: `{err}` in {len(where)} runs ({cells})")
+        lines += [""]
     lines += ["## ServerlessLLM / WarmServe P99 TTFT ratio: cited costs and band", ""]
-    lines += ["| setup: ratio | at cited costs (per seed) | band (range of cell means) | low end at | high end at |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "| setup: ratio | at cited costs (per seed) | band (range of cell means) | low end at "
+        "| high end at |",
+        "|---|---|---|---|---|",
+    ]
     for k, v in res["band"].items():
         lo, hi = v["band"]
+        if len(v["points"]) == 1:
+            lines.append(f"| {k} | {v['cited_text']} | not run | | |")
+            continue
         lines.append(
-            f"| {k} | {v['cited_text']} | {lo:.2g}× – {hi:.3g}× | {v['band_low_at'][0]} "
-            f"{_v(v['band_low_at'][1])} | {v['band_high_at'][0]} {_v(v['band_high_at'][1])} |"
+            f"| {k} | {v['cited_text']} | {_x(lo)} – {_x(hi)} | {_at(v['band_low_at'])} "
+            f"| {_at(v['band_high_at'])} |"
         )
-    lines += ["", "Assumed costs (cited value: what the headline cells use):", "",
-              "| cost | cited value | band | source |", "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Assumed costs (cited value: what the headline cells use):",
+        "",
+        "| cost | cited value | band | source |",
+        "|---|---|---|---|",
+    ]
     for b in BANDS:
         k = b.get("scale", 1.0)
         lines.append(
@@ -635,17 +866,20 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
     lines += [""]
     for svc in ("conv", "code"):
         lines += [f"## Reference setup, {SWEEP_TITLES[svc]}, 1 rps", ""]
-        lines += cell_table(rows, "headline", ALL, service=svc) + [""]
+        lines += [*cell_table(rows, "headline", ALL, service=svc), ""]
     lines += ["## Rate sweeps", ""]
     for svc in SWEEPS:
         if any(r["group"] == "sweep" and r["service"] == svc for r in rows):
-            lines += [f"### {SWEEP_TITLES[svc]}", ""] + sweep_table(rows, svc, res["sweeps"])
+            lines += [f"### {SWEEP_TITLES[svc]}", "", *sweep_table(rows, svc, res["sweeps"])]
     lines += ["## Ablations: mixed models on 16 GPUs, 16 rps", ""]
     for count, verdicts in res["ablations"].items():
         lines += [f"### {count} models", ""]
-        lines += cell_table(rows, "ablation", ABLATION, models=int(count)) + [""]
-        lines += ["Against full `warmserve` (min–max over seeds; overlapping ranges are "
-                  f'"{NO_DIFFERENCE}"):', ""]  # fmt: skip
+        lines += [*cell_table(rows, "ablation", ABLATION, models=int(count)), ""]
+        lines += [
+            "Against full `warmserve` (min–max over seeds; overlapping ranges are "
+            f'"{NO_DIFFERENCE}"):',
+            "",
+        ]
         for p, v in verdicts.items():
             r = v["p99_ratio_over_warmserve"]
             rtxt = fmt_ratio(Spread(**r)) if r else "–"
@@ -655,27 +889,52 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
             )
         lines += [""]
     if any(r["group"] == "servegen" for r in rows):
-        lines += ["## ServeGen m-mid", ""] + cell_table(rows, "servegen", ALL) + [""]
-    for group, label in (("alpha", "alpha"), ("burstiness", "cv"), ("cluster", "gpus"),
-                         ("models", "models")):  # fmt: skip
+        lines += ["## ServeGen m-mid", "", *cell_table(rows, "servegen", ALL), ""]
+    for group, label in (
+        ("alpha", "alpha"),
+        ("burstiness", "cv"),
+        ("cluster", "gpus"),
+        ("models", "models"),
+    ):
         sel = [r for r in rows if r["group"] == group]
         if not sel:
             continue
         points = sorted({r[label] for r in sel}, key=lambda x: (x is not None, x or 0))
-        lines += [f"## Sensitivity: {group} (SLO attainment / P99 TTFT s)", "",
-                  "| policy | " + " | ".join(f"{label} {_v(p)}" for p in points) + " |",
-                  "|---" * (len(points) + 1) + "|"]  # fmt: skip
+        lines += [
+            f"## Sensitivity: {group} (SLO attainment / P99 TTFT s)",
+            "",
+            "| policy | " + " | ".join(f"{label} {_v(p)}" for p in points) + " |",
+            "|---" * (len(points) + 1) + "|",
+        ]
         for p in SENS_POLICIES:
             cells = []
             for pt in points:
                 cell = [r for r in sel if r["policy"] == p and r[label] == pt]
                 flags = flagged_models([r["per_model"] for r in cell])
-                text = (f"{fmt_spread(stat(cell, 'slo_attainment'), '{:.0f}', pct=True)} / "
-                        f"{fmt_spread(stat(cell, 'ttft_p99_s'))}")  # fmt: skip
+                text = (
+                    f"{fmt_spread(stat(cell, 'slo_attainment'), '{:.0f}', pct=True)} / "
+                    f"{fmt_spread(stat(cell, 'ttft_p99_s'))}"
+                )
                 cells.append(bold_if(text, bool(flags)))
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines += [""]
     return "\n".join(lines) + "\n"
+
+
+def _x(r: float) -> str:
+    return f"{r:.2g}×" if r < 10 else f"{r:.0f}×"
+
+
+def _at(point: list[Any]) -> str:
+    key, value = point
+    if key == "cited":
+        return "cited costs"
+    if key == "corner":
+        return f"corner {value} (every cost at the end of its band that favours " + (
+            "ServerlessLLM)" if value == "low" else "WarmServe)"
+        )
+    scale = next((b.get("scale", 1.0) for b in BANDS if b["key"] == key), 1.0)
+    return f"{key} = {value / scale:g}"
 
 
 def _v(x: Any) -> str:
@@ -693,16 +952,22 @@ def plots(rows: list[dict[str, Any]], res: dict[str, Any]) -> None:
         fig, axes = plt.subplots(2, len(svcs), figsize=(5.3 * len(svcs), 7.5), squeeze=False)
         for col, svc in enumerate(svcs):
             for p in res["sweeps"][svc]["by_policy"]:
-                xs = sorted(mean_curve(rows, svc, p))
-                att = [stat(select(rows, "sweep", p, service=svc, rps=x), "slo_attainment")
-                       for x in xs]  # fmt: skip
-                p99 = [stat(select(rows, "sweep", p, service=svc, rps=x), "ttft_p99_s")
-                       for x in xs]  # fmt: skip
                 kw = {"marker": "o", "ms": 3, "label": p, "color": COLOURS.get(p)}
-                for ax, ys in ((axes[0][col], att), (axes[1][col], p99)):
-                    ax.plot(xs, [y.mean for y in ys], **kw)  # type: ignore[union-attr]
-                    ax.fill_between(xs, [y.lo for y in ys], [y.hi for y in ys],  # type: ignore[union-attr]
-                                    color=COLOURS.get(p), alpha=0.15)  # fmt: skip
+                for ax, key in ((axes[0][col], "slo_attainment"), (axes[1][col], "ttft_p99_s")):
+                    pts = [
+                        (x, stat(select(rows, "sweep", p, service=svc, rps=x), key))
+                        for x in sorted(mean_curve(rows, svc, p))
+                    ]
+                    got = [(x, y) for x, y in pts if y is not None]  # faults left out
+                    xs = [x for x, _ in got]
+                    ax.plot(xs, [y.mean for _, y in got], **kw)
+                    ax.fill_between(
+                        xs,
+                        [y.lo for _, y in got],
+                        [y.hi for _, y in got],
+                        color=COLOURS.get(p),
+                        alpha=0.15,
+                    )
             for t in TARGETS:
                 axes[0][col].axhline(t, color="grey", ls="--", lw=1)
             axes[0][col].set_title(f"{svc}: SLO attainment")
@@ -742,8 +1007,11 @@ def plots(rows: list[dict[str, Any]], res: dict[str, Any]) -> None:
     fig.savefig(OUT / "cost_sensitivity.png", dpi=110)
     plt.close(fig)
 
-    groups = [g for g in ("alpha", "burstiness", "cluster", "models")
-              if any(r["group"] == g for r in rows)]  # fmt: skip
+    groups = [
+        g
+        for g in ("alpha", "burstiness", "cluster", "models")
+        if any(r["group"] == g for r in rows)
+    ]
     if groups:
         labels = {"alpha": "alpha", "burstiness": "cv", "cluster": "gpus", "models": "models"}
         fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.8), squeeze=False)
@@ -751,12 +1019,21 @@ def plots(rows: list[dict[str, Any]], res: dict[str, Any]) -> None:
             label = labels[group]
             sel = [r for r in rows if r["group"] == group]
             for p in SENS_POLICIES:
-                xs = sorted({r[label] for r in sel if r["policy"] == p},
-                            key=lambda x: (x is not None, x or 0))  # fmt: skip
-                ys = [stat([r for r in sel if r["policy"] == p and r[label] == x], "ttft_p99_s")
-                      for x in xs]  # fmt: skip
-                ax.plot([x or 0.0 for x in xs], [y.mean for y in ys],  # type: ignore[union-attr]
-                        marker="o", label=p, color=COLOURS.get(p))  # fmt: skip
+                xs = sorted(
+                    {r[label] for r in sel if r["policy"] == p},
+                    key=lambda x: (x is not None, x or 0),
+                )
+                ys = [
+                    stat([r for r in sel if r["policy"] == p and r[label] == x], "ttft_p99_s")
+                    for x in xs
+                ]
+                ax.plot(
+                    [x or 0.0 for x in xs],
+                    [y.mean for y in ys],  # type: ignore[union-attr]
+                    marker="o",
+                    label=p,
+                    color=COLOURS.get(p),
+                )
             ax.set_yscale("log")
             ax.set_title(f"P99 TTFT vs {group}")
             ax.grid(True, alpha=0.3)
@@ -770,10 +1047,20 @@ def cost_curve() -> list[dict[str, Any]]:
     points = []
     for nodes in (8, 16, 32, 64, 128):
         res = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "planner_tick.py"), "--nodes", str(nodes),
-             "--models", str(nodes * 2), "--repeats", "3"],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "planner_tick.py"),
+                "--nodes",
+                str(nodes),
+                "--models",
+                str(nodes * 2),
+                "--repeats",
+                "3",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         points.append(json.loads(res.stdout))
     fig, ax = plt.subplots(figsize=(6, 4))
     gpus = [p["gpus"] for p in points]
@@ -803,12 +1090,33 @@ def analyse(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
         "band": band_results(rows),
         "sweeps": sweep_results(rows),
         "ablations": ablation_results(rows),
+        "errors": [
+            {
+                k: r.get(k)
+                for k in (
+                    "group",
+                    "service",
+                    "rps",
+                    "models",
+                    "key",
+                    "value",
+                    "seed",
+                    "policy",
+                    "error",
+                )
+            }
+            for r in rows
+            if r.get("error")
+        ],
     }
 
 
 def _row_key(r: dict[str, Any]) -> tuple[Any, ...]:
-    labels = [(k, r[k]) for k in ("service", "key", "value", "rps", "alpha", "cv", "gpus",
-                                  "models") if k in r]  # fmt: skip
+    labels = [
+        (k, r[k])
+        for k in ("service", "key", "value", "rps", "alpha", "cv", "gpus", "models")
+        if k in r
+    ]
     order = ALL.index(r["policy"]) if r["policy"] in ALL else len(ALL)
     return (r["group"], json.dumps(labels, default=str), order, r["seed"])
 
@@ -820,28 +1128,74 @@ def main() -> None:
     )
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--quick", action="store_true", help="the subset in QUICK_SKIPS' complement")
-    ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per cell (>= 5 for the doc)")
-    ap.add_argument("--budget-min", type=float, default=25.0,
-                    help="no new sweep-refinement round starts after this many minutes")  # fmt: skip
-    ap.add_argument("--duration", type=float, default=None,
-                    help="override every workload's duration_s (smoke runs only)")  # fmt: skip
+    ap.add_argument(
+        "--seeds", type=int, default=len(SEEDS), help="seeds per cell (>= 5 for the doc)"
+    )
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        default=25.0,
+        help="no new sweep-refinement round starts after this many minutes",
+    )
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="override every workload's duration_s (smoke runs only)",
+    )
+    ap.add_argument(
+        "--stop-min",
+        type=float,
+        default=None,
+        help="cancel tasks not yet started after this many minutes and report what finished",
+    )
     ap.add_argument("--only", default=None, help="comma-separated groups (smoke runs)")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder")
     ap.add_argument("--replot", action="store_true", help="tables and plots from results.json")
+    ap.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="report a run that was cut short, from OUT/partial.jsonl",
+    )
     args = ap.parse_args()
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
+    partial = OUT / "partial.jsonl"
     if args.replot:
         saved = json.loads((OUT / "results.json").read_text())
         res = analyse(saved["runs"], saved["meta"])
         (OUT / "tables.md").write_text(tables(saved["runs"], res))
         plots(saved["runs"], res)
         return
-    t0 = time.monotonic()
     seeds = list(range(1, args.seeds + 1))
     only = set(args.only.split(",")) if args.only else None
+    if args.from_partial:
+        rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+        meta = json.loads((OUT / "partial-meta.json").read_text())
+        meta.update(cut_short=True, wall_min=None)
+        finish(rows, meta, args.quick or only is not None)
+        return
+    global REL_RESOLUTION
+    if args.quick:
+        REL_RESOLUTION = QUICK_RESOLUTION
+        for svc, grid in QUICK_GRIDS.items():
+            SWEEPS[svc]["grid"] = grid
+    t0 = time.perf_counter()
     first = fixed_tasks(args.quick, seeds, args.duration, only)
-    runner = Runner(args.jobs)
+    stop_at = t0 + args.stop_min * 60 if args.stop_min else float("inf")
+    partial.write_text("")
+    meta: dict[str, Any] = {
+        "quick": args.quick,
+        "skipped": QUICK_SKIPS if args.quick else [],
+        "seeds": seeds,
+        "jobs": args.jobs,
+        "duration_s": args.duration,
+        "only": sorted(only) if only else None,
+        "grids": {svc: sw["grid"] for svc, sw in SWEEPS.items()},
+        "knee_resolution": REL_RESOLUTION,
+    }
+    (OUT / "partial-meta.json").write_text(json.dumps(meta))
+    runner = Runner(args.jobs, partial, stop_at)
     try:
         if only is None or "sweep" in only:
             pols = available(QUICK_SWEEP_POLICIES if args.quick else SWEEP_POLICIES)
@@ -851,14 +1205,20 @@ def main() -> None:
             rows, sweep_meta = runner.run(first), {}
     finally:
         runner.close()
+    meta.update(
+        tasks=int(runner.bar.total),
+        cancelled_tasks=runner.cancelled,
+        wall_min=(time.perf_counter() - t0) / 60,
+        **sweep_meta,
+    )
+    finish(rows, meta, args.quick or only is not None)
+
+
+def finish(rows: list[dict[str, Any]], meta: dict[str, Any], carry_cost: bool) -> None:
     rows.sort(key=_row_key)
-    meta = {
-        "quick": args.quick, "skipped": QUICK_SKIPS if args.quick else [], "seeds": seeds,
-        "jobs": args.jobs, "duration_s": args.duration, "only": sorted(only) if only else None,
-        "tasks": int(runner.bar.total), "wall_min": (time.monotonic() - t0) / 60, **sweep_meta,
-    }  # fmt: skip
+    meta["incomplete_cells"] = incomplete(rows, len(meta["seeds"]))
     res = analyse(rows, meta)
-    if args.quick or only is not None:
+    if carry_cost:
         prev = OUT / "results.json"
         old = json.loads(prev.read_text()) if prev.exists() else {}
         control = old.get("control_cost")
@@ -871,11 +1231,23 @@ def main() -> None:
     )
     (OUT / "tables.md").write_text(tables(rows, res))
     plots(rows, res)
-    print(json.dumps({k: res[k] for k in ("band",)}, indent=1)[:4000])
-    for svc, s in res["sweeps"].items():
-        for k, v in s["ratios"].items():
+    for k, v in res["band"].items():
+        print(f"{k}: cited {v['cited_text']}, band {_x(v['band'][0])} - {_x(v['band'][1])}")
+    for svc, sw in res["sweeps"].items():
+        for k, v in sw["ratios"].items():
             print(f"{svc} {k}: {v['text']}")
-    print(f"wrote {OUT}/results.json, tables.md and plots in {meta['wall_min']:.1f} min")
+    print(f"wrote {OUT}/results.json, tables.md and plots")
+
+
+def incomplete(rows: list[dict[str, Any]], seeds: int) -> list[str]:
+    """Cells with fewer seeds than asked (a run cut short): named in the tables' header."""
+    count: dict[str, int] = {}
+    for r in rows:
+        labels = {k: r[k] for k in ("service", "key", "value", "rps", "models", "alpha", "cv",
+                                    "gpus") if k in r}  # fmt: skip
+        name = f"{r['group']} {labels} {r['policy']}"
+        count[name] = count.get(name, 0) + 1
+    return sorted(n for n, c in count.items() if c < seeds)
 
 
 if __name__ == "__main__":
