@@ -184,7 +184,6 @@ BANDS: list[dict[str, Any]] = [
     },
 ]
 QUICK_SKIPS = [
-    "band on Azure Coding (Conversation only)",
     "sweep policies serverlessllm-tuned, static and vanilla-autoscale",
     "ablation at 32 models (8 and 16 only)",
     "ServeGen m-mid",
@@ -410,8 +409,6 @@ def fixed_tasks(
     services = {"conv": "paper-azure-conv", "code": "paper-azure-code"}
     for svc, base in services.items():
         add("headline", {"service": svc}, spec(base), ALL)
-        if quick and svc == "code":
-            continue
         for band in BANDS:
             ref = cited(band["key"])
             for v in band["values"]:
