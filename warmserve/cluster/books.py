@@ -121,6 +121,10 @@ class Books:
         self._usage_version = 0
         self._snapshot: ClusterSnapshot | None = None
         self._snapshot_versions = (-1, -1)
+        # The views in the last snapshot, reused while their fields are unchanged.
+        self._gpu_views: list[GpuView | None] = [None] * num_devices
+        self._replica_views: dict[ReplicaId, ReplicaView] = {}
+        self._instance_views: dict[InstanceId, InstanceView] = {}
 
     # ----- actions ----------------------------------------------------------------------
     def apply(self, actions: Sequence[Action]) -> list[Effect]:
@@ -371,40 +375,79 @@ class Books:
         return self._snapshot
 
     def _build_snapshot(self, layout_changed: bool) -> ClusterSnapshot:
+        # Every snapshot has fresh tuples (consumers test their identity to skip work), but a
+        # view whose fields did not change is the cached object: building frozen views is most
+        # of a snapshot's cost, and most views are unchanged from one snapshot to the next.
         if layout_changed or self._snapshot is None:
-            gpus = tuple(
-                GpuView(
-                    d.device_id,
-                    d.node_id,
-                    d.total_pages,
-                    d.free_pages,
-                    d.instance_id if d.alive else DEAD,
-                )
-                for d in self.devices
-            )
-            replicas = tuple(
-                ReplicaView(r.replica_id, r.model, r.devices, r.pages_per_device, r.is_ready)
-                for r in self.replicas.values()
-                if r.owner is None
-            )
+            gpus = tuple(self._gpu_view(d) for d in self.devices)
+            views = self._replica_views
+            fresh: dict[ReplicaId, ReplicaView] = {}
+            for r in self.replicas.values():
+                if r.owner is None:
+                    v = views.get(r.replica_id)
+                    ready = not r.pending
+                    if (
+                        v is None
+                        or v.is_ready != ready
+                        or v.gpus is not r.devices
+                        or v.model != r.model
+                        or v.pages_per_gpu != r.pages_per_device
+                    ):
+                        v = ReplicaView(r.replica_id, r.model, r.devices, r.pages_per_device, ready)
+                    fresh[r.replica_id] = v
+            self._replica_views = fresh
+            replicas = tuple(fresh.values())
         else:  # the same objects: consumers may test identity to skip work
             gpus, replicas = self._snapshot.gpus, self._snapshot.replicas
-        instances = tuple(
-            InstanceView(
-                i.instance_id,
-                i.model,
-                i.devices,
-                i.state,
-                i.kv_pages,
-                i.kv_used_pages,
-                i.kv_lent_pages,
-            )
-            for i in self.instances.values()
-        )
+        inst_views = self._instance_views
+        fresh_i: dict[InstanceId, InstanceView] = {}
+        for i in self.instances.values():
+            v = inst_views.get(i.instance_id)
+            if (
+                v is None
+                or v.kv_used_pages != i.kv_used_pages
+                or v.kv_pages != i.kv_pages
+                or v.state != i.state
+                or v.kv_lent_pages != i.kv_lent_pages
+                or v.gpus is not i.devices
+                or v.model != i.model
+            ):
+                v = InstanceView(
+                    i.instance_id,
+                    i.model,
+                    i.devices,
+                    i.state,
+                    i.kv_pages,
+                    i.kv_used_pages,
+                    i.kv_lent_pages,
+                )
+            fresh_i[i.instance_id] = v
+        self._instance_views = fresh_i
         cached, busy = self.host_view() if self.host_view is not None else ((), ())
         return ClusterSnapshot(
-            gpus, replicas, instances, self.devices_per_node, cached, busy, self.page_bytes
+            gpus,
+            replicas,
+            tuple(fresh_i.values()),
+            self.devices_per_node,
+            cached,
+            busy,
+            self.page_bytes,
         )
+
+    def _gpu_view(self, d: DeviceBook) -> GpuView:
+        ids = d.instance_ids
+        inst = (ids[0] if ids else None) if d.alive else DEAD
+        v = self._gpu_views[d.device_id]
+        if (
+            v is None
+            or v.free_pages != d.free_pages
+            or v.instance_id != inst
+            or v.total_pages != d.total_pages
+            or v.node_id != d.node_id
+        ):
+            v = GpuView(d.device_id, d.node_id, d.total_pages, d.free_pages, inst)
+            self._gpu_views[d.device_id] = v
+        return v
 
     def check_invariants(self) -> None:
         """Pages conserved on every device, and every page's owner accounted for."""

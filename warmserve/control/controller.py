@@ -84,6 +84,9 @@ class Controller:
         self._replica_scores: dict[int, float] = {}
         self._requests_seen = 0  # dispatches + completions, to skip unchanged KV reviews
         self._kv_reviewed: tuple[tuple[InstanceView, ...], int] | None = None
+        # Per running instance, the (view, in-flight) of a tick review that could not act on
+        # any cluster: the next tick skips it while they are unchanged.
+        self._kv_settled: dict[InstanceId, tuple[InstanceView, int]] = {}
         self._next_instance = 0
         self._next_replica = 0
         self._window = 0
@@ -91,6 +94,7 @@ class Controller:
         # while its layout is unchanged, and then the plan would be the same.
         self._last_planned: tuple[tuple[GpuView, ...], tuple[ReplicaView, ...]] | None = None
         self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
+        self._unchanged_plan: tuple | None = None  # inputs of the last plan, if it did nothing
         self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
 
     # ----- events -----------------------------------------------------------------------
@@ -308,13 +312,14 @@ class Controller:
             self._last_planned = None  # forecasts changed: plan again
 
     def _autoscale(self, name: ModelName, now: float, cluster: ClusterHandle) -> None:
-        active = [
-            ActiveInstance(i, inst.created_s, inst.in_flight)
+        live = [
+            (i, inst)
             for i, inst in self._instances.items()
             if inst.model == name and not inst.stopping
         ]
-        delta = scale_delta(self.load(name, now), len(active), self.cfg)
+        delta = scale_delta(self.load(name, now), len(live), self.cfg)
         if delta < 0:
+            active = [ActiveInstance(i, inst.created_s, inst.in_flight) for i, inst in live]
             views = cluster.snapshot().instance_by_id
             active = [
                 replace(a, starting=(v := views.get(a.instance_id)) is not None
@@ -352,8 +357,15 @@ class Controller:
         last = self._kv_reviewed
         if last is not None and last[0] is snap.instances and last[1] == self._requests_seen:
             return  # no instance, KV use or in-flight count changed since the last review
+        settled, self._kv_settled = self._kv_settled, {}
         for view in snap.instances:
-            if view.state == InstanceState.RUNNING and self._review_kv(view, snap, cluster, now):
+            if view.state != InstanceState.RUNNING:
+                continue
+            inst = self._instances.get(view.instance_id)
+            key = (view, inst.in_flight if inst else 0)
+            if settled.get(view.instance_id) == key:
+                self._kv_settled[view.instance_id] = key  # the same inputs: no action again
+            elif self._review_kv(view, snap, cluster, now):
                 snap = cluster.snapshot()
         self._kv_reviewed = (snap.instances, self._requests_seen)
 
@@ -384,11 +396,19 @@ class Controller:
             # the target follows every admitted request, and chasing it churns prewarms.
             band = max(1, math.ceil(self.cfg.kv_hysteresis * full))
             recent = inst is not None and now - inst.kv_changed_s < self.cfg.kv_lend_min_s
-            if recent or abs(target - view.kv_pages) < band:
+            if abs(target - view.kv_pages) < band:
+                self._kv_settled[view.instance_id] = (view, in_flight)
+                return False
+            if recent:
                 return False
             min_lend = band
             young = now - self.cfg.prewarm_min_life_s
             protected = frozenset(r for r, t in self._replica_born.items() if t > young)
+        elif not pressure and view.kv_pages - min_lend < target <= view.kv_pages:
+            # Within a lend's minimum of the target, or at it: no action whatever the cluster
+            # holds, as long as this view and in-flight count stay as they are.
+            self._kv_settled[view.instance_id] = (view, in_flight)
+            return False
         actions = kv_actions(view, target, snap, self._replica_scores, min_lend, protected)
         if actions:
             self._record(actions, now, view.kv_pages)
@@ -449,6 +469,12 @@ class Controller:
         # another way (a lost worker) must not pile up here.
         horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
         self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
+        # The plan is a function of these inputs alone (ids are drawn only for actions): when
+        # they equal those of the last plan, and it changed nothing, so would this one.
+        key = _plan_key(inp)
+        if key == self._unchanged_plan:
+            self._last_planned = (snap.gpus, snap.replicas)
+            return
         if self.policy.smart_placement:
             plan = plan_evict_aware(inp, self._new_replica_id)
         else:
@@ -456,6 +482,7 @@ class Controller:
                 inp, self._new_replica_id, reference_quirk=self.policy.reference_round_robin
             )
         self._replica_scores = plan.scores
+        self._unchanged_plan = None if plan.actions else key
         if plan.actions:
             self._record(plan.actions, now)
             cluster.apply(plan.actions)
@@ -499,3 +526,16 @@ class Controller:
     @property
     def replica_scores(self) -> Mapping[int, float]:
         return self._replica_scores
+
+
+def _plan_key(inp: PlanInput) -> tuple:
+    """What the planners read of their input, in order (the order sets ties and float sums);
+    models and constants are fixed for a controller's life."""
+    snap = inp.snapshot
+    return (
+        tuple(g.free_pages for g in snap.gpus),
+        tuple((r.replica_id, r.model, r.gpus, r.pages_per_gpu) for r in snap.replicas),
+        tuple((i.instance_id, i.model, i.gpus, i.state == "stopping") for i in snap.instances),
+        tuple(inp.forecasts.items()),
+        tuple(inp.live_instances.items()),
+    )

@@ -44,12 +44,20 @@ class ConcurrencySeries:
         steps = self._steps
         if steps[-1][0] <= start:
             return float(self.num_reqs)  # no change inside the span
+        # Each step's share, clipped to the span, summed in step order (called every tick
+        # for every model: comparisons instead of min/max calls).
         total = 0.0
-        for i, (t, n) in enumerate(steps):
-            t_next = steps[i + 1][0] if i + 1 < len(steps) else now
-            lo, hi = max(t, start), min(t_next, now)
+        it = iter(steps)
+        t, n = next(it)
+        for t_next, n_next in it:
+            lo = t if t > start else start
+            hi = t_next if t_next < now else now
             if hi > lo:
                 total += (hi - lo) * n
+            t, n = t_next, n_next
+        lo = t if t > start else start
+        if now > lo:
+            total += (now - lo) * n
         return total / span_s
 
     def close_window(self, now: float, window_s: float) -> tuple[float, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -60,33 +61,49 @@ class Plan:
     scores: dict[ReplicaId, float]  # value of every existing replica (0 = beyond demand)
 
 
+@lru_cache(maxsize=4096)
+def _cached_scores(fc: Forecast, live: int, cold_s: float, capacity: int) -> tuple[float, ...]:
+    """`replica_scores`, memoised: the planner asks every tick, forecasts change per window."""
+    return tuple(replica_scores(fc, live, cold_s, capacity))
+
+
+_NO_FORECAST = Forecast(0.0, 0.0)
+
+
 def _demands(inp: PlanInput) -> tuple[dict[ReplicaId, float], list[tuple[float, int, ModelName]]]:
     """Scores of existing replicas, and the new replicas wanted as (score, model rank, model)."""
     held: dict[ModelName, list[int]] = {m: [] for m in inp.models}
     for r in sorted(inp.snapshot.replicas, key=lambda r: r.replica_id):
         held.setdefault(r.model, []).append(r.replica_id)
-    stopping = [i for i in inp.snapshot.instances if i.state == "stopping"]
+    draining: dict[ModelName, int] = {}
+    for i in inp.snapshot.instances:
+        if i.state == "stopping":
+            draining[i.model] = draining.get(i.model, 0) + 1
     existing: dict[ReplicaId, float] = {}
     wanted: list[tuple[float, int, ModelName]] = []
     top = max((m.priority for m in inp.models.values()), default=1.0)
     for rank, (name, m) in enumerate(inp.models.items()):
         cold_s = m.shard_bytes / inp.planning_bandwidth
-        fc = inp.forecasts.get(name, Forecast(0.0, 0.0))
-        scores = replica_scores(fc, inp.live_instances.get(name, 0), cold_s, inp.capacity)
+        fc = inp.forecasts.get(name, _NO_FORECAST)
+        live = inp.live_instances.get(name, 0)
+        scores = _cached_scores(fc, live, cold_s, inp.capacity)
         # A draining instance becomes a prewarmed replica soon: it holds a slot in the list.
-        num_draining = sum(1 for i in stopping if i.model == name)
+        num_draining = draining.get(name, 0)
         scores = scores[num_draining:]
-        if inp.prior and not scores and not num_draining and not inp.live_instances.get(name):
-            scores = [PRIOR_CEILING * m.priority / top]
-        for k, rid in enumerate(held[name]):
+        if inp.prior and not scores and not num_draining and not live:
+            scores = (PRIOR_CEILING * m.priority / top,)
+        mine = held[name]
+        for k, rid in enumerate(mine):
             existing[rid] = scores[k] if k < len(scores) else 0.0
-        wanted += [(s, rank, name) for s in scores[len(held[name]) :]]
+        wanted += [(s, rank, name) for s in scores[len(mine) :]]
     wanted.sort(key=lambda w: (-w[0], w[1]))
     return existing, wanted
 
 
 def plan_evict_aware(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
     existing, wanted = _demands(inp)
+    if not wanted:  # the usual tick: nothing to place, so no occupancy to build
+        return Plan([], existing)
     occ = Occupancy(inp.snapshot, existing)
     actions: list[Prewarm] = []
     failed: set[ModelName] = set()
@@ -175,6 +192,8 @@ def plan_round_robin(
     no-prewarm rather than placement; it is kept only to reproduce the reference.
     """
     existing, wanted = _demands(inp)
+    if not wanted:
+        return Plan([], existing)
     occ = Occupancy(inp.snapshot, existing)
     quota: dict[ModelName, list[float]] = {m: [] for m in inp.models}
     for score, _, name in wanted:

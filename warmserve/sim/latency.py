@@ -60,11 +60,19 @@ class StepTimeModel:
 
     def decode_run(self, batch: int, ctx_sum: float, steps: int) -> np.ndarray:
         """Cumulative end times of `steps` decode steps; the context grows by `batch` a step."""
-        ctx = ctx_sum + batch * np.arange(steps, dtype=np.float64)
-        mem = self._weights + self._kv_tok * ctx
-        comp = self._flop_tok * batch + self._attn * ctx
-        per_step = self._fixed + self._seq * batch + np.maximum(mem, comp) + self._comm_tok * batch
-        return np.cumsum(per_step)
+        # In place, one operation at a time in the order of `decode` (IEEE + and * commute, so
+        # every step time is bit-identical to it): a run is computed at every batch change.
+        ctx = np.arange(steps, dtype=np.float64)
+        ctx *= batch
+        ctx += ctx_sum
+        mem = ctx * self._kv_tok
+        mem += self._weights
+        ctx *= self._attn
+        ctx += self._flop_tok * batch
+        np.maximum(mem, ctx, out=mem)
+        mem += self._fixed + self._seq * batch
+        mem += self._comm_tok * batch
+        return np.add.accumulate(mem, out=mem)
 
     def prefill(self, num_tokens: int, sum_sq_tokens: float, num_seqs: int = 1) -> float:
         """A prefill step over `num_seqs` prompts with `num_tokens` in all and

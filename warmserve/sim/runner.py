@@ -194,18 +194,25 @@ def run_policy(
     )
     cluster.on_kv_pressure = lambda inst_id: controller.on_kv_pressure(loop.now(), inst_id, cluster)
     names = wl.model_names
+    # Python lists, read once per request: the same values as indexing the arrays, faster.
+    arrival = wl.arrival_s.tolist()
+    model_of = [ModelName(names[i]) for i in wl.model_idx.tolist()]
+    inputs = wl.input_tokens.tolist()
+    outputs = wl.output_tokens.tolist()
+    last = wl.num_requests - 1
+    requests = cluster.requests
 
     def arrive(k: int) -> None:
-        req = SimRequest(k, int(wl.input_tokens[k]), int(wl.output_tokens[k]))
-        cluster.requests[k] = req
-        info = RequestInfo(
-            k, ModelName(names[wl.model_idx[k]]), loop.now(), req.input_tokens, req.output_tokens
-        )
-        controller.on_request(loop.now(), info, cluster)
-        if k + 1 < wl.num_requests:
-            loop.at(float(wl.arrival_s[k + 1]), arrive, k + 1)
+        req = SimRequest(k, inputs[k], outputs[k])
+        requests[k] = req
+        now = loop.now()
+        controller.on_request(now, RequestInfo(k, model_of[k], now, req.input_tokens,
+                                               req.output_tokens), cluster)  # fmt: skip
+        if k < last:
+            loop.at(arrival[k + 1], arrive, k + 1)
 
-    end_s = (float(wl.arrival_s[-1]) if wl.num_requests else 0.0) + exp.workload.drain_s
+    last_arrival_s = arrival[-1] if wl.num_requests else 0.0
+    end_s = last_arrival_s + exp.workload.drain_s
     sample_every = max(1, round(max(end_s, 1.0) / 2000 / cfg.tick_s))
     samples: list[tuple[float, list[int], list[int], list[int], list[int]]] = []
     ticks = [0]
@@ -218,11 +225,11 @@ def run_policy(
             samples.append((now, [x.free_pages for x in g], [x.prewarm_pages for x in g],
                             [x.weights_pages for x in g], [x.kv_pages for x in g]))  # fmt: skip
         ticks[0] += 1
-        if remaining[0] > 0 or now < float(wl.arrival_s[-1] if wl.num_requests else 0.0):
+        if remaining[0] > 0 or now < last_arrival_s:
             loop.at(now + cfg.tick_s, tick)
 
     if wl.num_requests:
-        loop.at(float(wl.arrival_s[0]), arrive, 0)
+        loop.at(arrival[0], arrive, 0)
     loop.at(-exp.workload.warmup_s, tick)
     loop.run(
         end_s, after_event=cluster.check_invariants if check_invariants else None, progress=progress
