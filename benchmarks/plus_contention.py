@@ -35,10 +35,12 @@ VARIANTS = {
     "plus-no-calm-kv": dataclasses.replace(PLUS, calm_kv=False),
     "plus-no-prior": dataclasses.replace(PLUS, prior_prewarm=False),
     "plus-no-aging": dataclasses.replace(PLUS, queue_aging=False),
+    # warmserve-plus before fair starts (fragmentation-aware starts, held blocks, drains).
+    "plus-no-fair": dataclasses.replace(PLUS, fair_starts=False),
 }
 
 
-def experiment(rps: float, models: int, seed: int):
+def experiment(rps: float, models: int, seed: int, control: dict | None = None):
     exp = load_experiment(ROOT / "experiments" / "paper-azure-conv.yaml")
     entries = [
         ModelEntry(name=f"m{i:02d}-{p.removeprefix('llama-2-')}", preset=p, tp=tp,
@@ -50,6 +52,7 @@ def experiment(rps: float, models: int, seed: int):
         seed=seed,
         models=entries,
         workload=dataclasses.replace(exp.workload, rps=rps),
+        control=dataclasses.replace(exp.control, **(control or {})),
     )
 
 
@@ -79,13 +82,21 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--policies", default="warmserve,plus-keepalive-only,warmserve-plus")
     ap.add_argument("--out", default=None, help="write every run as JSON here")
+    ap.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ControlConfig field (a number), e.g. starve_wait_s=5",
+    )
     args = ap.parse_args()
     for name, spec in VARIANTS.items():
         POLICIES[name] = _warmserve(dataclasses.replace(spec, name=name))
     policies = args.policies.split(",")
+    control = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.control)}
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     for seed in (int(s) for s in args.seeds.split(",")):
-        exp = experiment(args.rps, args.models, seed)
+        exp = experiment(args.rps, args.models, seed, control)
         wl = make_workload(exp)
         for p in policies:
             runs[p].append(row(run_policy(exp, p, wl).summary))

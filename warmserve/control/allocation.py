@@ -31,11 +31,31 @@ def _choice(
     return StartChoice(gpus, path, keep.replica_id if keep else None, tuple(evict))
 
 
+@dataclass(frozen=True, slots=True)
+class StartContext:
+    """What fragmentation-aware starts (warmserve-plus's fair_starts) weigh besides the model."""
+
+    blocked: frozenset[int] = frozenset()  # free GPUs held back for another model's start
+    waiting_tps: frozenset[int] = frozenset()  # TP degrees of other models with queued requests
+    tp_sizes: frozenset[int] = frozenset()  # TP degrees of every served model
+
+
 def choose_start(
-    model: ServedModel, snap: ClusterSnapshot, *, smart: bool, use_replicas: bool
+    model: ServedModel,
+    snap: ClusterSnapshot,
+    *,
+    smart: bool,
+    use_replicas: bool,
+    ctx: StartContext | None = None,
 ) -> StartChoice | None:
-    """Finished prewarm hit, then in-progress hit, then a miss on free GPUs; None if no room."""
+    """Finished prewarm hit, then in-progress hit, then a miss on free GPUs; None if no room.
+
+    With `ctx` (fair starts), GPUs in `ctx.blocked` are not free, and the start that breaks
+    the fewest free aligned blocks of larger TP degrees wins: first those of models waiting
+    now, then (after the start path) those of any served model."""
     free = _free_gpus(snap)
+    if ctx is not None:
+        return _choose_fair(model, snap, free - ctx.blocked, ctx, smart, use_replicas)
     if use_replicas:
         mine = sorted(
             (r for r in snap.replicas if r.model == model.name), key=lambda r: r.replica_id
@@ -78,3 +98,61 @@ def _miss_gpus(
             fits.sort(key=lambda g: hosted[g])
             return tuple(sorted(fits[:tp]))
     return None
+
+
+def _broken(group: tuple[int, ...], free: set[int], sizes: list[int], gpn: int) -> tuple[int, ...]:
+    """Per TP degree in `sizes` (largest first): free aligned blocks of that degree that a
+    start on `group` would break. Such blocks are what a large model needs to start at all."""
+    out = []
+    for t in sizes:
+        if gpn % t:
+            out.append(0)
+            continue
+        bases = {g - g % t for g in group}
+        out.append(sum(1 for b in bases if free.issuperset(range(b, b + t))))
+    return tuple(out)
+
+
+def _choose_fair(
+    model: ServedModel,
+    snap: ClusterSnapshot,
+    free: set[int],
+    ctx: StartContext,
+    smart: bool,
+    use_replicas: bool,
+) -> StartChoice | None:
+    gpn = snap.gpus_per_node
+    tp = model.tp
+    waiting = sorted((t for t in ctx.waiting_tps if t > tp), reverse=True)
+    larger = sorted((t for t in ctx.tp_sizes if t > tp and t not in ctx.waiting_tps), reverse=True)
+    # (key, gpus, path, replica); the key ranks a hit that breaks a block a waiting model needs
+    # below a replica or miss that does not.
+    best: tuple[tuple, tuple[int, ...], StartPath, ReplicaView | None] | None = None
+
+    def consider(gpus: tuple[int, ...], rank: int, path: StartPath, keep, cost: int) -> None:
+        nonlocal best
+        key = (
+            _broken(gpus, free, waiting, gpn), rank, _broken(gpus, free, larger, gpn), cost, gpus
+        )  # fmt: skip
+        if best is None or key < best[0]:
+            best = (key, gpus, path, keep)
+
+    if use_replicas:
+        for r in snap.replicas:
+            if r.model == model.name and free.issuperset(r.gpus):
+                ready = r.is_ready
+                path = StartPath.PREWARM_HIT if ready else StartPath.INPROGRESS_HIT
+                consider(r.gpus, 0 if ready else 1, path, r, r.replica_id)
+    hosted = {g: len(rs) for g, rs in snap.replicas_by_gpu.items()}
+    if smart and gpn % tp == 0:
+        for base in range(0, len(snap.gpus), tp):
+            group = tuple(range(base, base + tp))
+            if free.issuperset(group):
+                consider(group, 2, StartPath.COLD, None, sum(hosted[g] for g in group))
+    else:
+        gpus = _miss_gpus(tp, snap, free, smart)
+        if gpus is not None:
+            consider(gpus, 2, StartPath.COLD, None, sum(hosted[g] for g in gpus))
+    if best is None:
+        return None
+    return _choice(snap, best[1], best[2], best[3])

@@ -54,6 +54,13 @@ class ControlConfig:
     kv_hysteresis: float = 0.25
     kv_lend_min_s: float = 30.0
     prewarm_min_life_s: float = 10.0
+    # Fair starts (policies with fair_starts, e.g. warmserve-plus). A model whose oldest queued
+    # request has waited this long, with no free room, gets an aligned GPU block held for it:
+    # idle instances there are released, busy ones drained, and no other model starts there.
+    # Until it has waited starve_preempt_s, only instances whose models keep enough others
+    # for their load are drained; after, any (a model's last instance too).
+    starve_wait_s: float = 2.0
+    starve_preempt_s: float = 8.0
 
     def __post_init__(self) -> None:
         if self.capacity_per_instance < 1:
@@ -86,6 +93,8 @@ class ControlConfig:
             raise ValueError("serverless_max_instances and serverless_max_queue must be >= 1")
         if self.serverless_keep_alive_s < 0:
             raise ValueError("serverless_keep_alive_s must be >= 0")
+        if not 0 <= self.starve_wait_s <= self.starve_preempt_s:
+            raise ValueError("need 0 <= starve_wait_s <= starve_preempt_s")
         if self.kv_lend_min_s < 0 or self.prewarm_min_life_s < 0:
             raise ValueError("kv_lend_min_s and prewarm_min_life_s must be >= 0")
 
@@ -116,3 +125,8 @@ class PolicySpec:
     # Without smart placement: the reference's round-robin planner, which stops at the first
     # model with no quota (planner.plan_round_robin); only `warmserve-no-placement-ref`.
     reference_round_robin: bool = False
+    # Starts that cannot starve: starts keep free aligned blocks for larger TP degrees (a
+    # prewarm hit that would break one a waiting model needs loses to another replica or a
+    # miss); a start with no room demotes the idle instances of one aligned block; a model
+    # waiting `starve_wait_s` gets an aligned block held for it, its busy instances drained.
+    fair_starts: bool = False

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from warmserve.control.allocation import StartChoice, choose_start
+from warmserve.control.allocation import StartChoice, StartContext, choose_start
 from warmserve.control.api import (
     Action,
     ClusterHandle,
@@ -96,6 +96,9 @@ class Controller:
         self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
         self._unchanged_plan: tuple | None = None  # inputs of the last plan, if it did nothing
         self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
+        # Fair starts: aligned GPU blocks held for starving models (no other model starts there).
+        self._reserved: dict[ModelName, tuple[int, ...]] = {}
+        self._tp_sizes = frozenset(m.tp for m in models)
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -151,6 +154,8 @@ class Controller:
         self._close_windows(now)
         for name in self._autoscale_order():
             self._autoscale(name, now, cluster)
+        if self.policy.fair_starts:
+            self._rescue_starving(now, cluster)
         if self.policy.unified_memory and self.policy.kv_prewarm:
             self._reserve_kv(cluster, now)
         if self.policy.unified_memory and self.policy.proactive_prewarm:
@@ -205,9 +210,13 @@ class Controller:
         if self.policy.prior_prewarm and (choice is None or choice.path == StartPath.COLD):
             choice = self._demote_for_hit(name, now, cluster) or choice
         if choice is None and self.policy.keep_alive:
-            choice = self._reclaim_idle(name, now, cluster)
+            if self.policy.fair_starts:
+                choice = self._demote_block(name, now, cluster)
+            else:
+                choice = self._reclaim_idle(name, now, cluster)
         if choice is None:
             return False
+        self._reserved.pop(name, None)  # started: a held block (if any) is free for all again
         inst_id = self._new_instance_id()
         # A miss under unified memory loads into a slot, like a prewarm: name that replica.
         slot = self.policy.unified_memory and choice.replica_id is None
@@ -233,9 +242,26 @@ class Controller:
     def _choose_start(
         self, model: ServedModel, snap: ClusterSnapshot, now: float
     ) -> StartChoice | None:
+        ctx = None
+        if self.policy.fair_starts:
+            ctx = StartContext(
+                blocked=self._blocked(model.name),
+                waiting_tps=frozenset(
+                    self.models[m].tp for m, q in self._queues.items() if q and m != model.name
+                ),
+                tp_sizes=self._tp_sizes,
+            )
         return choose_start(
-            model, snap, smart=self.policy.smart_placement, use_replicas=self.policy.unified_memory
+            model,
+            snap,
+            smart=self.policy.smart_placement,
+            use_replicas=self.policy.unified_memory,
+            ctx=ctx,
         )
+
+    def _blocked(self, name: ModelName) -> frozenset[int]:
+        """GPUs held for other models' starts."""
+        return frozenset(g for m, group in self._reserved.items() if m != name for g in group)
 
     def _stoppable(self, active: list[ActiveInstance], now: float) -> list[ActiveInstance]:
         """Instances scale-down may pick from; the protect period applies later. With keep-alive,
@@ -256,14 +282,13 @@ class Controller:
         them (their weights stay prewarmed) and activate it, rather than load cold or wait."""
         snap = cluster.snapshot()
         by_gpu = {g.gpu_id: g.instance_id for g in snap.gpus}
+        idle = self._idle_others(name, snap)
+        blocked = self._blocked(name)
         for r in sorted(snap.replicas, key=lambda r: r.replica_id):
-            if r.model != name or not r.is_ready:
+            if r.model != name or not r.is_ready or blocked.intersection(r.gpus):
                 continue
             holders = {by_gpu[g] for g in r.gpus} - {None}
-            insts = [self._instances.get(i) for i in holders]
-            if not holders or any(
-                i is None or i.in_flight or i.stopping or i.model == name for i in insts
-            ):
+            if not holders or not holders <= idle:
                 continue
             for inst_id in sorted(holders):
                 self._release(inst_id, cluster)
@@ -272,6 +297,21 @@ class Controller:
                 return choice
             return None
         return None
+
+    def _idle_others(self, name: ModelName, snap: ClusterSnapshot) -> set[InstanceId]:
+        """Instances of other models that hold no request and could be released now: not
+        draining, and not starting (their load is in flight; the books refuse to release
+        one, and its weights are not there to keep)."""
+        views = snap.instance_by_id
+        return {
+            i
+            for i, inst in self._instances.items()
+            if inst.in_flight == 0
+            and not inst.stopping
+            and inst.model != name
+            and (v := views.get(i)) is not None
+            and v.state == InstanceState.RUNNING
+        }
 
     def _reclaim_idle(
         self, name: ModelName, now: float, cluster: ClusterHandle
@@ -288,11 +328,10 @@ class Controller:
         idle = sorted(
             (
                 not (v := views.get(i)) or not mine.intersection(v.gpus),
-                inst.last_active_s,
+                self._instances[i].last_active_s,
                 i,
             )
-            for i, inst in self._instances.items()
-            if inst.in_flight == 0 and not inst.stopping and inst.model != name
+            for i in self._idle_others(name, snap)
         )
         for _, _, inst_id in idle:
             self._release(inst_id, cluster)
@@ -300,6 +339,121 @@ class Controller:
             if choice is not None:
                 return choice
         return None
+
+    def _block_to_free(
+        self,
+        name: ModelName,
+        snap: ClusterSnapshot,
+        now: float,
+        busy: bool,
+        shortable: bool = True,
+    ) -> tuple[tuple[int, ...], list[InstanceId]] | None:
+        """The aligned block of `name`'s TP degree cheapest to free, and the instances of other
+        models on it. Idle instances cost nothing (stopping one is instant and keeps its weights
+        prewarmed). With `busy`, running instances past their protect period may be drained:
+        first those whose model has other instances to take its requests, then the fewest
+        requests in flight. Starting instances and other models' held blocks are never taken;
+        without `shortable`, neither is a block whose drain leaves a model short of instances
+        for its load."""
+        tp = self.models[name].tp
+        gpn = snap.gpus_per_node
+        if gpn % tp:
+            return None
+        blocked = self._blocked(name)
+        views = snap.instance_by_id
+        live = self._live_counts()
+        cap = self.cfg.capacity_per_instance * self.cfg.scale_up_threshold
+        hits = {r.gpus for r in snap.replicas if r.model == name and r.is_ready}
+        best: tuple[tuple, tuple[int, ...], list[InstanceId]] | None = None
+        for base in range(0, len(snap.gpus), tp):
+            group = tuple(range(base, base + tp))
+            if blocked.intersection(group):
+                continue
+            holders = sorted({snap.gpus[g].instance_id for g in group} - {None})
+            drained: dict[ModelName, int] = {}
+            load = extra = 0
+            for i in holders:
+                v, inst = views.get(i), self._instances.get(i)
+                if v is None or inst is None or inst.model == name:
+                    break
+                if v.state == InstanceState.STARTING or blocked.intersection(v.gpus):
+                    break
+                if inst.stopping or inst.in_flight == 0:
+                    load += inst.in_flight  # draining already, or idle
+                    continue
+                if not busy or now - inst.created_s < self.cfg.protect_period_s:
+                    break
+                load += inst.in_flight
+                drained[inst.model] = drained.get(inst.model, 0) + 1
+                extra += len(v.gpus) - len(set(v.gpus) & set(group))
+            else:
+                # Models whose remaining instances could not carry their load: their requests
+                # would queue in turn (a model's last instance always counts).
+                short = [
+                    self.load(m, now)
+                    for m, k in drained.items()
+                    if (live[m] - k) * cap < self.load(m, now) or live[m] == k
+                ]
+                if short and not shortable:
+                    continue
+                # Fewest models left short, the least load left short, a prewarm hit, then the
+                # fewest requests to drain and the fewest GPUs freed beyond the block.
+                key = (len(short), sum(short), group not in hits, load, extra, len(holders), base)
+                if best is None or key < best[0]:
+                    best = (key, group, holders)
+        return None if best is None else (best[1], best[2])
+
+    def _stop_now(self, inst_ids: list[InstanceId], cluster: ClusterHandle) -> None:
+        """Stop instances at once: empty ones are released (weights stay prewarmed), busy ones
+        leave routing and drain."""
+        for inst_id in inst_ids:
+            inst = self._instances[inst_id]
+            if inst.stopping:
+                continue
+            inst.stopping = True
+            if inst.in_flight == 0:
+                self._release(inst_id, cluster)
+            else:
+                cluster.apply([StopInstance(inst_id)])
+
+    def _demote_block(
+        self, name: ModelName, now: float, cluster: ClusterHandle
+    ) -> StartChoice | None:
+        """No room for `name`: stop the idle instances of the one aligned block that frees
+        room with the fewest stops (a block holding a ready replica of `name` first), rather
+        than idle instances anywhere (which frees GPUs scattered over nodes)."""
+        found = self._block_to_free(name, cluster.snapshot(), now, busy=False)
+        if found is None:
+            return None
+        self._stop_now(found[1], cluster)
+        return self._choose_start(self.models[name], cluster.snapshot(), now)
+
+    def _rescue_starving(self, now: float, cluster: ClusterHandle) -> None:
+        """Hold an aligned block for each model whose oldest request has waited
+        `starve_wait_s` with no room: free it (idle instances stop, busy ones drain), and keep
+        every other model's starts off it until this model starts. This bounds a wait by the
+        drain of one block rather than by the luck of races for freed GPUs. Until
+        `starve_preempt_s`, only instances whose models keep enough others are drained."""
+        for name in [m for m in self._reserved if not self._queues[m]]:
+            del self._reserved[name]
+        for name in self._autoscale_order():
+            queue = self._queues[name]
+            if not queue:
+                continue
+            waited = now - queue[0].arrival_s
+            if waited < self.cfg.starve_wait_s or name in self._reserved:
+                continue
+            if self._route(name) is not None or self._start(name, now, cluster):
+                continue
+            # A model's last instance (or one its load needs) is drained only after a longer
+            # wait: its own requests then queue, and each such switch costs a start.
+            shortable = waited >= self.cfg.starve_preempt_s
+            found = self._block_to_free(name, cluster.snapshot(), now, True, shortable)
+            if found is None:
+                continue
+            self._reserved[name] = found[0]
+            self._stop_now(found[1], cluster)
+            self._start(name, now, cluster)
 
     # ----- periodic policy --------------------------------------------------------------
     def _close_windows(self, now: float) -> None:

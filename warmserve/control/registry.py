@@ -57,7 +57,12 @@ POLICIES: dict[str, RegisteredPolicy] = {
 }
 POLICIES["warmserve-plus"] = _warmserve(
     PolicySpec(
-        "warmserve-plus", keep_alive=True, prior_prewarm=True, queue_aging=True, calm_kv=True
+        "warmserve-plus",
+        keep_alive=True,
+        prior_prewarm=True,
+        queue_aging=True,
+        calm_kv=True,
+        fair_starts=True,
     )
 )
 POLICIES["oracle"] = _warmserve(PolicySpec("oracle"), needs_future=True)
