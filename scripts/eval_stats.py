@@ -90,7 +90,8 @@ def fmt_ratio(s: Spread | None, censor: str = "") -> str:
         return "undetermined (both sweeps censored)"
     if s is None:
         return "–"
-    body = fmt_spread(s, "{:.2g}" if s.mean < 10 else "{:.3g}").replace(" (", "× (")
+    spec = "{:.2g}" if s.mean < 10 else "{:.3g}" if s.mean < 100 else "{:.0f}"
+    body = fmt_spread(s, spec).replace(" (", "× (")
     body = body.replace(")", "×)") if "(" in body else body + "×"
     bound = {"lower": "≥ ", "upper": "≤ "}.get(censor, "")
     text = bound + body

@@ -621,10 +621,15 @@ def sweep_results(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 never = [p for p, e in ((num, a), ("muxserve", b)) if e["censored"] == "never"]
                 text = fmt_ratio(r, cen)
                 if never:
-                    text = f"undefined: {' and '.join(never)} meets {t:.0%} at no rate swept"
+                    verb = "meets" if len(never) == 1 else "meet"
+                    text = f"undefined: {' and '.join(never)} {verb} {t:.0%} at no rate swept"
                 ratios[f"{num}/muxserve@{t}"] = {"spread": _d(r), "censored": cen, "text": text}
         out[svc] = {"by_policy": by, "ratios": ratios}
     return out
+
+
+def _num(x: Any) -> float:
+    return float(x) if isinstance(x, int | float) else 0.0
 
 
 def band_results(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -645,13 +650,10 @@ def band_results(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     continue
                 points = [("cited", None, at)]
                 keys = sorted(
-                    {
-                        (r["key"], r["value"])
-                        for r in rows
-                        if r["group"] == "band" and r["service"] == svc
-                    },
-                    key=str,
-                )
+                    {(r["key"], r["value"]) for r in rows
+                     if r["group"] == "band" and r["service"] == svc},
+                    key=lambda kv: (kv[0] == "corner", kv[0], _num(kv[1]), str(kv[1])),
+                )  # fmt: skip
                 for key, value in keys:
                     r = ratio(
                         select(rows, "band", num, service=svc, key=key, value=value),
@@ -847,8 +849,8 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
             f"| {k} | {v['cited_text']} | {_x(lo)} – {_x(hi)} | {_at(v['band_low_at'])} "
             f"| {_at(v['band_high_at'])} |"
         )
+    lines += ["", *band_table(res["band"]), ""]
     lines += [
-        "",
         "Assumed costs (cited value: what the headline cells use):",
         "",
         "| cost | cited value | band | source |",
@@ -918,6 +920,31 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def band_table(band: dict[str, Any]) -> list[str]:
+    """One cost moved at a time (the others cited), per setup: the per-seed ratio at each point."""
+    out: list[str] = []
+    for svc in sorted({k.split(":")[0] for k in band}):
+        cols = [k for k in band if k.startswith(f"{svc}:")]
+        if all(len(band[k]["points"]) == 1 for k in cols):
+            continue
+        heads = [k.split(": ")[1] for k in cols]
+        out += [
+            f"One cost at a time, {SWEEP_TITLES.get(svc, svc)} (P99 TTFT ratio, per seed):",
+            "",
+            "| setting | " + " | ".join(heads) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
+        for i, point in enumerate(band[cols[0]]["points"]):
+            cells = []
+            for k in cols:
+                pt = band[k]["points"][i]
+                s = Spread(**{f: pt[f] for f in ("mean", "lo", "hi", "n", "missing")})
+                cells.append(fmt_ratio(s))
+            out.append(f"| {_at([point['key'], point['value']])} | " + " | ".join(cells) + " |")
+        out += [""]
+    return out
+
+
 def _x(r: float) -> str:
     return f"{r:.2g}×" if r < 10 else f"{r:.0f}×"
 
@@ -927,7 +954,7 @@ def _at(point: list[Any]) -> str:
     if key == "cited":
         return "cited costs"
     if key == "corner":
-        return f"corner {value} (every cost at the end of its band that favours " + (
+        return f"corner {value} (every cost at its end favouring " + (
             "ServerlessLLM)" if value == "low" else "WarmServe)"
         )
     scale = next((b.get("scale", 1.0) for b in BANDS if b["key"] == key), 1.0)
