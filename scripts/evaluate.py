@@ -487,16 +487,21 @@ def run_sweeps(
     duration_s: float | None,
     deadline: float,
     first: list[Task],
+    done: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The starting grid (run together with `first`, the fixed tasks), then rounds of extension
-    and bisection per policy until no policy needs another rate or the deadline passes."""
-    rows: list[dict[str, Any]] = []
+    and bisection per policy until no policy needs another rate or the deadline passes.
+    `done`: the rows of an earlier run to continue from (its grid is not run again)."""
+    rows: list[dict[str, Any]] = list(done or [])
     plan: dict[tuple[str, float, int], list[str]] = {}
-    for svc, s in SWEEPS.items():
-        for rps in s["grid"]:
-            for seed in seeds:
-                plan[(svc, float(rps), seed)] = list(policies)
-    rounds = 0
+    if done is None:
+        for svc, s in SWEEPS.items():
+            for rps in s["grid"]:
+                for seed in seeds:
+                    plan[(svc, float(rps), seed)] = list(policies)
+    else:
+        plan = _next_plan(rows, policies, seeds)
+    rounds = 0 if done is None else 1
     stopped_early = False
     while plan:
         tasks: list[Task] = [
@@ -810,6 +815,17 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
         "its policy is bold too, whatever its pooled attainment.",
         "",
     ]
+    if meta.get("resumed"):
+        rs = meta["resume_sweep"]
+        lines += [
+            f"The sweeps' refinement was then continued (--resume, the same code): "
+            f"{rs['refinement_rounds']} round(s), {meta['resume_tasks']} tasks in "
+            f"{meta['resume_wall_min']:.1f} min, {meta['resume_cancelled_tasks']} cancelled at "
+            f"the time limit; further refinement "
+            + ("was still wanted." if rs["stopped_by_deadline_or_round_limit"]
+               else "was not needed."),
+            "",
+        ]  # fmt: skip
     if meta["quick"]:
         lines += ["Skipped by --quick: " + "; ".join(QUICK_SKIPS) + ".", ""]
     if meta.get("incomplete_cells"):
@@ -1146,7 +1162,7 @@ def _row_key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def main() -> None:
-    global OUT
+    global OUT, REL_RESOLUTION
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -1181,6 +1197,11 @@ def main() -> None:
         action="store_true",
         help="report a run that was cut short, from OUT/partial.jsonl",
     )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep refinement of a run from OUT/partial.jsonl",
+    )
     args = ap.parse_args()
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
@@ -1193,13 +1214,40 @@ def main() -> None:
         return
     seeds = list(range(1, args.seeds + 1))
     only = set(args.only.split(",")) if args.only else None
+    if args.resume:
+        # Continue a run whose refinement rounds were cut short: the same code, the rows so far.
+        done = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+        meta = json.loads((OUT / "partial-meta.json").read_text())
+        if (OUT / "results.json").exists():  # the finished first part's, with its timings
+            first_meta = json.loads((OUT / "results.json").read_text()).get("meta", {})
+            if first_meta.get("grids") == meta["grids"]:
+                meta = first_meta
+        REL_RESOLUTION = meta["knee_resolution"]
+        for svc, grid in meta["grids"].items():
+            SWEEPS[svc]["grid"] = grid
+        t0 = time.perf_counter()
+        stop_at = t0 + args.stop_min * 60 if args.stop_min else float("inf")
+        runner = Runner(args.jobs, partial, stop_at)
+        pols = sorted({r["policy"] for r in done if r["group"] == "sweep"}, key=ALL.index)
+        try:
+            rows, sweep_meta = run_sweeps(
+                runner, pols, meta["seeds"], meta["duration_s"], t0 + args.budget_min * 60, [],
+                done,
+            )  # fmt: skip
+        finally:
+            runner.close()
+        meta.update(resumed=True, resume_tasks=int(runner.bar.total),
+                    resume_cancelled_tasks=runner.cancelled,
+                    resume_wall_min=(time.perf_counter() - t0) / 60,
+                    resume_sweep=sweep_meta)  # fmt: skip
+        finish(rows, meta, True)
+        return
     if args.from_partial:
         rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
         meta = json.loads((OUT / "partial-meta.json").read_text())
         meta.update(cut_short=True, wall_min=None)
         finish(rows, meta, args.quick or only is not None)
         return
-    global REL_RESOLUTION
     if args.quick:
         REL_RESOLUTION = QUICK_RESOLUTION
         for svc, grid in QUICK_GRIDS.items():
