@@ -815,7 +815,16 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
         "its policy is bold too, whatever its pooled attainment.",
         "",
     ]
-    if meta.get("resumed"):
+    if meta.get("resume_points"):
+        rp = meta["resume_points"]
+        lines += [
+            f"The run was then continued (--resume --points, the same code) with these sweep "
+            f"points, in this order, for {', '.join(rp['policies'])} only: {rp['points']}; "
+            f"{meta['resume_tasks']} tasks in {meta['resume_wall_min']:.1f} min, "
+            f"{meta['resume_cancelled_tasks']} cancelled at the time limit.",
+            "",
+        ]
+    elif meta.get("resumed"):
         rs = meta["resume_sweep"]
         lines += [
             f"The sweeps' refinement was then continued (--resume, the same code): "
@@ -1202,12 +1211,20 @@ def main() -> None:
         action="store_true",
         help="continue the sweep refinement of a run from OUT/partial.jsonl",
     )
+    ap.add_argument(
+        "--points",
+        default=None,
+        help="with --resume: sweep points SERVICE@RPS,... to run, in this order, instead of "
+        "the next refinement round",
+    )
+    ap.add_argument("--sweep-policies", default=None, help="with --points: the policies")
     args = ap.parse_args()
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
     partial = OUT / "partial.jsonl"
     if args.replot:
         saved = json.loads((OUT / "results.json").read_text())
+        saved["runs"] = with_headline_points(saved["runs"])
         res = analyse(saved["runs"], saved["meta"])
         (OUT / "tables.md").write_text(tables(saved["runs"], res))
         plots(saved["runs"], res)
@@ -1229,6 +1246,29 @@ def main() -> None:
         stop_at = t0 + args.stop_min * 60 if args.stop_min else float("inf")
         runner = Runner(args.jobs, partial, stop_at)
         pols = sorted({r["policy"] for r in done if r["group"] == "sweep"}, key=ALL.index)
+        if args.points:
+            # An explicit list of sweep points, run in the order given: when the machine is too
+            # slow for every round, the points that decide a headline go first.
+            pols = args.sweep_policies.split(",") if args.sweep_policies else pols
+            tasks: list[Task] = []
+            for item in args.points.split(","):
+                svc, _, rps = item.partition("@")
+                for seed in meta["seeds"]:
+                    labels = {"service": svc, "rps": float(rps)}
+                    cell = sweep_cell(svc, float(rps))
+                    tasks.append(("sweep", labels, cell, seed, pols, meta["duration_s"]))
+            try:
+                rows = done + runner.run([], tasks)
+            finally:
+                runner.close()
+            meta.update(resumed=True, resume_tasks=int(runner.bar.total),
+                        resume_cancelled_tasks=runner.cancelled,
+                        resume_wall_min=(time.perf_counter() - t0) / 60,
+                        resume_points={"points": args.points, "policies": pols},
+                        resume_sweep={"refinement_rounds": 0,
+                                      "stopped_by_deadline_or_round_limit": True})  # fmt: skip
+            finish(rows, meta, True)
+            return
         try:
             rows, sweep_meta = run_sweeps(
                 runner, pols, meta["seeds"], meta["duration_s"], t0 + args.budget_min * 60, [],
@@ -1286,7 +1326,21 @@ def main() -> None:
     finish(rows, meta, args.quick or only is not None)
 
 
+def with_headline_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The headline cells are the sweeps' 1 rps points (the same experiment and seeds): where a
+    sweep lacks its 1 rps point, they stand in, marked `from_headline`."""
+    have = {(r["service"], r["policy"]) for r in rows if r["group"] == "sweep" and r["rps"] == 1}
+    swept = {(r["service"], r["policy"]) for r in rows if r["group"] == "sweep"}
+    extra = [
+        {**r, "group": "sweep", "rps": 1.0, "from_headline": True}
+        for r in rows
+        if r["group"] == "headline" and (r["service"], r["policy"]) in swept - have
+    ]
+    return rows + extra
+
+
 def finish(rows: list[dict[str, Any]], meta: dict[str, Any], carry_cost: bool) -> None:
+    rows = with_headline_points(rows)
     rows.sort(key=_row_key)
     meta["incomplete_cells"] = incomplete(rows, len(meta["seeds"]))
     res = analyse(rows, meta)
