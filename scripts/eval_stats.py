@@ -3,6 +3,7 @@ and the adaptive rate search. No simulator imports, so the tests of these stay f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,8 +92,11 @@ def fmt_ratio(s: Spread | None, censor: str = "") -> str:
     if s is None:
         return "–"
     spec = "{:.2g}" if s.mean < 10 else "{:.3g}" if s.mean < 100 else "{:.0f}"
-    body = fmt_spread(s, spec).replace(" (", "× (")
+    core = dataclasses.replace(s, missing=0)
+    body = fmt_spread(core, spec).replace(" (", "× (")
     body = body.replace(")", "×)") if "(" in body else body + "×"
+    if s.missing:
+        body += f" [{s.missing} of {s.n + s.missing} seeds undefined]"
     bound = {"lower": "≥ ", "upper": "≤ "}.get(censor, "")
     text = bound + body
     if bound:

@@ -815,26 +815,17 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
         "its policy is bold too, whatever its pooled attainment.",
         "",
     ]
-    if meta.get("resume_points"):
-        rp = meta["resume_points"]
+    for k, rs in enumerate(meta.get("resumes", []), 1):
+        what = (
+            f"these sweep points, in this order, for {', '.join(rs['policies'])}: {rs['points']}"
+            if rs.get("points")
+            else f"{rs['refinement_rounds']} more refinement round(s)"
+        )
         lines += [
-            f"The run was then continued (--resume --points, the same code) with these sweep "
-            f"points, in this order, for {', '.join(rp['policies'])} only: {rp['points']}; "
-            f"{meta['resume_tasks']} tasks in {meta['resume_wall_min']:.1f} min, "
-            f"{meta['resume_cancelled_tasks']} cancelled at the time limit.",
+            f"Continued ({k}, --resume, the same code) with {what}; {rs['tasks']} tasks in "
+            f"{rs['wall_min']:.1f} min, {rs['cancelled']} cancelled at the time limit.",
             "",
         ]
-    elif meta.get("resumed"):
-        rs = meta["resume_sweep"]
-        lines += [
-            f"The sweeps' refinement was then continued (--resume, the same code): "
-            f"{rs['refinement_rounds']} round(s), {meta['resume_tasks']} tasks in "
-            f"{meta['resume_wall_min']:.1f} min, {meta['resume_cancelled_tasks']} cancelled at "
-            f"the time limit; further refinement "
-            + ("was still wanted." if rs["stopped_by_deadline_or_round_limit"]
-               else "was not needed."),
-            "",
-        ]  # fmt: skip
     if meta["quick"]:
         lines += ["Skipped by --quick: " + "; ".join(QUICK_SKIPS) + ".", ""]
     if meta.get("incomplete_cells"):
@@ -1261,12 +1252,10 @@ def main() -> None:
                 rows = done + runner.run([], tasks)
             finally:
                 runner.close()
-            meta.update(resumed=True, resume_tasks=int(runner.bar.total),
-                        resume_cancelled_tasks=runner.cancelled,
-                        resume_wall_min=(time.perf_counter() - t0) / 60,
-                        resume_points={"points": args.points, "policies": pols},
-                        resume_sweep={"refinement_rounds": 0,
-                                      "stopped_by_deadline_or_round_limit": True})  # fmt: skip
+            resume = {"tasks": int(runner.bar.total), "cancelled": runner.cancelled,
+                      "wall_min": (time.perf_counter() - t0) / 60, "points": args.points,
+                      "policies": pols}  # fmt: skip
+            meta["resumes"] = [*meta.get("resumes", []), resume]
             finish(rows, meta, True)
             return
         try:
@@ -1276,10 +1265,9 @@ def main() -> None:
             )  # fmt: skip
         finally:
             runner.close()
-        meta.update(resumed=True, resume_tasks=int(runner.bar.total),
-                    resume_cancelled_tasks=runner.cancelled,
-                    resume_wall_min=(time.perf_counter() - t0) / 60,
-                    resume_sweep=sweep_meta)  # fmt: skip
+        resume = {"tasks": int(runner.bar.total), "cancelled": runner.cancelled,
+                  "wall_min": (time.perf_counter() - t0) / 60, **sweep_meta}  # fmt: skip
+        meta["resumes"] = [*meta.get("resumes", []), resume]
         finish(rows, meta, True)
         return
     if args.from_partial:

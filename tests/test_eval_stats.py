@@ -107,3 +107,9 @@ def test_next_rates_extends_until_saturation_then_bisects_each_knee():
     # Knees resolved to within 10 % (or 1 rps): nothing more to run.
     done = {16.0: 0.995, 17.0: 0.98, 100.0: 0.95, 105.0: 0.5}
     assert es.next_rates(done, (0.9, 0.99), grid, 256) == []
+
+
+def test_a_ratio_with_undefined_seeds_says_how_many():
+    r = es.spread([0.25, 0.25, 0.25, None, None])
+    assert es.fmt_ratio(r).startswith("0.25×")
+    assert "[2 of 5 seeds undefined]" in es.fmt_ratio(r)
