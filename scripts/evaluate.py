@@ -815,6 +815,14 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
         "its policy is bold too, whatever its pooled attainment.",
         "",
     ]
+    if meta.get("first_run"):
+        fr = meta["first_run"]
+        lines += [
+            f"The first run finished {fr['tasks_finished']} tasks in {fr['wall_min']} min "
+            f"({fr['worker_cpu_min']} CPU-minutes in its workers) and was stopped "
+            f"{fr['stopped']}.",
+            "",
+        ]
     for k, rs in enumerate(meta.get("resumes", []), 1):
         what = (
             f"these sweep points, in this order, for {', '.join(rs['policies'])}: {rs['points']}"
