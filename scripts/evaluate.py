@@ -774,6 +774,9 @@ def sweep_table(rows: list[dict[str, Any]], svc: str, sw: dict[str, Any]) -> lis
                 cells.append("**fault**")
                 continue
             cells.append(bold_if(f"{att.mean:.0%} / {p99.mean:.2g}", bool(flags)))
+            if flags:
+                what = ", ".join(f"**{m}** {f}" for m, f in flags.items())
+                notes.append(f"- {p} at {x:g} rps: {what} (pooled attainment {att.mean:.1%}).")
         maxes = []
         for t in TARGETS:
             e = entry[f"{t}"]
