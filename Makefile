@@ -45,5 +45,7 @@ bench: install
 clean:
 	rm -rf $(VENV) results
 
+# make evaluate: everything (hours on 2 cores); make evaluate EVAL_ARGS=--quick: the subset
+# docs/evaluation.md is built from (about an hour on a shared 2-core machine).
 evaluate: install
-	$(BIN)/python scripts/evaluate.py
+	$(BIN)/python scripts/evaluate.py $(EVAL_ARGS)
