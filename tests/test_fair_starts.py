@@ -3,6 +3,7 @@ demotion of the idle instances of one aligned block, and aligned blocks held and
 a model that waits too long. Policy level, on the shared cluster books (no simulator)."""
 
 import dataclasses
+import itertools
 
 from helpers import instance, model, replica, snapshot
 from hypothesis import given, settings
@@ -195,14 +196,17 @@ def test_a_tp4_start_demotes_the_idle_instances_of_one_aligned_block():
     assert h.starts[-1].gpus == (0, 1, 4, 5) and left == {"big", "s2", "s3", "s6", "s7"}
 
 
-def _busy_cluster(spec, cycles=40, **cfg):
-    """Two TP-1 models fill a two-GPU node and never go idle (each asks again before its
-    request ends); a TP-2 model asks at t = 0. Returns when the TP-2 model started, or None."""
-    a, b, c = model("a"), model("b"), model("c", tp=2)
-    ctl, h = _setup([a, b, c], spec, gpn=2, **cfg)
+def _busy_cluster(spec, cycles=60, gpn=2, big=("c",), big_s=1.0, held=None, **cfg):
+    """TP-1 models fill a `gpn`-GPU node and never go idle (each asks again before its request
+    ends, so each carries a load of one request); TP-2 models `big` ask once at t = 0, and
+    their request ends `big_s` after they start. Returns when each started (None: never);
+    `held` (a dict) gets when each was first given a held block."""
+    small = [model(f"s{k}") for k in range(gpn)]
+    ctl, h = _setup([*small, *(model(n, tp=2) for n in big)], spec, gpn=gpn, **cfg)
     rid = iter(range(10**6))
     now = 0.0
-    live: dict[str, list] = {"a": [], "b": []}
+    live: dict[str, list] = {m.name: [] for m in small}
+    started: dict[str, float | None] = dict.fromkeys(big)
 
     def ask(name):
         r = RequestId(next(rid))
@@ -210,24 +214,37 @@ def _busy_cluster(spec, cycles=40, **cfg):
         if name in live:
             live[name].append(r)
 
-    ask("a")
-    ask("b")
-    ask("c")
+    for name in [*live, *big]:
+        ask(name)
     for _ in range(cycles):
         for i in list(h.books.instances):
             h.books.mark_running(i)
         now += 1.0
-        ask("a")
-        ask("b")
-        for name in ("a", "b"):
-            old = live[name].pop(0)
-            (inst,) = [i for i, x in h.books.instances.items() if old in x.requests]
-            h.books.request_done(inst, old)
+        for name in live:
+            ask(name)
+        for name in live:
+            old = live[name][0]
+            on = [i for i, x in h.books.instances.items() if old in x.requests]
+            if not on:  # queued: its model was drained for a starving one
+                continue
+            live[name].pop(0)
+            h.books.request_done(on[0], old)
             ctl.on_request_done(now, old, h)
+        for i, x in list(h.books.instances.items()):
+            if x.model in started and (t := started[x.model]) is not None and now >= t + big_s:
+                for r in list(x.requests):  # a started TP-2 model's request ends big_s later
+                    h.books.request_done(i, r)
+                    ctl.on_request_done(now, r, h)
         ctl.tick(now, h)
-        if any(x.model == "c" for x in h.books.instances.values()):
-            return now
-    return None
+        for name in ctl._reserved:
+            if held is not None:
+                held.setdefault(name, now)
+        for x in h.books.instances.values():
+            if x.model in started and started[x.model] is None:
+                started[x.model] = now
+        if None not in started.values():
+            break
+    return started if len(big) > 1 else started[big[0]]
 
 
 def test_a_starving_model_is_served_within_a_bound():
@@ -235,12 +252,33 @@ def test_a_starving_model_is_served_within_a_bound():
     # Queue aging alone cannot help: no GPU is ever free or idle.
     assert _busy_cluster(NO_FAIR, **cfg) is None
     started = _busy_cluster(PLUS, **cfg)
-    # Held once it waited starve_preempt_s (both TP-1 models would be left with no instance),
-    # then the drains end with the next completions.
-    assert started is not None and started <= cfg["starve_preempt_s"] + 2.0
+    # The TP-2 model (one request) would leave both TP-1 models (a load of one request each)
+    # with no instance. That preemption pays once its wait, in starve_preempt_s, times its own
+    # load covers the two it displaces: at 2 x 5 s. The drains end with the next completions.
+    assert started is not None and 2 * 5.0 <= started <= 2 * 5.0 + 2.0
     # The bound moves with the setting.
     later = _busy_cluster(PLUS, starve_wait_s=2.0, starve_preempt_s=12.0)
-    assert later is not None and 12.0 <= later <= 14.0
+    assert later is not None and 2 * 12.0 <= later <= 2 * 12.0 + 2.0
+
+
+def test_preemptions_are_spaced_when_many_models_starve():
+    """Two TP-2 models starve on a node of four busy TP-1 models. Each preemption drains two
+    models' last instances; the second waits starve_preempt_gap_s after the first, so the busy
+    models are not drained for every starving model at once."""
+    cfg = {"starve_wait_s": 2.0, "starve_preempt_s": 5.0}
+    # The TP-2 models' own requests last a minute, so the first to start does not go idle.
+    run = dict(gpn=4, big=("c", "d"), big_s=60.0, cycles=90, **cfg)
+    held: dict = {}
+    at = _busy_cluster(PLUS, starve_preempt_gap_s=20.0, held=held, **run)
+    # The first held at 2 x starve_preempt_s (as above), the second only the gap later; it
+    # took the cheapest block to drain (the first's, one request), so it waits for that drain.
+    assert (held["c"], held["d"]) == (10.0, 30.0) and at == {"c": 11.0, "d": 71.0}
+    # The TP-1 models drained for them starve in turn, and their preemptions are spaced too.
+    times = sorted(held.values())
+    assert len(times) > 2 and all(b - a >= 20.0 for a, b in itertools.pairwise(times))
+    held = {}
+    at = _busy_cluster(PLUS, starve_preempt_gap_s=0.0, held=held, **run)
+    assert (held["c"], held["d"]) == (10.0, 10.0) and max(at.values()) <= 12.0  # both at once
 
 
 _OPS = st.lists(

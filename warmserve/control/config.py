@@ -62,6 +62,11 @@ class ControlConfig:
     # after, any (a model's last instance too). Lower: a shorter worst wait, more drains.
     starve_wait_s: float = 2.0
     starve_preempt_s: float = 15.0
+    # Such a preemption (a drain that leaves a model short) must pay: the load it leaves short
+    # is at most the waiting model's load times (its wait / starve_preempt_s), and at most one
+    # starts per starve_preempt_gap_s across the cluster. Higher: better attainment when more
+    # models than fit compete, longer worst waits.
+    starve_preempt_gap_s: float = 20.0
 
     def __post_init__(self) -> None:
         if self.capacity_per_instance < 1:
@@ -90,6 +95,8 @@ class ControlConfig:
             raise ValueError("kv_hysteresis must lie in [0, 1]")
         if not 0 <= self.starve_wait_s <= self.starve_preempt_s:
             raise ValueError("need 0 <= starve_wait_s <= starve_preempt_s")
+        if self.starve_preempt_gap_s < 0:
+            raise ValueError("starve_preempt_gap_s must be >= 0")
         if self.serverless_target <= 0 or self.serverless_loop_s <= 0:
             raise ValueError("serverless_target and serverless_loop_s must be > 0")
         if self.serverless_max_instances < 1 or self.serverless_max_queue < 1:

@@ -101,6 +101,7 @@ class Controller:
         # Fair starts: aligned GPU blocks held for starving models (no other model starts there).
         self._reserved: dict[ModelName, tuple[int, ...]] = {}
         self._tp_sizes = frozenset(m.tp for m in models)
+        self._last_preempt_s = -math.inf  # the last held block that left a model short
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -349,6 +350,7 @@ class Controller:
         now: float,
         busy: bool,
         shortable: bool = True,
+        budget: float = math.inf,
     ) -> tuple[tuple[int, ...], list[InstanceId]] | None:
         """The aligned block of `name`'s TP degree cheapest to free, and the instances of other
         models on it. Idle instances cost nothing (stopping one is instant and keeps its weights
@@ -356,7 +358,8 @@ class Controller:
         first those whose model has other instances to take its requests, then the fewest
         requests in flight. Starting instances and other models' held blocks are never taken;
         without `shortable`, neither is a block whose drain leaves a model short of instances
-        for its load."""
+        for its load, and with it, only one whose models left short carry a load of at most
+        `budget`."""
         tp = self.models[name].tp
         gpn = snap.gpus_per_node
         if gpn % tp:
@@ -400,7 +403,7 @@ class Controller:
                     for m, k in drained.items()
                     if (live[m] - k) * cap < self.load(m, now) or live[m] == k
                 ]
-                if short and not shortable:
+                if short and (not shortable or sum(short) > budget):
                     continue
                 # Fewest models left short, the least load left short, a prewarm hit, then the
                 # fewest requests to drain and the fewest GPUs freed beyond the block.
@@ -452,9 +455,22 @@ class Controller:
             if self._route(name) is not None or self._start(name, now, cluster):
                 continue
             # A model's last instance (or one its load needs) is drained only after a longer
-            # wait: its own requests then queue, and each such switch costs a start.
-            shortable = waited >= self.cfg.starve_preempt_s
-            found = self._block_to_free(name, cluster.snapshot(), now, True, shortable)
+            # wait: its own requests then queue, and each such switch costs a drain and a
+            # start. So such a preemption must pay: the load it leaves short may not exceed the
+            # waiting model's own load (its queued requests count), scaled up by how many
+            # starve_preempt_s it has waited so that any wait stays bounded; and preemptions
+            # are spaced by starve_preempt_gap_s across the cluster, so that when many models
+            # starve at once (more models than fit), the popular ones are not drained in turn
+            # for each of them.
+            found = self._block_to_free(name, cluster.snapshot(), now, True, False)
+            gap = now - self._last_preempt_s >= self.cfg.starve_preempt_gap_s
+            if found is None and waited >= self.cfg.starve_preempt_s and gap:
+                budget = math.inf
+                if self.cfg.starve_preempt_s > 0:
+                    budget = self.load(name, now) * waited / self.cfg.starve_preempt_s
+                found = self._block_to_free(name, cluster.snapshot(), now, True, True, budget)
+                if found is not None:
+                    self._last_preempt_s = now
             if found is None:
                 continue
             self._reserved[name] = found[0]
