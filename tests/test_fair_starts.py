@@ -196,6 +196,30 @@ def test_a_tp4_start_demotes_the_idle_instances_of_one_aligned_block():
     assert h.starts[-1].gpus == (0, 1, 4, 5) and left == {"big", "s2", "s3", "s6", "s7"}
 
 
+def test_idle_models_that_cannot_be_live_together_do_not_demote_each_other():
+    """Two workers, a TP-1 and a TP-2 model, both with recent load and nothing waiting: the
+    autoscaler's wish for an instance of each must not stop the other's idle instance on every
+    tick (each switch a cold start). A waiting request still demotes at once."""
+    a, b = model("a"), model("b", tp=2)
+    ctl, h = _setup([a, b], PLUS, gpn=2, scale_window_s=1.0, tick_s=0.1)
+    now = 0.0
+    for k, name in enumerate(["a", "b"]):
+        r = RequestId(k)
+        ctl.on_request(now, RequestInfo(r, ModelName(name), now, 8, 8), h)
+        (i,) = [i for i, x in h.books.instances.items() if x.model == name]
+        h.books.mark_running(i)
+        now += 0.5
+        h.books.request_done(i, r)
+        ctl.on_request_done(now, r, h)
+    assert [s.model for s in h.starts] == ["a", "b"]  # b's request demoted a's idle instance
+    for _ in range(50):
+        now += 0.1
+        ctl.tick(now, h)
+    assert [s.model for s in h.starts] == ["a", "b"] and len(h.released) == 1
+    ctl.on_request(now, RequestInfo(RequestId(9), ModelName("a"), now, 8, 8), h)
+    assert [s.model for s in h.starts] == ["a", "b", "a"]
+
+
 def _busy_cluster(spec, cycles=60, gpn=2, big=("c",), big_s=1.0, held=None, **cfg):
     """TP-1 models fill a `gpn`-GPU node and never go idle (each asks again before its request
     ends, so each carries a load of one request); TP-2 models `big` ask once at t = 0, and

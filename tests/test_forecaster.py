@@ -251,3 +251,18 @@ def test_forecast_method_is_a_config_knob():
         ControlConfig(forecast_peak_quantile=1.0)
     with pytest.raises(ValueError, match="forecast_method"):
         ControlConfig(forecast_method="arima")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["reference", "adaptive"])
+def test_a_forecaster_never_changes_the_history_it_was_given(method):
+    """The simulator replays one workload under several policies: what one run's forecaster
+    observes must not leak into the next run's history."""
+    hist = SlotHistory(np.array([1.0, 2.0]), np.array([2.0, 4.0]), np.array([3, 3]))
+    before = (hist.avg.copy(), hist.peak.copy(), hist.count.copy(), hist.known.copy())
+    cfg = ControlConfig(forecast_method=method, forecast_window_s=43200.0)  # 2 slots a day
+    f = make_forecaster(cfg)
+    f.add_model("m", 0.0, hist)
+    for w in range(6):
+        f.close_window("m", w, 10.0, 20.0)
+    after = (hist.avg, hist.peak, hist.count, hist.known)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))

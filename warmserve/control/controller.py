@@ -210,9 +210,18 @@ class Controller:
 
     def _start(self, name: ModelName, now: float, cluster: ClusterHandle) -> bool:
         choice = self._choose_start(self.models[name], cluster.snapshot(), now)
-        if self.policy.prior_prewarm and (choice is None or choice.path == StartPath.COLD):
+        # Other models' idle instances are stopped only for a request that waits now. A start
+        # for load alone (the autoscaler's) must not: two models that cannot be live together
+        # (a TP 2 model and another on two workers) would demote each other's idle instance on
+        # every tick, each switch a cold start, with no request waiting for either.
+        waiting = bool(self._queues[name])
+        if (
+            waiting
+            and self.policy.prior_prewarm
+            and (choice is None or choice.path == StartPath.COLD)
+        ):
             choice = self._demote_for_hit(name, now, cluster) or choice
-        if choice is None and self.policy.keep_alive:
+        if choice is None and waiting and self.policy.keep_alive:
             if self.policy.fair_starts:
                 choice = self._demote_block(name, now, cluster)
             else:

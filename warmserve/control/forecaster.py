@@ -80,6 +80,13 @@ class SlotHistory:
     def empty(cls, num_slots: int) -> SlotHistory:
         return cls(np.zeros(num_slots), np.zeros(num_slots), np.zeros(num_slots, dtype=np.int64))
 
+    def copy(self) -> SlotHistory:
+        out = SlotHistory(self.avg.copy(), self.peak.copy(), self.count.copy())
+        out.recent_avg = self.recent_avg.copy()
+        out.recent_peak = self.recent_peak.copy()
+        out.known = self.known.copy()
+        return out
+
     def observe(self, slot: int, avg: float, peak: float) -> None:
         n = self.count[slot]
         self.avg[slot] = (self.avg[slot] * n + avg) / (n + 1)
@@ -129,7 +136,10 @@ class Forecaster:
         self._models: dict[str, _ModelState] = {}
 
     def add_model(self, model: str, offset_s: float, history: SlotHistory | None = None) -> None:
-        hist = history if history is not None else SlotHistory.empty(self.num_slots)
+        # The forecaster learns into its own copy: the caller's history stays as given (the
+        # simulator replays one workload under several policies, which must not see each
+        # other's observations).
+        hist = history.copy() if history is not None else SlotHistory.empty(self.num_slots)
         if len(hist.avg) != self.num_slots:
             raise ValueError(
                 f"history of {model!r} has {len(hist.avg)} slots, expected {self.num_slots}"
@@ -256,7 +266,10 @@ class AdaptiveForecaster(Forecaster):
         self._span = max(1, round(p.residual_span_s / window_s))
 
     def add_model(self, model: str, offset_s: float, history: SlotHistory | None = None) -> None:
-        hist = history if history is not None else SlotHistory.empty(self.num_slots)
+        # The forecaster learns into its own copy: the caller's history stays as given (the
+        # simulator replays one workload under several policies, which must not see each
+        # other's observations).
+        hist = history.copy() if history is not None else SlotHistory.empty(self.num_slots)
         if len(hist.avg) != self.num_slots:
             raise ValueError(
                 f"history of {model!r} has {len(hist.avg)} slots, expected {self.num_slots}"
