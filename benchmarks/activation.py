@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from bench_output import write_json
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from warmserve.calibration.measure import drop_page_cache
 from warmserve.engine.request import SamplingParams
 from warmserve.models import prepare_smollm2
 from warmserve.worker.cuda_pages import CudaPages
@@ -55,15 +55,6 @@ def make_pages(device: str, pages: int):
     if device == "cpu":
         return CpuPages(pages)
     return CudaPages(pages, device=torch.device(device).index or 0)
-
-
-def drop_caches() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def first_token(engine) -> None:
@@ -95,7 +86,7 @@ def measure(name: str, path: Path, other: Path, pages: int, device: str) -> dict
     row["bytes_copied_on_activate"] = pool.bytes_copied - before
     pool.close()
     for label, drop in (("cold_cached_ttft_ms", False), ("cold_disk_ttft_ms", True)):
-        if drop and not drop_caches():
+        if drop and not drop_page_cache():
             row[label] = None
             continue
         pool = PagePool(make_pages(device, pages))
@@ -107,7 +98,7 @@ def measure(name: str, path: Path, other: Path, pages: int, device: str) -> dict
         row[label] = round((time.perf_counter() - t0) * 1e3, 1)
         row[label.replace("ttft", "load")] = round((t1 - t0) * 1e3, 1)
         pool.close()
-    drop_caches()
+    drop_page_cache()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     with torch.no_grad():
