@@ -325,9 +325,11 @@ def test_a_lost_follower_breaks_the_step_with_a_clear_error(tp_cases, tmp_path):
 
     torch.multiprocessing.start_processes(lose_a_follower, nprocs=2, start_method="fork",
         args=(2, str(tmp_path / "store"), tp_cases["qwen2-kv1"], str(tmp_path)))  # fmt: skip
-    kind, message, seconds = torch.load(tmp_path / "lost.pt")
+    kind, message, _seconds = torch.load(tmp_path / "lost.pt")
     assert kind == "TPBroken" and "communication failed" in message, (kind, message)
-    assert seconds < 30  # the peer's closed connection, well before the group's timeout
+    # Detected from the peer's closed connection, not by waiting out the group's timeout.
+    text = message.lower()
+    assert "by peer" in text and "timeout" not in text and "timed out" not in text, message
 
 
 # ----- every architecture's shard math, ranks as threads ------------------------------------
