@@ -102,6 +102,9 @@ class Controller:
         self._reserved: dict[ModelName, tuple[int, ...]] = {}
         self._tp_sizes = frozenset(m.tp for m in models)
         self._last_preempt_s = -math.inf  # the last held block that left a model short
+        # This class's autoscaling does nothing for a model with no instance, no load and no
+        # queue (scale_delta is 0); a subclass's own may (static deployments start at once).
+        self._idle_autoscale_noop = type(self)._autoscale is Controller._autoscale
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -155,8 +158,19 @@ class Controller:
 
     def tick(self, now: float, cluster: ClusterHandle) -> None:
         self._close_windows(now)
-        for name in self._autoscale_order():
-            self._autoscale(name, now, cluster)
+        if self._idle_autoscale_noop:
+            # Most models of a large deployment, most of the time, are idle: skip them without
+            # a call. An instance of a model is added only by a start of that model, which
+            # autoscaling does only in the model's own turn: one absent here is absent then.
+            present = {inst.model for inst in self._instances.values()}
+            queues, load = self._queues, self._load
+            since = now - self.cfg.scale_window_s
+            for name in self._autoscale_order():
+                if name in present or queues[name] or not load[name].idle_since(since):
+                    self._autoscale(name, now, cluster)
+        else:
+            for name in self._autoscale_order():
+                self._autoscale(name, now, cluster)
         if self.policy.fair_starts:
             self._rescue_starving(now, cluster)
         if self.policy.unified_memory and self.policy.kv_prewarm:
@@ -497,12 +511,14 @@ class Controller:
             self._last_planned = None  # forecasts changed: plan again
 
     def _autoscale(self, name: ModelName, now: float, cluster: ClusterHandle) -> None:
+        queue = self._queues[name]
         live = [
             (i, inst)
             for i, inst in self._instances.items()
             if inst.model == name and not inst.stopping
         ]
-        delta = scale_delta(self.load(name, now), len(live), self.cfg)
+        window_s = self.cfg.scale_window_s
+        delta = scale_delta(self._load[name].mean(now, window_s), len(live), self.cfg)
         if delta < 0:
             active = [ActiveInstance(i, inst.created_s, inst.in_flight) for i, inst in live]
             views = cluster.snapshot().instance_by_id
@@ -527,7 +543,7 @@ class Controller:
             if not self._start(name, now, cluster):
                 break
         # Requests still queued with no room anywhere (e.g. GPUs were busy when they came).
-        if self._queues[name] and self._route(name) is None:
+        if queue and self._route(name) is None:
             self._start(name, now, cluster)
 
     def _live_counts(self) -> dict[ModelName, int]:
@@ -543,13 +559,17 @@ class Controller:
         if last is not None and last[0] is snap.instances and last[1] == self._requests_seen:
             return  # no instance, KV use or in-flight count changed since the last review
         settled, self._kv_settled = self._kv_settled, {}
+        instances = self._instances
         for view in snap.instances:
             if view.state != InstanceState.RUNNING:
                 continue
-            inst = self._instances.get(view.instance_id)
-            key = (view, inst.in_flight if inst else 0)
-            if settled.get(view.instance_id) == key:
-                self._kv_settled[view.instance_id] = key  # the same inputs: no action again
+            inst_id = view.instance_id
+            inst = instances.get(inst_id)
+            key = settled.get(inst_id)
+            # The same inputs: no action again. A handle keeps a view object while its fields
+            # are unchanged; an equal view in a new object is reviewed, which settles it again.
+            if key is not None and key[0] is view and key[1] == (inst.in_flight if inst else 0):
+                self._kv_settled[inst_id] = key
             elif self._review_kv(view, snap, cluster, now):
                 snap = cluster.snapshot()
         self._kv_reviewed = (snap.instances, self._requests_seen)

@@ -38,6 +38,10 @@ class ConcurrencySeries:
         while len(steps) > 1 and steps[1][0] <= cutoff:
             steps.popleft()
 
+    def idle_since(self, start: float) -> bool:
+        """No request in flight, and none since `start`: `mean` over a span from `start` is 0."""
+        return self.num_reqs == 0 and self._steps[-1][0] <= start
+
     def mean(self, now: float, span_s: float) -> float:
         """Time-weighted mean concurrency over [now - span_s, now]."""
         start = now - span_s
