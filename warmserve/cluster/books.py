@@ -123,12 +123,16 @@ class Books:
         self._snapshot_versions = (-1, -1)
         # The views in the last snapshot, reused while their fields are unchanged.
         self._gpu_views: list[GpuView | None] = [None] * num_devices
+        # Devices whose pages or instances may have changed since their cached view was
+        # checked: the only ones a snapshot compares again (all, to begin with).
+        self._dirty_devices: set[int] = set(range(num_devices))
         self._replica_views: dict[ReplicaId, ReplicaView] = {}
         self._instance_views: dict[InstanceId, InstanceView] = {}
 
     # ----- actions ----------------------------------------------------------------------
     def apply(self, actions: Sequence[Action]) -> list[Effect]:
         out: list[Effect] = []
+        dirty = self._dirty_devices
         for a in actions:
             if isinstance(a, Dispatch):
                 inst = self.instances[a.instance_id]
@@ -136,18 +140,28 @@ class Books:
                 inst.requests.add(a.request_id)
                 out.append(Route(a.request_id, a.instance_id, inst.devices))
                 continue  # routing changes no page
-            if isinstance(a, StartInstance):
+            # Each effect names the devices whose pages the action moved.
+            if isinstance(a, SetKvPages):
+                e = self._set_kv(a.instance_id, a.kv_pages)
+                out.append(e)
+                dirty.update(e.devices)
+            elif isinstance(a, StartInstance):
                 out.extend(self._start(a))
+                dirty.update(a.gpus)
             elif isinstance(a, StopInstance):
-                self._stop(a.instance_id)
+                self._stop(a.instance_id)  # a state change: no page moves
             elif isinstance(a, ReleaseInstance):
-                out.append(self._release(a))
+                e = self._release(a)
+                out.append(e)
+                dirty.update(e.devices)
             elif isinstance(a, Prewarm):
-                out.append(self._prewarm(a))
+                e = self._prewarm(a)
+                out.append(e)
+                dirty.update(e.devices)
             elif isinstance(a, Evict):
-                out.append(self._evict(a.replica_id))
-            elif isinstance(a, SetKvPages):
-                out.append(self._set_kv(a.instance_id, a.kv_pages))
+                e = self._evict(a.replica_id)
+                out.append(e)
+                dirty.update(e.devices)
             else:  # pragma: no cover - the Action union is closed
                 raise TypeError(f"unknown action {a!r}")
             self._layout_version += 1
@@ -334,6 +348,7 @@ class Books:
         dev.total_pages = dev.free_pages = num_pages
         dev.prewarm_pages = dev.weights_pages = dev.kv_pages = 0
         dev.alive = True
+        self._dirty_devices.add(device)
         self._layout_version += 1
 
     def device_lost(self, device: int) -> list[InstanceId]:
@@ -357,6 +372,7 @@ class Books:
         dev.alive, dev.instance_ids = False, []
         dev.total_pages = dev.free_pages = dev.prewarm_pages = 0
         dev.weights_pages = dev.kv_pages = 0
+        self._dirty_devices.update(range(len(self.devices)))  # its groups' other devices too
         self._layout_version += 1
         return lost
 
@@ -436,8 +452,9 @@ class Books:
 
     def _gpu_views_now(self) -> tuple[GpuView, ...]:
         cached = self._gpu_views
-        out = []
-        for d in self.devices:
+        devices = self.devices
+        for k in self._dirty_devices:
+            d = devices[k]
             ids = d.instance_ids
             inst = (ids[0] if ids else None) if d.alive else DEAD
             v = cached[d.device_id]
@@ -448,14 +465,21 @@ class Books:
                 or v.total_pages != d.total_pages
                 or v.node_id != d.node_id
             ):
-                v = cached[d.device_id] = GpuView(
+                cached[d.device_id] = GpuView(
                     d.device_id, d.node_id, d.total_pages, d.free_pages, inst
                 )
-            out.append(v)
-        return tuple(out)
+        self._dirty_devices.clear()
+        return tuple(cached)  # type: ignore[arg-type]  # every device has its view by now
 
     def check_invariants(self) -> None:
-        """Pages conserved on every device, and every page's owner accounted for."""
+        """Pages conserved on every device, and every page's owner accounted for; the cached
+        view of every device not marked changed still matches it."""
+        for dev, v in zip(self.devices, self._gpu_views, strict=True):
+            if v is None or dev.device_id in self._dirty_devices:
+                continue
+            inst = (dev.instance_ids[0] if dev.instance_ids else None) if dev.alive else DEAD
+            seen = (v.free_pages, v.instance_id, v.total_pages)
+            assert seen == (dev.free_pages, inst, dev.total_pages), f"device {dev.device_id} view"
         prewarm = [0] * len(self.devices)
         weights = [0] * len(self.devices)
         kv = [0] * len(self.devices)
