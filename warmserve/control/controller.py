@@ -539,9 +539,10 @@ class Controller:
                     actions.append(StopInstance(inst_id))
             if actions:
                 cluster.apply(actions)
-        for _ in range(max(delta, 0)):
-            if not self._start(name, now, cluster):
-                break
+        elif delta > 0:
+            for _ in range(delta):
+                if not self._start(name, now, cluster):
+                    break
         # Requests still queued with no room anywhere (e.g. GPUs were busy when they came).
         if queue and self._route(name) is None:
             self._start(name, now, cluster)
@@ -594,7 +595,7 @@ class Controller:
             snap.page_bytes,
         )
         full = view.kv_pages + view.kv_lent_pages
-        min_lend = max(1, full // 20)
+        min_lend = full // 20 or 1  # max(1, full // 20): full is never negative
         protected: frozenset[ReplicaId] = frozenset()
         if self.policy.calm_kv and not pressure:
             # Move only on a large change, and leave a lend (or a reclaim) in place a while:
@@ -662,10 +663,6 @@ class Controller:
             return
         forecasts = self.forecasts()
         live = self._live_counts()
-        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only; replicas that went
-        # another way (a lost worker) must not pile up here.
-        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
-        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
         # A plan is a function of its inputs alone (ids are drawn only for actions). When the
         # last one wanted no new replica, only the demand's inputs matter (usually only free
         # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
@@ -677,6 +674,10 @@ class Controller:
         if key == self._unchanged_plan:
             self._last_planned = (snap.gpus, snap.replicas)
             return
+        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only (older ones count
+        # for neither); replicas that went another way (a lost worker) must not pile up here.
+        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
+        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
         inp = PlanInput(
             snapshot=snap,
             models=self.models,

@@ -28,7 +28,8 @@ class ConcurrencySeries:
         self.last_t = now
         self.num_reqs += delta
         assert self.num_reqs >= 0, "more completions than arrivals"
-        self.window_peak = max(self.window_peak, self.num_reqs)
+        if self.num_reqs > self.window_peak:
+            self.window_peak = self.num_reqs
         steps = self._steps
         if steps[-1][0] == now:
             steps[-1] = (now, self.num_reqs)

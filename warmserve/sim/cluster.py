@@ -115,6 +115,12 @@ class SimCluster:
         for e in self.books.apply(actions):
             if isinstance(e, Route):
                 self.instances[e.instance_id].add(self.requests[e.request_id])
+            elif isinstance(e, ResizeKv):  # next most frequent: a KV lend or reclaim
+                inst = self.instances[e.instance_id]
+                inst.kv_pages = e.kv_pages
+                inst.kv_lent_pages = self.books.instances[e.instance_id].kv_lent_pages
+                if e.grew:
+                    inst.kv_changed()
             elif isinstance(e, Activate):
                 self._activate(e)
             elif isinstance(e, Deactivate):
@@ -125,12 +131,6 @@ class SimCluster:
                 self._queue_load(e)
             elif isinstance(e, DropWeights):
                 self._cancel_load(e)
-            elif isinstance(e, ResizeKv):
-                inst = self.instances[e.instance_id]
-                inst.kv_pages = e.kv_pages
-                inst.kv_lent_pages = self.books.instances[e.instance_id].kv_lent_pages
-                if e.grew:
-                    inst.kv_changed()
             else:  # pragma: no cover - the Effect union is closed
                 raise TypeError(f"unknown effect {e!r}")
 

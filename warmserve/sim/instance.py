@@ -177,10 +177,18 @@ class SimInstance:
         if not self.running:
             self._set_busy(False)
             return
-        batch = len(self.running)
-        steps = min(r.output_tokens - r.generated for r in self.running)
-        ctx = float(sum(r.input_tokens + r.generated for r in self.running))
-        cum = self._steps.decode_run(batch, ctx, steps)
+        running = self.running
+        batch = len(running)
+        # The run's length (the fewest tokens any request has left) and its context, in one
+        # pass: the same integers as min() and sum() over the batch.
+        steps = running[0].output_tokens - running[0].generated
+        tokens = 0
+        for r in running:
+            g = r.generated
+            if r.output_tokens - g < steps:
+                steps = r.output_tokens - g
+            tokens += r.input_tokens + g
+        cum = self._steps.decode_run(batch, float(tokens), steps)
         if self._host is not None:
             self.token_rate = batch * steps / float(cum[-1])
         self._set_busy(True)

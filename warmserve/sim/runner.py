@@ -169,13 +169,15 @@ def run_policy(
     ttft_slo, tpot_slo = slo_bounds(exp, models, wl)
     log = RequestLog.create(wl.arrival_s, wl.model_idx, wl.output_tokens, ttft_slo, tpot_slo)
     remaining = [wl.num_requests]
+    done = bytearray(wl.num_requests)  # finished yet: a byte, not a NaN test of an array read
 
     def first_token(rid: int, t: float) -> None:
         log.first_token_s[rid] = t
 
     def finished(rid: int, t: float) -> None:
-        if not np.isnan(log.finish_s[rid]):
+        if done[rid]:
             raise ConservationError(f"request {rid} finished twice")
+        done[rid] = 1
         log.finish_s[rid] = t
         remaining[0] -= 1
         controller.on_request_done(t, rid, cluster)
