@@ -155,17 +155,27 @@ class SimInstance:
     def _step(self) -> None:
         now = self._loop.now()
         admitted: list[SimRequest] = []
-        while self.waiting and self._fits(self.waiting[0]):
-            req = self.waiting.popleft()
-            self.used_tokens += req.kv_tokens
-            admitted.append(req)
-        if self.waiting:
-            self._report_pressure()
+        waiting = self.waiting
+        n = sq = 0
+        if waiting:
+            # FCFS while the whole KV fits (`_fits`); capacity does not move while admitting.
+            # The prompt tokens and their squares are summed on the way, as integers.
+            cap = self.kv_capacity_tokens
+            while waiting:
+                req = waiting[0]
+                kv = req.input_tokens + req.output_tokens  # req.kv_tokens
+                if self.used_tokens + kv > cap:
+                    break
+                waiting.popleft()
+                self.used_tokens += kv
+                admitted.append(req)
+                n += req.input_tokens
+                sq += req.input_tokens * req.input_tokens
+            if waiting:
+                self._report_pressure()
         if admitted:
             self._on_kv_change(self)
-            n = sum(r.input_tokens for r in admitted)
-            sq = float(sum(r.input_tokens * r.input_tokens for r in admitted))
-            t = self._steps.prefill(n, sq, len(admitted))
+            t = self._steps.prefill(n, float(sq), len(admitted))
             if self._host is not None:
                 self.token_rate = len(admitted) / t
             self._set_busy(True)
