@@ -126,6 +126,9 @@ class Books:
         # Devices whose pages or instances may have changed since their cached view was
         # checked: the only ones a snapshot compares again (all, to begin with).
         self._dirty_devices: set[int] = set(range(num_devices))
+        # Whether a replica (or its owner, id or readiness) may have changed since the replica
+        # views were built; a KV resize, the commonest layout change, leaves them as they are.
+        self._replicas_changed = True
         self._replica_views: dict[ReplicaId, ReplicaView] = {}
         self._instance_views: dict[InstanceId, InstanceView] = {}
 
@@ -148,20 +151,24 @@ class Books:
             elif isinstance(a, StartInstance):
                 out.extend(self._start(a))
                 dirty.update(a.gpus)
+                self._replicas_changed = True
             elif isinstance(a, StopInstance):
                 self._stop(a.instance_id)  # a state change: no page moves
             elif isinstance(a, ReleaseInstance):
                 e = self._release(a)
                 out.append(e)
                 dirty.update(e.devices)
+                self._replicas_changed = True
             elif isinstance(a, Prewarm):
                 e = self._prewarm(a)
                 out.append(e)
                 dirty.update(e.devices)
+                self._replicas_changed = True
             elif isinstance(a, Evict):
                 e = self._evict(a.replica_id)
                 out.append(e)
                 dirty.update(e.devices)
+                self._replicas_changed = True
             else:  # pragma: no cover - the Action union is closed
                 raise TypeError(f"unknown action {a!r}")
             self._layout_version += 1
@@ -318,6 +325,7 @@ class Books:
         if rep.pending:
             return None
         self._layout_version += 1
+        self._replicas_changed = True
         return rep
 
     def mark_running(self, inst_id: InstanceId) -> InstanceBook | None:
@@ -330,6 +338,7 @@ class Books:
         if inst.state == InstanceState.STARTING:
             inst.state = InstanceState.RUNNING
         self._layout_version += 1
+        self._replicas_changed = True
         return inst
 
     def set_kv_used(self, inst_id: InstanceId, pages: int) -> None:
@@ -373,6 +382,7 @@ class Books:
         dev.total_pages = dev.free_pages = dev.prewarm_pages = 0
         dev.weights_pages = dev.kv_pages = 0
         self._dirty_devices.update(range(len(self.devices)))  # its groups' other devices too
+        self._replicas_changed = True
         self._layout_version += 1
         return lost
 
@@ -396,23 +406,10 @@ class Books:
         # of a snapshot's cost, and most views are unchanged from one snapshot to the next.
         if layout_changed or self._snapshot is None:
             gpus = self._gpu_views_now()
-            views = self._replica_views
-            fresh: dict[ReplicaId, ReplicaView] = {}
-            for r in self.replicas.values():
-                if r.owner is None:
-                    v = views.get(r.replica_id)
-                    ready = not r.pending
-                    if (
-                        v is None
-                        or v.is_ready != ready
-                        or v.gpus is not r.devices
-                        or v.model != r.model
-                        or v.pages_per_gpu != r.pages_per_device
-                    ):
-                        v = ReplicaView(r.replica_id, r.model, r.devices, r.pages_per_device, ready)
-                    fresh[r.replica_id] = v
-            self._replica_views = fresh
-            replicas = tuple(fresh.values())
+            if self._replicas_changed or self._snapshot is None:
+                replicas = self._replica_views_now()
+            else:  # the same views in a fresh tuple, as after any layout change
+                replicas = tuple(self._replica_views.values())
         else:  # the same objects: consumers may test identity to skip work
             gpus, replicas = self._snapshot.gpus, self._snapshot.replicas
         inst_views = self._instance_views
@@ -450,6 +447,26 @@ class Books:
             self.page_bytes,
         )
 
+    def _replica_views_now(self) -> tuple[ReplicaView, ...]:
+        views = self._replica_views
+        fresh: dict[ReplicaId, ReplicaView] = {}
+        for r in self.replicas.values():
+            if r.owner is None:
+                v = views.get(r.replica_id)
+                ready = not r.pending
+                if (
+                    v is None
+                    or v.is_ready != ready
+                    or v.gpus is not r.devices
+                    or v.model != r.model
+                    or v.pages_per_gpu != r.pages_per_device
+                ):
+                    v = ReplicaView(r.replica_id, r.model, r.devices, r.pages_per_device, ready)
+                fresh[r.replica_id] = v
+        self._replica_views = fresh
+        self._replicas_changed = False
+        return tuple(fresh.values())
+
     def _gpu_views_now(self) -> tuple[GpuView, ...]:
         cached = self._gpu_views
         devices = self.devices
@@ -473,13 +490,15 @@ class Books:
 
     def check_invariants(self) -> None:
         """Pages conserved on every device, and every page's owner accounted for; the cached
-        view of every device not marked changed still matches it."""
+        views of devices and replicas not marked changed still match them."""
         for dev, v in zip(self.devices, self._gpu_views, strict=True):
             if v is None or dev.device_id in self._dirty_devices:
                 continue
             inst = (dev.instance_ids[0] if dev.instance_ids else None) if dev.alive else DEAD
             seen = (v.free_pages, v.instance_id, v.total_pages)
             assert seen == (dev.free_pages, inst, dev.total_pages), f"device {dev.device_id} view"
+        if not self._replicas_changed and self._snapshot is not None:
+            assert self._replica_views_now() == self._snapshot.replicas, "replica views"
         prewarm = [0] * len(self.devices)
         weights = [0] * len(self.devices)
         kv = [0] * len(self.devices)
