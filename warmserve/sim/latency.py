@@ -62,9 +62,14 @@ class StepTimeModel:
         """Cumulative end times of `steps` decode steps; the context grows by `batch` a step."""
         # In place, one operation at a time in the order of `decode` (IEEE + and * commute, so
         # every step time is bit-identical to it): a run is computed at every batch change.
-        ctx = np.arange(steps, dtype=np.float64)
-        ctx *= batch
-        ctx += ctx_sum
+        # Contexts are token counts: for an integral ctx_sum every one is an exact integer,
+        # and arange's start + i·step gives the same doubles as i·batch + ctx_sum, in one call.
+        if ctx_sum.is_integer():
+            ctx = np.arange(ctx_sum, ctx_sum + batch * steps, batch, dtype=np.float64)
+        else:
+            ctx = np.arange(steps, dtype=np.float64)
+            ctx *= batch
+            ctx += ctx_sum
         mem = ctx * self._kv_tok
         mem += self._weights
         ctx *= self._attn
