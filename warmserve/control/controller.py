@@ -171,11 +171,12 @@ class Controller:
         else:
             for name in self._autoscale_order():
                 self._autoscale(name, now, cluster)
-        if self.policy.fair_starts:
+        policy = self.policy
+        if policy.fair_starts:
             self._rescue_starving(now, cluster)
-        if self.policy.unified_memory and self.policy.kv_prewarm:
+        if policy.unified_memory and policy.kv_prewarm:
             self._reserve_kv(cluster, now)
-        if self.policy.unified_memory and self.policy.proactive_prewarm:
+        if policy.unified_memory and policy.proactive_prewarm:
             self._plan(cluster, now)
 
     def _autoscale_order(self) -> list[ModelName]:

@@ -1,0 +1,96 @@
+"""The simulator's shortcuts compute what the long way computes.
+
+A tick skips autoscaling for idle models (no instance, no load, no queue), and the books
+re-check only the device and replica views an action may have changed. Each is compared here
+against the long way on the same run, and shown to be taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sim_golden import cases, fingerprint
+
+from warmserve.control import registry
+from warmserve.control.controller import Controller
+from warmserve.control.load import ConcurrencySeries
+from warmserve.sim.runner import make_workload, run_policy
+
+
+class _NoSkip(Controller):
+    """Autoscales every model on every tick: an override turns the idle-model shortcut off."""
+
+    def _autoscale(self, name, now, cluster):
+        super()._autoscale(name, now, cluster)
+
+
+@pytest.fixture(scope="module")
+def servegen():
+    # Eight deployments on one node: most models idle most of the time, starts that wait.
+    exp, _ = cases()["servegen-m-mid-1node-5min"]
+    exp = dataclasses.replace(exp, workload=dataclasses.replace(exp.workload, rps=4.0))
+    return exp, make_workload(exp)
+
+
+@pytest.mark.parametrize("policy", ["warmserve", "warmserve-plus", "vanilla-autoscale"])
+def test_idle_autoscale_skip_changes_nothing(servegen, policy, monkeypatch):
+    exp, wl = servegen
+    calls = {"fast": 0, "full": 0}
+    plain = Controller._autoscale
+
+    def counted(label):
+        def autoscale(self, name, now, cluster):
+            calls[label] += 1
+            plain(self, name, now, cluster)
+
+        return autoscale
+
+    monkeypatch.setattr(Controller, "_autoscale", counted("fast"))
+    fast = run_policy(exp, policy, wl)
+    spec = registry.POLICIES[policy]
+
+    def build(cfg, models, fc):
+        return _NoSkip(cfg, spec.spec, models, fc)
+
+    monkeypatch.setattr(_NoSkip, "_autoscale", counted("full"))
+    monkeypatch.setitem(registry.POLICIES, policy, dataclasses.replace(spec, build=build))
+    full = run_policy(exp, policy, wl)
+    assert fingerprint(fast) == fingerprint(full)
+    assert calls["fast"] < calls["full"]  # the shortcut is taken
+
+
+@given(
+    st.lists(st.tuples(st.floats(0.0, 50.0), st.booleans()), max_size=30),
+    st.floats(0.0, 60.0),
+    st.floats(0.5, 10.0),
+)
+def test_idle_since_means_zero_mean(events, later, span):
+    """`idle_since(now - span)` only when `mean(now, span)` is exactly 0.0, as autoscaling
+    assumes when it skips a model."""
+    s = ConcurrencySeries(span)
+    t, n = 0.0, 0
+    for dt, up in events:
+        t += dt
+        if up or n == 0:
+            s.add(t, +1)
+            n += 1
+        else:
+            s.add(t, -1)
+            n -= 1
+    now = t + later
+    if s.idle_since(now - span):
+        assert s.mean(now, span) == 0.0
+    assert s.idle_since(now - span) == (n == 0 and t <= now - span)  # t: the last change
+
+
+def test_views_are_rechecked_only_where_changed():
+    """check_invariants compares every cached device and replica view not marked changed
+    with the books; it runs after every event here, on a run with KV lending and prewarms."""
+    exp, _ = cases()["servegen-m-mid-16rps-5min"]
+    exp = dataclasses.replace(exp, workload=dataclasses.replace(exp.workload, duration_s=60.0))
+    wl = make_workload(exp)
+    r = run_policy(exp, "warmserve", wl, check_invariants=True)
+    assert r.summary["control"]["kv_lends"] > 0 and r.summary["control"]["prewarms"] > 0
