@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from warmserve.engine import cpu_linear
 from warmserve.engine.arch import NORM_PLACES, LlamaShape, RopeScaling, UnsupportedModel
 
 __all__ = [
@@ -216,7 +217,9 @@ class PagedLlama:
             and (head.data_ptr() == self.embed.data_ptr())
         ):
             del p["lm_head.weight"]
-        shape.check_tensors(name, {k: t.shape for k, t in p.items()})
+        # A worker's slot may hold projections packed for the CPU kernel: checked as the
+        # `[out, in]` weights they stand for.
+        shape.check_tensors(name, {k: cpu_linear.logical_shape(t) for k, t in p.items()})
         assert self.embed is not None
         self.device = self.embed.device
         if fuse is None:
@@ -331,7 +334,7 @@ class PagedLlama:
         return o[:, :, 0, :]
 
     def _linear(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+        return cpu_linear.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
     def sum_shapes(self, tokens: int) -> list[tuple[tuple[int, int], torch.dtype]]:
         """The shape and dtype of each of `reduce`'s sums in a forward of `tokens` new tokens,
@@ -361,7 +364,7 @@ class PagedLlama:
     def _row_parallel(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         if self.reduce is None:
             return self._linear(x, w, name)
-        out = F.linear(x, w[name + ".weight"])
+        out = cpu_linear.linear(x, w[name + ".weight"])
         self.reduce(out)  # the partial sums of every rank, then the bias once
         bias = w.get(name + ".bias")
         return out if bias is None else out + bias
@@ -377,6 +380,8 @@ class PagedLlama:
         h = self._norm(x[last], self.norm, self.shape.rms_norm_eps)
         # `W @ h.T`, not `h @ W.T`: with a tall vocabulary matrix and a few rows, the CPU BLAS
         # runs the former 1.5-2x faster (SmolLM2, 32 rows: 34 vs 53 ms); same result.
+        if cpu_linear.is_packed(self.lm_head):
+            return cpu_linear.linear(h, self.lm_head)
         return torch.mm(self.lm_head, h.t()).t().contiguous()
 
     @torch.inference_mode()
@@ -399,7 +404,7 @@ class PagedLlama:
             [q.block_table[(q.start + j) // bs] for q in seqs for j in range(len(q.token_ids))]
         )
         slots_o = positions % bs
-        x = self.embed[ids]
+        x = cpu_linear.rows(self.embed, ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         ropes = {False: self._rope(self._inv_freq, positions, x.dtype)}
@@ -422,7 +427,7 @@ class PagedLlama:
             attn_in, attn_out, mlp_in, mlp_out = layer.norms
             h = x if attn_in is None else norm(x, attn_in, eps)
             if layer.qkv is not None:
-                qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+                qkv = cpu_linear.linear(h, layer.qkv, layer.qkv_bias)
                 q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
             else:
                 q = self._linear(h, w, "self_attn.q_proj")
@@ -470,7 +475,7 @@ class PagedLlama:
             x = x + (a if attn_out is None else norm(a, attn_out, eps))
             h = x if mlp_in is None else norm(x, mlp_in, eps)
             if layer.gate_up is not None:
-                gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+                gate, up = cpu_linear.linear(h, layer.gate_up).chunk(2, dim=-1)
             else:
                 gate = self._linear(h, w, "mlp.gate_proj")
                 up = self._linear(h, w, "mlp.up_proj")
