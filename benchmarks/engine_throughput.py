@@ -4,9 +4,11 @@ For each concurrency (1, 8, 32) and dtype (fp32, bf16), `concurrency` chat promp
 `--tokens` tokens each (greedy, no early stop) with WarmServe's engine as a worker serves it
 (weights loaded into a pool slot, activated, continuous batching over paged KV in the pool) and
 with transformers `generate` on the same prompts (left-padded batch), in the same process.
-Our engine runs twice: with the projections packed for the CPU linear kernel (what `serve`
-runs on a CPU with one thread per worker: `engine.cpu_linear`) and with the plain layout and
-the BLAS (what it ran before), so one run gives the kernel's before/after. Reports generated
+Our engine runs twice: as `serve` runs it on a CPU with one thread per worker (projections
+and LM head packed for the CPU linear kernel, `engine.cpu_linear`; decode attention read in
+place from the paged cache, `engine.cpu_attention`) and as it ran before those kernels (plain
+layout and the BLAS; blocks gathered for `scaled_dot_product_attention`), so one run gives
+their before/after. Reports generated
 tokens per second of wall time (prefill included); `--repeat` runs alternate the engines and
 keep each one's best, since these machines are noisy. The generated tokens of every engine
 are compared (greedy: they should agree; a difference is printed, not hidden).
@@ -68,7 +70,10 @@ def serving_engine(
     weights = weight_pages(model_dir, 2 << 20)
     worker = UniversalWorker(PagePool(CpuPages(weights + kv_mib // 2)), pack_weights=pack)
     worker.prewarm("m", model_dir)
-    return worker, worker.activate("m")
+    engine = worker.activate("m")
+    if pack is False:  # the engine before its CPU kernels: torch's attention too
+        engine.model.paged_attention = False
+    return worker, engine
 
 
 def ours(engine: Engine, ids: list[list[int]], tokens: int) -> tuple[float, list[list[int]]]:

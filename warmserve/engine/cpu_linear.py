@@ -8,29 +8,21 @@ Packing is a permutation of the same bytes, so a worker packs each projection on
 prewarming, straight from the checkpoint into its slot: activation still copies nothing and
 the weights take no more memory. `benchmarks/engine_throughput.py` measures what it buys.
 
-The kernel is compiled for the host on first use (`cc -O3 -march=native`, a fraction of a
-second) and cached under `~/.cache/warmserve/kernels`, keyed by its source, the compiler and
-the CPU's flags. Packing is used only for fp32 on a CPU and where the worker runs one torch
-thread (the kernel is single-threaded; with more threads the BLAS's own threading wins), and
-never where the kernel cannot be built: then weights keep the plain layout and `F.linear`.
-`WARMSERVE_CPU_KERNEL=0` turns it off.
+The kernel is compiled for the host on first use (`engine.kernels`). Packing is used only
+for fp32 on a CPU and where the worker runs one torch thread (the kernel is single-threaded;
+with more threads the BLAS's own threading wins), and never where the kernel cannot be built:
+then weights keep the plain layout and `F.linear`. `WARMSERVE_CPU_KERNEL=0` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from warmserve.engine import kernels
 
 __all__ = [
     "TILE",
@@ -46,64 +38,13 @@ __all__ = [
     "use_packing",
 ]
 
-log = logging.getLogger(__name__)
-
 TILE = 32  # outputs per packed tile; the C source's TW
-SOURCE = Path(__file__).resolve().parent.parent / "data" / "kernels" / "linear_f32.c"
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("WARMSERVE_KERNEL_CACHE", Path.home() / ".cache" / "warmserve"
-                               / "kernels"))  # fmt: skip
-
-
-def _cpu_key() -> str:
-    """What `-march=native` compiled for: a binary cached on a shared home must not run on
-    a CPU without its instructions."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        keys = ("flags", "model name", "Features")
-        lines = [ln for ln in info.splitlines() if ln.startswith(keys)]
-        return "\n".join(dict.fromkeys(lines))
-    except OSError:
-        return platform.processor() + platform.machine()
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("WARMSERVE_CPU_KERNEL", "1") == "0":
-        return None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        log.info("no C compiler: weights keep the plain layout")
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout  # fmt: skip
-        key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_key()]).encode()
-        ).hexdigest()[:16]
-        out = _cache_dir() / f"linear_f32-{key}.so"
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            # Built beside its final name and renamed: workers starting together may race.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-            os.close(fd)
-            try:
-                subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True,
-                               capture_output=True, text=True, timeout=120)  # fmt: skip
-                os.replace(tmp, out)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(out))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        log.warning("the CPU linear kernel did not build (%s): weights keep the plain layout",
-                    str(detail).strip().splitlines()[-1:] or e)  # fmt: skip
-        return None
-    if lib.ws_tile_width() != TILE:
+    lib = kernels.load("linear_f32", ("-O3", "-march=native"))
+    if lib is None or lib.ws_tile_width() != TILE:
         return None
     fn = lib.ws_linear_f32
     fn.restype = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from warmserve.engine import cpu_linear
+from warmserve.engine import cpu_attention, cpu_linear
 from warmserve.engine.arch import NORM_PLACES, LlamaShape, RopeScaling, UnsupportedModel
 
 __all__ = [
@@ -272,6 +272,9 @@ class PagedLlama:
             self._inv(shape.local_rope_theta, None) if shape.local_rope_theta is not None else None
         )
         self._windows = sorted({layer.window for layer in self.layers}, key=lambda w: w or 0)
+        # Decode attention straight from the cache's blocks where the CPU kernel runs it.
+        self.paged_attention = cpu_attention.supports(self.device, self.embed.dtype, shape.head_dim)
+        self._lens: torch.Tensor | None = None
         self._act = (
             (lambda t: F.gelu(t, approximate="tanh"))
             if shape.activation == "gelu_pytorch_tanh"
@@ -294,15 +297,22 @@ class PagedLlama:
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def _decode_meta(
-        self, seqs: Sequence[SeqInput], bs: int
+        self, seqs: Sequence[SeqInput], bs: int, cache: PagedKVCache
     ) -> tuple[torch.Tensor, dict[int | None, torch.Tensor]]:
-        """Padded block tables `[B, max_blocks]` and, per window, a key mask
-        `[B, 1, 1, max_blocks * bs]`."""
+        """Padded block tables `[B, max_blocks]` and, per window, what hides keys from each
+        query: a key mask `[B, 1, 1, max_blocks * bs]` for the torch path, or for the
+        in-place kernel (`cpu_attention`) the first key each query sees (keys per sequence
+        in `self._lens`)."""
         lens = [q.start + 1 for q in seqs]
         width = max(-(-n // bs) for n in lens)
         rows = [list(q.block_table[: -(-n // bs)]) for q, n in zip(seqs, lens, strict=True)]
         tables = self._tensor([r + [0] * (width - len(r)) for r in rows])
         qpos = self._tensor([q.start for q in seqs])
+        if self.paged_attention and cache.k.dtype == torch.float32:
+            self._lens = qpos + 1
+            zero = torch.zeros_like(qpos)
+            return tables, {w: zero if w is None else qpos - (w - 1) for w in self._windows}
+        self._lens = None
         kpos = torch.arange(width * bs, device=self.device)
         masks = {w: _window_mask(qpos, kpos, w)[:, None, None, :] for w in self._windows}
         return tables, masks
@@ -320,6 +330,16 @@ class PagedLlama:
         mask: torch.Tensor,
     ) -> torch.Tensor:
         s = self.shape
+        if self._lens is not None:  # `mask` is the first key each query sees
+            return cpu_attention.decode_attention(
+                q,
+                cache.k[layer],
+                cache.v[layer],
+                tables,
+                self._lens,
+                mask,
+                s.head_dim**-0.5 if s.query_scale is None else s.query_scale,
+            )
         b = q.shape[0]
         kk = cache.k[layer][tables].reshape(b, -1, s.num_kv_heads, s.head_dim).to(q.dtype)
         vv = cache.v[layer][tables].reshape(b, -1, s.num_kv_heads, s.head_dim).to(q.dtype)
@@ -417,7 +437,7 @@ class PagedLlama:
         decode_rows = self._tensor([bounds[n] for n in decode])
         all_decode = len(decode) == len(seqs)
         if decode:
-            tables, dec_masks = self._decode_meta([seqs[n] for n in decode], bs)
+            tables, dec_masks = self._decode_meta([seqs[n] for n in decode], bs, cache)
         multi = [self._multi_meta(seqs[n], bounds[n], bounds[n + 1], bs)
                  for n, q in enumerate(seqs) if len(q.token_ids) != 1]  # fmt: skip
         q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
