@@ -1,18 +1,27 @@
 """Decode throughput of the paged engine vs transformers `generate`, SmolLM2-135M on CPU.
 
 For each concurrency (1, 8, 32) and dtype (fp32, bf16), `concurrency` chat prompts generate
-`--tokens` tokens each (greedy, no early stop), once with WarmServe's engine as a worker serves
-it (weights loaded into a pool slot, activated, continuous batching over paged KV in the pool)
-and once with transformers `generate` on the same prompts (left-padded batch), in the same
-process. Reports generated tokens per second of wall time; `--repeat` runs alternate the two
-and keep each one's best, since these machines are noisy.
+`--tokens` tokens each (greedy, no early stop) with WarmServe's engine as a worker serves it
+(weights loaded into a pool slot, activated, continuous batching over paged KV in the pool) and
+with transformers `generate` on the same prompts (left-padded batch), in the same process.
+Our engine runs twice: as `serve` runs it on a CPU with one thread per worker (projections
+and LM head packed for the CPU linear kernel, `engine.cpu_linear`; decode attention read in
+place from the paged cache, `engine.cpu_attention`) and as it ran before those kernels (plain
+layout and the BLAS; blocks gathered for `scaled_dot_product_attention`), so one run gives
+their before/after. Reports generated
+tokens per second of wall time (prefill included); `--repeat` runs alternate the engines and
+keep each one's best, since these machines are noisy. The generated tokens of every engine
+are compared (greedy: they should agree; a difference is printed, not hidden).
+
+As `serve` runs a worker: one torch thread (`--threads`, default 1) pinned to one core
+(`--pin`, default the first core this process may use; -1: not pinned).
 
 The roofline: a decode step reads every weight once, so `concurrency` sequences decode at most
-`concurrency × read bandwidth / weight bytes` tokens/s. The script measures the machine's read
-bandwidth itself (a sum over a 1 GiB buffer on the same threads, best of 3, again before each
-concurrency: a shared machine's bandwidth moves) and reports both engines' fraction of that
-bound. `--threads` sets torch's threads (default 1: one thread per
-worker process, as `serve` runs on a CPU host with as many workers as cores).
+`concurrency × read bandwidth / weight bytes` tokens/s. The script measures the read
+bandwidth itself, on the same threads, again before each concurrency (a shared machine's
+moves): the faster of a sum over a 1 GiB buffer and a one-row matrix-vector product over a
+1 GiB matrix (the access a decode step makes), best of 3 each. It reports each engine's
+fraction of that bound. vLLM's CPU build is not a dependency and is not run here.
 
     python benchmarks/engine_throughput.py --json results/bench/engine_throughput.json
 """
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +38,7 @@ import torch
 from bench_output import write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from warmserve.engine import cpu_linear
 from warmserve.engine.engine import Engine
 from warmserve.engine.request import SamplingParams
 from warmserve.models import prepare_smollm2
@@ -51,23 +62,31 @@ def prompts(tok, n: int) -> list[list[int]]:
     return out
 
 
-def serving_engine(model_dir: Path, kv_mib: int = 256) -> tuple[UniversalWorker, Engine]:
-    """A worker with the model prewarmed into its pool and activated (KV over the rest)."""
+def serving_engine(
+    model_dir: Path, kv_mib: int = 256, pack: bool | None = None
+) -> tuple[UniversalWorker, Engine]:
+    """A worker with the model prewarmed into its pool and activated (KV over the rest);
+    `pack`: the weight layout (None: what a worker on these threads chooses)."""
     weights = weight_pages(model_dir, 2 << 20)
-    worker = UniversalWorker(PagePool(CpuPages(weights + kv_mib // 2)))
+    worker = UniversalWorker(PagePool(CpuPages(weights + kv_mib // 2)), pack_weights=pack)
     worker.prewarm("m", model_dir)
-    return worker, worker.activate("m")
+    engine = worker.activate("m")
+    if pack is False:  # the engine before its CPU kernels: torch's attention too
+        engine.model.paged_attention = False
+    return worker, engine
 
 
-def ours(engine: Engine, ids: list[list[int]], tokens: int) -> float:
+def ours(engine: Engine, ids: list[list[int]], tokens: int) -> tuple[float, list[list[int]]]:
     t0 = time.perf_counter()
     out = engine.generate(ids, SamplingParams(max_tokens=tokens, ignore_eos=True))
     wall = time.perf_counter() - t0
     assert all(len(o) == tokens for o in out)
-    return len(ids) * tokens / wall
+    return len(ids) * tokens / wall, out
 
 
-def transformers_generate(model, tok, ids: list[list[int]], tokens: int) -> float:
+def transformers_generate(
+    model, tok, ids: list[list[int]], tokens: int
+) -> tuple[float, list[list[int]]]:
     width = max(map(len, ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batch = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
@@ -78,17 +97,31 @@ def transformers_generate(model, tok, ids: list[list[int]], tokens: int) -> floa
                              min_new_tokens=tokens, do_sample=False, pad_token_id=pad)  # fmt: skip
     wall = time.perf_counter() - t0
     assert out.shape[1] - width == tokens
-    return len(ids) * tokens / wall
+    return len(ids) * tokens / wall, out[:, width:].tolist()
+
+
+def same_greedy(ours: list[list[int]], theirs: list[list[int]], eos: int | None) -> bool:
+    """The same tokens up to each sequence's first end-of-sequence token: `generate` with
+    `min_new_tokens` forbids that token, our engine with `ignore_eos` samples it and goes on."""
+    for a, b in zip(ours, theirs, strict=True):
+        n = a.index(eos) if eos in a else len(a)
+        if a[:n] != b[:n]:
+            return False
+    return True
 
 
 def read_bandwidth(gib: float = 1.0, repeat: int = 3) -> float:
-    """Bytes per second a reduction streams from memory on torch's current threads."""
+    """Bytes per second streamed from memory on torch's current threads: the faster of a
+    reduction and a one-row matrix-vector product over `gib` GiB."""
     buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    mat = buf.view(-1, 4096)
+    vec = torch.ones(4096)
     best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
+    for op in (buf.sum, lambda: torch.mv(mat, vec)):
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            op()
+            best = min(best, time.perf_counter() - t0)
     return buf.nbytes / best
 
 
@@ -103,13 +136,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each; best kept")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs of each; best kept")
     ap.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--pin", type=int, default=None,
+                    help="core to pin to (default: the first allowed; -1: none)")  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads {torch.get_num_threads()}")
+    pinned = None
+    if args.pin != -1 and hasattr(os, "sched_setaffinity"):
+        pinned = args.pin if args.pin is not None else min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {pinned})
+    kernel = cpu_linear.available()
+    print(f"threads {torch.get_num_threads()}, pinned to core {pinned}, "
+          f"CPU linear kernel {'built' if kernel else 'unavailable'}")  # fmt: skip
     tok = AutoTokenizer.from_pretrained(prepare_smollm2())
     rows = []
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -118,30 +159,50 @@ def main() -> None:
         model_dir = prepare_smollm2(dtype="float32" if dtype == torch.float32 else "bfloat16")
         weights = weight_bytes(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        worker, engine = serving_engine(model_dir)
+        # The kernel packs fp32 only: bf16 runs the plain layout alone.
+        layouts = {"plain": False}
+        if kernel and dtype == torch.float32:
+            layouts = {"packed": True, "plain": False}
+        engines = {k: serving_engine(model_dir, pack=v) for k, v in layouts.items()}
         for c in (int(x) for x in args.concurrency.split(",")):
             ids = prompts(tok, c)
-            ours(engine, ids[:1], 2)  # warm-up
-            w = t = 0.0
+            best = dict.fromkeys([*layouts, "transformers"], 0.0)
+            outs: dict[str, list[list[int]]] = {}
+            for _, engine in engines.values():
+                ours(engine, ids[:1], 2)  # warm-up
             for _ in range(args.repeat):
-                w = max(w, ours(engine, ids, args.tokens))
-                t = max(t, transformers_generate(model, tok, ids, args.tokens))
+                for k, (_, engine) in engines.items():
+                    tps, outs[k] = ours(engine, ids, args.tokens)
+                    best[k] = max(best[k], tps)
+                tps, outs["transformers"] = transformers_generate(model, tok, ids, args.tokens)
+                best["transformers"] = max(best["transformers"], tps)
             bandwidth = read_bandwidth()
             roof = c * bandwidth / weights  # every weight read once a step
-            row = {"concurrency": c, "dtype": dtype_name, "warmserve_tok_s": round(w, 1),
-                   "transformers_tok_s": round(t, 1), "ratio": round(w / t, 2),
-                   "weight_bytes": weights, "read_gb_s": round(bandwidth / 1e9, 1),
-                   "roofline_tok_s": round(roof, 1),
+            w = best[next(iter(layouts))]  # what serve runs
+            t = best["transformers"]
+            row = {"concurrency": c, "dtype": dtype_name, "layout": next(iter(layouts)),
+                   "warmserve_tok_s": round(w, 1), "transformers_tok_s": round(t, 1),
+                   "ratio": round(w / t, 2), "weight_bytes": weights,
+                   "read_gb_s": round(bandwidth / 1e9, 1), "roofline_tok_s": round(roof, 1),
                    "warmserve_roofline": round(w / roof, 3),
                    "transformers_roofline": round(t / roof, 3)}  # fmt: skip
+            if "packed" in layouts:
+                p = best["plain"]
+                row |= {"plain_tok_s": round(p, 1), "packed_vs_plain": round(w / p, 2),
+                        "plain_vs_transformers": round(p / t, 2),
+                        "plain_roofline": round(p / roof, 3)}  # fmt: skip
+            row["same_tokens"] = {
+                k: same_greedy(outs[k], outs["transformers"], tok.eos_token_id) for k in layouts
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-        worker.close()
-        worker.pool.close()
+        for worker, _ in engines.values():
+            worker.close()
+            worker.pool.close()
     write_json(args.json, {"benchmark": "engine_throughput", "model": "SmolLM2-135M-Instruct",
                            "tokens_per_request": args.tokens, "repeat": args.repeat,
-                           "threads": torch.get_num_threads(),
-                           "results": rows})  # fmt: skip
+                           "threads": torch.get_num_threads(), "pinned_core": pinned,
+                           "cpu_kernel": kernel, "results": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

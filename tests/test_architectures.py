@@ -6,6 +6,8 @@ a norm or bias applied wrongly (Gemma's (1 + w), say). Small sliding windows (5-
 against blocks of 4 make windowed layers matter within a dozen tokens.
 """
 
+import functools
+
 import pytest
 import torch
 from transformers import (
@@ -25,6 +27,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from warmserve.engine import cpu_linear
 from warmserve.engine.engine import Engine
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama, SeqInput
@@ -97,11 +100,19 @@ def ours(model, tmp_path, weights: str, num_blocks: int = 16, block_size: int = 
     if weights == "separate":
         engine = PagedLlama(shape, model.state_dict())
     else:  # in a pool slot as a worker holds them: fusable projections side by side
+        if weights == "packed" and not cpu_linear.available():
+            pytest.skip("no C compiler for the CPU linear kernel")
         model.save_pretrained(tmp_path)
         pool = PagePool(CpuPages(4), asynchronous=False)
-        params = load_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), checkpoint_files(tmp_path))
+        slot = pool.new_slot(PageUse.WEIGHTS)
+        pack = weights == "packed"  # projections of whole 32-output tiles packed, others plain
+        rule = functools.partial(cpu_linear.packable, tied=shape.tie_word_embeddings)
+        params = load_into_slot(pool, slot, checkpoint_files(tmp_path), pack=rule if pack else None)
         engine = PagedLlama(shape, params, fuse=True)
-        assert engine.fused_layers == shape.num_layers
+        if pack:
+            assert any(cpu_linear.is_packed(t) for t in params.values())
+        else:
+            assert engine.fused_layers == shape.num_layers
     return engine, PagedKVCache(shape, num_blocks, block_size, torch.float32)
 
 
@@ -128,7 +139,7 @@ def test_each_architecture_turns_on_what_it_differs_by():
     assert g.activation == "gelu_pytorch_tanh" and g.variant.norms == "sandwich"
 
 
-@pytest.mark.parametrize("weights", ["separate", "slot"])
+@pytest.mark.parametrize("weights", ["separate", "slot", "packed"])
 @pytest.mark.parametrize("kind", list(ARCHS))
 def test_prefill_and_stepwise_decode_match_transformers(kind, weights, tmp_path):
     model = tiny(kind)
@@ -145,10 +156,11 @@ def test_prefill_and_stepwise_decode_match_transformers(kind, weights, tmp_path)
         close(logits, hf_last(model, ids))
 
 
+@pytest.mark.parametrize("weights", ["separate", "packed"])
 @pytest.mark.parametrize("kind", list(ARCHS))
-def test_chunked_prefill_and_mixed_batches_match_transformers(kind, tmp_path):
+def test_chunked_prefill_and_mixed_batches_match_transformers(kind, weights, tmp_path):
     model = tiny(kind)
-    engine, cache = ours(model, tmp_path, "separate", num_blocks=32)
+    engine, cache = ours(model, tmp_path, weights, num_blocks=32)
     ids = list(range(3, 20))
     table = [4, 9, 1, 12, 30]
     engine.forward([SeqInput(ids[:5], 0, table)], cache)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from warmserve.engine import cpu_linear
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama, SeqInput
 from warmserve.worker.layout import checkpoint_files
@@ -33,12 +34,19 @@ def ours(model: torch.nn.Module, num_blocks: int = 16, block_size: int = 4):
     return engine, PagedKVCache(shape, num_blocks, block_size, torch.float32)
 
 
-def ours_in_slot(model: torch.nn.Module, tmp_path, num_blocks: int = 16, block_size: int = 4):
+def ours_in_slot(
+    model: torch.nn.Module, tmp_path, num_blocks: int = 16, block_size: int = 4, pack=False
+):
     """The engine over weights loaded into a pool slot, as a worker holds them: each layer's
-    Q/K/V and gate/up lie side by side and run as fused matmuls over views."""
+    Q/K/V and gate/up lie side by side and run as fused matmuls over views (with `pack`,
+    views of the projections packed for the CPU kernel)."""
     model.save_pretrained(tmp_path)
     pool = PagePool(CpuPages(4), asynchronous=False)
-    params = load_into_slot(pool, pool.new_slot(PageUse.WEIGHTS), checkpoint_files(tmp_path))
+    slot = pool.new_slot(PageUse.WEIGHTS)
+    rule = cpu_linear.packable if pack else None
+    params = load_into_slot(pool, slot, checkpoint_files(tmp_path), pack=rule)
+    assert all(cpu_linear.is_packed(t) == (pack and k.endswith("_proj.weight"))
+               for k, t in params.items())  # fmt: skip
     shape = LlamaShape.from_hf_config(model.config.to_dict())
     engine = PagedLlama(shape, params, fuse=True)
     assert engine.fused_layers == shape.num_layers
@@ -50,11 +58,16 @@ def hf_last_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0, -1]
 
 
-@pytest.mark.parametrize("weights", ["separate", "slot"])
+@pytest.mark.parametrize("weights", ["separate", "slot", "packed"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_prefill_and_stepwise_decode_match_transformers(kind, weights, tmp_path):
+    if weights == "packed" and not cpu_linear.available():
+        pytest.skip("no C compiler for the CPU linear kernel")
     model = tiny_model(kind)
-    engine, cache = ours(model) if weights == "separate" else ours_in_slot(model, tmp_path)
+    if weights == "separate":
+        engine, cache = ours(model)
+    else:
+        engine, cache = ours_in_slot(model, tmp_path, pack=weights == "packed")
     assert engine.fused_layers == (0 if weights == "separate" else 2)
     table = [11, 3, 7, 0, 14, 5]  # scattered blocks: the cache is really paged
     ids = torch.randint(0, 97, (11,), generator=torch.Generator().manual_seed(1)).tolist()

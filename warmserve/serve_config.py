@@ -42,6 +42,10 @@ class WorkerConfig:
     pool_mib: int = 1536  # the page pool of each worker
     page_mib: int = 2
     threads: int = 0  # torch threads per worker; 0: the CPUs divided among the workers
+    # Each local worker on a core of its own (CPU affinity) where each runs one torch thread
+    # and there are cores for all of them, as vLLM's CPU workers are: a worker's step then
+    # keeps its core's caches rather than migrating.
+    pin: bool = True
     startup_timeout_s: float = 120.0
     # Scheduling priority below the server's (os.nice). Where workers and the gateway share
     # CPU cores, the event loop then runs first: measured on 2 cores, P50 TTFT 778 -> 576 ms
@@ -76,6 +80,18 @@ class WorkerConfig:
 
     def torch_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.count)
+
+    def cpus_of(self, worker_id: int) -> tuple[int, ...] | None:
+        """The cores local worker `worker_id` is pinned to, or None (not pinned)."""
+        try:
+            cores = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # no affinity on this OS
+            return None
+        if not self.pin or self.device != "cpu" or self.torch_threads() != 1:
+            return None
+        if self.count > len(cores):
+            return None
+        return (cores[worker_id % self.count],)
 
 
 @dataclass(frozen=True, slots=True)

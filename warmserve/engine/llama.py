@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from warmserve.engine import cpu_attention, cpu_linear
 from warmserve.engine.arch import NORM_PLACES, LlamaShape, RopeScaling, UnsupportedModel
 
 __all__ = [
@@ -216,7 +217,9 @@ class PagedLlama:
             and (head.data_ptr() == self.embed.data_ptr())
         ):
             del p["lm_head.weight"]
-        shape.check_tensors(name, {k: t.shape for k, t in p.items()})
+        # A worker's slot may hold projections packed for the CPU kernel: checked as the
+        # `[out, in]` weights they stand for.
+        shape.check_tensors(name, {k: cpu_linear.logical_shape(t) for k, t in p.items()})
         assert self.embed is not None
         self.device = self.embed.device
         if fuse is None:
@@ -269,6 +272,9 @@ class PagedLlama:
             self._inv(shape.local_rope_theta, None) if shape.local_rope_theta is not None else None
         )
         self._windows = sorted({layer.window for layer in self.layers}, key=lambda w: w or 0)
+        # Decode attention straight from the cache's blocks where the CPU kernel runs it.
+        self.paged_attention = cpu_attention.supports(self.device, self.embed.dtype, shape.head_dim)
+        self._lens: torch.Tensor | None = None
         self._act = (
             (lambda t: F.gelu(t, approximate="tanh"))
             if shape.activation == "gelu_pytorch_tanh"
@@ -291,15 +297,22 @@ class PagedLlama:
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def _decode_meta(
-        self, seqs: Sequence[SeqInput], bs: int
+        self, seqs: Sequence[SeqInput], bs: int, cache: PagedKVCache
     ) -> tuple[torch.Tensor, dict[int | None, torch.Tensor]]:
-        """Padded block tables `[B, max_blocks]` and, per window, a key mask
-        `[B, 1, 1, max_blocks * bs]`."""
+        """Padded block tables `[B, max_blocks]` and, per window, what hides keys from each
+        query: a key mask `[B, 1, 1, max_blocks * bs]` for the torch path, or for the
+        in-place kernel (`cpu_attention`) the first key each query sees (keys per sequence
+        in `self._lens`)."""
         lens = [q.start + 1 for q in seqs]
         width = max(-(-n // bs) for n in lens)
         rows = [list(q.block_table[: -(-n // bs)]) for q, n in zip(seqs, lens, strict=True)]
         tables = self._tensor([r + [0] * (width - len(r)) for r in rows])
         qpos = self._tensor([q.start for q in seqs])
+        if self.paged_attention and cache.k.dtype == torch.float32:
+            self._lens = qpos + 1
+            zero = torch.zeros_like(qpos)
+            return tables, {w: zero if w is None else qpos - (w - 1) for w in self._windows}
+        self._lens = None
         kpos = torch.arange(width * bs, device=self.device)
         masks = {w: _window_mask(qpos, kpos, w)[:, None, None, :] for w in self._windows}
         return tables, masks
@@ -317,6 +330,16 @@ class PagedLlama:
         mask: torch.Tensor,
     ) -> torch.Tensor:
         s = self.shape
+        if self._lens is not None:  # `mask` is the first key each query sees
+            return cpu_attention.decode_attention(
+                q,
+                cache.k[layer],
+                cache.v[layer],
+                tables,
+                self._lens,
+                mask,
+                s.head_dim**-0.5 if s.query_scale is None else s.query_scale,
+            )
         b = q.shape[0]
         kk = cache.k[layer][tables].reshape(b, -1, s.num_kv_heads, s.head_dim).to(q.dtype)
         vv = cache.v[layer][tables].reshape(b, -1, s.num_kv_heads, s.head_dim).to(q.dtype)
@@ -331,7 +354,7 @@ class PagedLlama:
         return o[:, :, 0, :]
 
     def _linear(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+        return cpu_linear.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
     def sum_shapes(self, tokens: int) -> list[tuple[tuple[int, int], torch.dtype]]:
         """The shape and dtype of each of `reduce`'s sums in a forward of `tokens` new tokens,
@@ -361,7 +384,7 @@ class PagedLlama:
     def _row_parallel(self, x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         if self.reduce is None:
             return self._linear(x, w, name)
-        out = F.linear(x, w[name + ".weight"])
+        out = cpu_linear.linear(x, w[name + ".weight"])
         self.reduce(out)  # the partial sums of every rank, then the bias once
         bias = w.get(name + ".bias")
         return out if bias is None else out + bias
@@ -377,6 +400,8 @@ class PagedLlama:
         h = self._norm(x[last], self.norm, self.shape.rms_norm_eps)
         # `W @ h.T`, not `h @ W.T`: with a tall vocabulary matrix and a few rows, the CPU BLAS
         # runs the former 1.5-2x faster (SmolLM2, 32 rows: 34 vs 53 ms); same result.
+        if cpu_linear.is_packed(self.lm_head):
+            return cpu_linear.linear(h, self.lm_head)
         return torch.mm(self.lm_head, h.t()).t().contiguous()
 
     @torch.inference_mode()
@@ -399,7 +424,7 @@ class PagedLlama:
             [q.block_table[(q.start + j) // bs] for q in seqs for j in range(len(q.token_ids))]
         )
         slots_o = positions % bs
-        x = self.embed[ids]
+        x = cpu_linear.rows(self.embed, ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         ropes = {False: self._rope(self._inv_freq, positions, x.dtype)}
@@ -412,7 +437,7 @@ class PagedLlama:
         decode_rows = self._tensor([bounds[n] for n in decode])
         all_decode = len(decode) == len(seqs)
         if decode:
-            tables, dec_masks = self._decode_meta([seqs[n] for n in decode], bs)
+            tables, dec_masks = self._decode_meta([seqs[n] for n in decode], bs, cache)
         multi = [self._multi_meta(seqs[n], bounds[n], bounds[n + 1], bs)
                  for n, q in enumerate(seqs) if len(q.token_ids) != 1]  # fmt: skip
         q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -422,7 +447,7 @@ class PagedLlama:
             attn_in, attn_out, mlp_in, mlp_out = layer.norms
             h = x if attn_in is None else norm(x, attn_in, eps)
             if layer.qkv is not None:
-                qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+                qkv = cpu_linear.linear(h, layer.qkv, layer.qkv_bias)
                 q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
             else:
                 q = self._linear(h, w, "self_attn.q_proj")
@@ -470,7 +495,7 @@ class PagedLlama:
             x = x + (a if attn_out is None else norm(a, attn_out, eps))
             h = x if mlp_in is None else norm(x, mlp_in, eps)
             if layer.gate_up is not None:
-                gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+                gate, up = cpu_linear.linear(h, layer.gate_up).chunk(2, dim=-1)
             else:
                 gate = self._linear(h, w, "mlp.gate_proj")
                 up = self._linear(h, w, "mlp.up_proj")

@@ -50,6 +50,7 @@ def worker_main(
     threads: int,
     nice: int = 0,
     groups: GroupSpec | None = None,
+    cpus: tuple[int, ...] | None = None,
 ) -> None:
     # Ctrl-C and service managers signal the whole process group; the server shuts its
     # workers down in order (a `Shutdown` command, or EOF on the pipe if it died). A Ray
@@ -61,6 +62,9 @@ def worker_main(
         # Below the server's priority: where the workers and the gateway share cores, the
         # event loop (tokens to clients, new requests in) runs first.
         os.nice(nice)
+    if cpus:
+        # Before any thread starts: the loader and torch's threads inherit the affinity.
+        os.sched_setaffinity(0, cpus)
     torch.set_num_threads(max(1, threads))
     pool = PagePool(CpuPages(num_pages, page_bytes))
     worker = UniversalWorker(pool)

@@ -36,7 +36,15 @@ class WorkerProcess:
         w = cfg
         self.process = ctx.Process(
             target=worker_main,
-            args=(child, w.num_pages, w.page_bytes, w.torch_threads(), w.nice, groups),
+            args=(
+                child,
+                w.num_pages,
+                w.page_bytes,
+                w.torch_threads(),
+                w.nice,
+                groups,
+                w.cpus_of(worker_id),
+            ),
             name=f"warmserve-worker-{worker_id}",
             daemon=True,
         )

@@ -2,22 +2,30 @@
 
 A tensor-parallel rank's slot holds only its shard: each sliced tensor is read as slices of
 the checkpoint's tensor (never the whole of it) and written once into its place.
+
+With `pack` (a rule: name, shape, dtype -> bool, e.g. `cpu_linear.packable`), each weight it
+picks is written in the CPU kernel's packed layout (`engine.cpu_linear`): the same bytes,
+permuted as they are copied, so the slot's size and every other tensor's place are unchanged.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from warmserve.engine import cpu_linear
 from warmserve.engine.arch import LlamaShape
 from warmserve.engine.tp import TPShard
 from warmserve.hardware import pages_for
 from warmserve.worker.layout import TensorPlace, sharded_layout, weights_layout
 from warmserve.worker.pool import PagePool, Slot
+
+PackRule = Callable[[str, tuple[int, ...], torch.dtype], bool]
 
 
 class LoadCancelled(RuntimeError):
@@ -55,6 +63,7 @@ def copy_into_slot(
     layout: list[TensorPlace],
     num_pages: int,
     cancel: threading.Event | None = None,
+    pack: PackRule | None = None,
 ) -> dict[str, torch.Tensor]:
     """Copy every tensor once into a slot already grown by `num_pages`; return views of it.
 
@@ -70,9 +79,13 @@ def copy_into_slot(
                     raise LoadCancelled(place.name)
                 pool.wait_mapped(slot, -(-(place.offset + place.nbytes) // pool.page_bytes))
                 t = _read(f, place)
-                view = whole[place.offset : place.offset + place.nbytes].view(t.dtype)
-                view = view.view(t.shape)
-                view.copy_(t)
+                raw = whole[place.offset : place.offset + place.nbytes]
+                if pack is not None and pack(place.name, tuple(t.shape), t.dtype):
+                    view = cpu_linear.packed_view(raw, tuple(t.shape))
+                    cpu_linear.pack_into(view, t)
+                else:
+                    view = raw.view(t.dtype).view(t.shape)
+                    view.copy_(t)
                 pool.bytes_copied += place.nbytes  # the pool's only copying path
                 out[place.name] = view
     return out
@@ -88,20 +101,27 @@ def _read(f, place: TensorPlace) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=place.dim)
 
 
-def load_into_slot(pool: PagePool, slot: Slot, files: list[Path]) -> dict[str, torch.Tensor]:
+def load_into_slot(
+    pool: PagePool, slot: Slot, files: list[Path], pack: PackRule | None = None
+) -> dict[str, torch.Tensor]:
     """Grow the slot by exactly the pages needed and copy the checkpoint into it."""
     layout, total = weights_layout(files)
     pages = max(1, pages_for(total, pool.page_bytes))
     pool.grow(slot, pages)
-    return copy_into_slot(pool, slot, layout, pages)
+    return copy_into_slot(pool, slot, layout, pages, pack=pack)
 
 
 def load_shard_into_slot(
-    pool: PagePool, slot: Slot, files: list[Path], shard: TPShard, shape: LlamaShape
+    pool: PagePool,
+    slot: Slot,
+    files: list[Path],
+    shard: TPShard,
+    shape: LlamaShape,
+    pack: PackRule | None = None,
 ) -> dict[str, torch.Tensor]:
     """Grow the slot by the pages one rank's shard needs and copy the shard into it; the
     views' shapes are those of `engine.tp.shard_shape(shape, shard)`."""
     layout, total = sharded_layout(files, shard, shape)
     pages = max(1, pages_for(total, pool.page_bytes))
     pool.grow(slot, pages)
-    return copy_into_slot(pool, slot, layout, pages)
+    return copy_into_slot(pool, slot, layout, pages, pack=pack)

@@ -11,11 +11,15 @@ A rank of a tensor-parallel instance holds only its shard (`engine.tp`): `prewar
 `tp_rank`/`tp_size` loads that rank's slices, and `activate` with a `TPGroup` agrees with the
 group's other ranks on the KV blocks (the same block ids must fit every rank's cache, whose
 blocks differ in size where ranks own unequal KV heads) and builds a lockstep engine.
+
+On a CPU, a worker running one torch thread stores its projection weights and LM head packed
+for the CPU linear kernel (`engine.cpu_linear`; `pack_weights` overrides the choice).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from warmserve.engine import cpu_linear
 from warmserve.engine.engine import Engine
 from warmserve.engine.kv_blocks import BlockAllocator
 from warmserve.engine.llama import LlamaShape, PagedKVCache, PagedLlama
@@ -62,8 +67,16 @@ class WorkerStatus:
 
 
 class UniversalWorker:
-    def __init__(self, pool: PagePool, block_size: int = 16) -> None:
+    def __init__(
+        self, pool: PagePool, block_size: int = 16, pack_weights: bool | None = None
+    ) -> None:
         self.pool = pool
+        device = pool.backend.device
+        self.pack_weights = (
+            cpu_linear.use_packing(device)
+            if pack_weights is None
+            else pack_weights and torch.device(device).type == "cpu" and cpu_linear.available()
+        )
         self.block_size = block_size
         self.resident: dict[str, Resident] = {}
         self.serving: str | None = None
@@ -119,8 +132,11 @@ class UniversalWorker:
                 except Exception:
                     self.pool.free_slot(slot)
                     raise
+            pack = None
+            if self.pack_weights:
+                pack = functools.partial(cpu_linear.packable, tied=shape.tie_word_embeddings)
             try:
-                params = copy_into_slot(self.pool, slot, layout, pages, cancel)
+                params = copy_into_slot(self.pool, slot, layout, pages, cancel, pack=pack)
             except BaseException:
                 with self._lock:
                     self.pool.free_slot(slot)
