@@ -2,9 +2,9 @@
  *
  * A packed tile holds 32 outputs' weights for every k, so one pass over the tile streams
  * its 128 bytes per k once, in address order, while up to 12 rows of x accumulate in
- * registers (24 vector accumulators). At the few rows of a decode step this reads each
- * weight once from memory at close to the machine's bandwidth; the BLAS on a plain [N][K]
- * weight, which packs panels on every call, reached a third of it. Written with GCC vector
+ * registers (24 vector accumulators). At the 8 rows of a decode step it streamed SmolLM2's
+ * projections 1.6-1.8x faster than the BLAS on a plain [N][K] weight, which packs panels on
+ * every call (at 1 row they tie: both stream at the memory's pace). Written with GCC vector
  * extensions so the compiler emits the host's widest vectors (-march=native).
  *
  * Rows beyond 12 reuse the tile from cache (a tile is K * 128 bytes: 72 KB at K = 576).
