@@ -61,3 +61,15 @@ def test_supports_only_fp32_on_a_cpu_with_whole_vectors():
     assert not cpu_attention.supports(cpu, torch.bfloat16, 64)
     assert not cpu_attention.supports(cpu, torch.float32, 24)
     assert not cpu_attention.supports(torch.device("cuda"), torch.float32, 64)
+
+
+def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone():
+    """A kernel built with -ffast-math would set flush-to-zero for the whole process when its
+    library loads (gcc's crtfastmath): denormals would read as zero everywhere."""
+    from warmserve.engine import cpu_linear
+
+    assert cpu_attention.available() and cpu_linear.available()
+    tiny = 5e-324  # the smallest positive double: a denormal
+    assert tiny > 0
+    half = torch.tensor(torch.finfo(torch.float32).tiny) / 2  # a float32 denormal
+    assert float(half) > 0

@@ -23,7 +23,9 @@ __all__ = ["available", "decode_attention", "supports"]
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = kernels.load("attention_f32", ("-O3", "-march=native", "-ffast-math"), ("-lm",))
+    # Never -ffast-math: linking it into a shared library sets flush-to-zero for the whole
+    # process at load (gcc's crtfastmath), which changed unrelated float checks.
+    lib = kernels.load("attention_f32", ("-O3", "-march=native", "-fno-math-errno"), ("-lm",))
     if lib is None:
         return None
     fn = lib.ws_paged_decode_attention_f32

@@ -5,8 +5,7 @@
  * into one tensor per layer (what an attention library needs) copied the whole context once
  * a layer a step; here each key and value is read where it lies, once per KV head for all
  * the query heads sharing it (grouped-query attention). Keys below `lo` (a sliding window)
- * are skipped. Softmax is two-pass over a scratch row of scores; compiled with -ffast-math so
- * that the exponentials vectorise (glibc's vector math).
+ * are skipped. Softmax is two-pass over a scratch row of scores.
  */
 #include <math.h>
 #include <stdint.h>
