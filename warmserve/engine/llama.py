@@ -166,6 +166,18 @@ def _window_mask(
     return mask
 
 
+@dataclass(frozen=True, slots=True)
+class _DecodeMeta:
+    """The decoding sequences' padded block tables `[B, max_blocks]` and, per window, what
+    hides keys from each query: for the torch path a key mask `[B, 1, 1, max_blocks * bs]`
+    (`lens` None); for the in-place kernel (`cpu_attention`) the first key each query sees,
+    with `lens` the keys per sequence."""
+
+    tables: torch.Tensor
+    hide: dict[int | None, torch.Tensor]
+    lens: torch.Tensor | None
+
+
 @dataclass(slots=True)
 class _Layer:
     w: dict[str, torch.Tensor]
@@ -274,7 +286,6 @@ class PagedLlama:
         self._windows = sorted({layer.window for layer in self.layers}, key=lambda w: w or 0)
         # Decode attention straight from the cache's blocks where the CPU kernel runs it.
         self.paged_attention = cpu_attention.supports(self.device, self.embed.dtype, shape.head_dim)
-        self._lens: torch.Tensor | None = None
         self._act = (
             (lambda t: F.gelu(t, approximate="tanh"))
             if shape.activation == "gelu_pytorch_tanh"
@@ -296,26 +307,20 @@ class PagedLlama:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def _decode_meta(
-        self, seqs: Sequence[SeqInput], bs: int, cache: PagedKVCache
-    ) -> tuple[torch.Tensor, dict[int | None, torch.Tensor]]:
-        """Padded block tables `[B, max_blocks]` and, per window, what hides keys from each
-        query: a key mask `[B, 1, 1, max_blocks * bs]` for the torch path, or for the
-        in-place kernel (`cpu_attention`) the first key each query sees (keys per sequence
-        in `self._lens`)."""
+    def _decode_meta(self, seqs: Sequence[SeqInput], bs: int, cache: PagedKVCache) -> _DecodeMeta:
+        """What the decoding sequences' attention needs, built once a step."""
         lens = [q.start + 1 for q in seqs]
         width = max(-(-n // bs) for n in lens)
         rows = [list(q.block_table[: -(-n // bs)]) for q, n in zip(seqs, lens, strict=True)]
         tables = self._tensor([r + [0] * (width - len(r)) for r in rows])
         qpos = self._tensor([q.start for q in seqs])
         if self.paged_attention and cache.k.dtype == torch.float32:
-            self._lens = qpos + 1
             zero = torch.zeros_like(qpos)
-            return tables, {w: zero if w is None else qpos - (w - 1) for w in self._windows}
-        self._lens = None
+            first = {w: zero if w is None else qpos - (w - 1) for w in self._windows}
+            return _DecodeMeta(tables, first, qpos + 1)
         kpos = torch.arange(width * bs, device=self.device)
         masks = {w: _window_mask(qpos, kpos, w)[:, None, None, :] for w in self._windows}
-        return tables, masks
+        return _DecodeMeta(tables, masks, None)
 
     def _tensor(self, data: Sequence) -> torch.Tensor:
         """Host-built indices on the model's device (one transfer each on a GPU)."""
@@ -326,19 +331,15 @@ class PagedLlama:
         q: torch.Tensor,
         cache: PagedKVCache,
         layer: int,
-        tables: torch.Tensor,
-        mask: torch.Tensor,
+        meta: _DecodeMeta,
+        window: int | None,
     ) -> torch.Tensor:
         s = self.shape
-        if self._lens is not None:  # `mask` is the first key each query sees
+        tables, mask = meta.tables, meta.hide[window]
+        if meta.lens is not None:  # the in-place kernel: `mask` is each query's first key
+            scale = s.head_dim**-0.5 if s.query_scale is None else s.query_scale
             return cpu_attention.decode_attention(
-                q,
-                cache.k[layer],
-                cache.v[layer],
-                tables,
-                self._lens,
-                mask,
-                s.head_dim**-0.5 if s.query_scale is None else s.query_scale,
+                q, cache.k[layer], cache.v[layer], tables, meta.lens, mask, scale
             )
         b = q.shape[0]
         kk = cache.k[layer][tables].reshape(b, -1, s.num_kv_heads, s.head_dim).to(q.dtype)
@@ -437,7 +438,7 @@ class PagedLlama:
         decode_rows = self._tensor([bounds[n] for n in decode])
         all_decode = len(decode) == len(seqs)
         if decode:
-            tables, dec_masks = self._decode_meta([seqs[n] for n in decode], bs, cache)
+            dec_meta = self._decode_meta([seqs[n] for n in decode], bs, cache)
         multi = [self._multi_meta(seqs[n], bounds[n], bounds[n + 1], bs)
                  for n, q in enumerate(seqs) if len(q.token_ids) != 1]  # fmt: skip
         q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -468,12 +469,12 @@ class PagedLlama:
             cache.k[li, slots_b, slots_o] = k.to(cache.k.dtype)
             cache.v[li, slots_b, slots_o] = v.to(cache.v.dtype)
             if all_decode:  # the common step: no rows to pick out or put back
-                out = self._decode_attention(q, cache, li, tables, dec_masks[layer.window])
+                out = self._decode_attention(q, cache, li, dec_meta, layer.window)
             else:
                 out = torch.empty_like(q)
             if decode and not all_decode:  # all one-token sequences in one attention call
                 out[decode_rows] = self._decode_attention(
-                    q[decode_rows], cache, li, tables, dec_masks[layer.window]
+                    q[decode_rows], cache, li, dec_meta, layer.window
                 )
             for lo, hi, blocks, masks in multi:
                 # 4-D inputs: torch's CPU flash kernel takes only those (3-D ones run the
