@@ -3,6 +3,7 @@ loopback port, run in a thread of the test process, plus helpers to inspect it o
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from typing import Any
@@ -14,9 +15,24 @@ from warmserve.server import BackgroundServer
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range: a port the kernel picked
+    (bind to 0) and we released could be handed to the server's workers' own sockets (gloo's,
+    for TP groups) before the server binds it; those never take a port below the range."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 class LiveServer(BackgroundServer):
