@@ -86,6 +86,9 @@ def test_packing_follows_the_device_and_threads(monkeypatch):
     assert not cpu_linear.use_packing("cuda")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the BLAS's threads win there
     assert not cpu_linear.use_packing("cpu")
+    assert cpu_linear.use_packing("cpu", want=True)  # asked for: packed on any threads
+    assert not cpu_linear.use_packing("cuda", want=True)
+    assert not cpu_linear.use_packing("cpu", want=False)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -58,10 +58,12 @@ def available() -> bool:
     return _library() is not None
 
 
-def use_packing(device: str | torch.device = "cpu") -> bool:
-    """Whether a worker on `device` running torch's current threads should pack its
-    weights: a CPU, one thread, the kernel built."""
-    return torch.device(device).type == "cpu" and torch.get_num_threads() == 1 and available()
+def use_packing(device: str | torch.device = "cpu", want: bool | None = None) -> bool:
+    """Whether a worker on `device` packs its weights: only on a CPU with the kernel built,
+    and there as `want` says (None: where it runs one torch thread)."""
+    if torch.device(device).type != "cpu" or want is False:
+        return False
+    return (want or torch.get_num_threads() == 1) and available()
 
 
 def packable(name: str, shape: tuple[int, ...], dtype: torch.dtype, tied: bool = False) -> bool:

@@ -73,24 +73,25 @@ class SharedHost:
         return max(1.0, (demand + self._background) / self.cores)
 
     def set_stepping(self, inst: SimInstance, busy: bool) -> None:
-        if busy == (inst in self.stepping):
-            return
-        if busy:
-            self.stepping[inst] = None
-        else:
-            del self.stepping[inst]
-        self._cut_runs(inst)
+        if _toggle(self.stepping, inst, busy):
+            self._cut_runs(inst)
 
     def set_loading(self, device: int, busy: bool) -> None:
-        if busy == (device in self.loading):
-            return
-        if busy:
-            self.loading[device] = None
-        else:
-            del self.loading[device]
-        self._cut_runs(None)
+        if _toggle(self.loading, device, busy):
+            self._cut_runs(None)
 
     def _cut_runs(self, changed: SimInstance | None) -> None:
         for other in list(self.stepping):
             if other is not changed and other._run is not None:
                 other._cut_run()
+
+
+def _toggle(members: dict, key: object, busy: bool) -> bool:
+    """Put `key` in (busy) or out of the ordered set `members`; False if it already was."""
+    if busy == (key in members):
+        return False
+    if busy:
+        members[key] = None
+    else:
+        del members[key]
+    return True

@@ -158,16 +158,11 @@ class SimInstance:
         waiting = self.waiting
         n = sq = 0
         if waiting:
-            # FCFS while the whole KV fits (`_fits`); capacity does not move while admitting.
-            # The prompt tokens and their squares are summed on the way, as integers.
-            cap = self.kv_capacity_tokens
-            while waiting:
-                req = waiting[0]
-                kv = req.input_tokens + req.output_tokens  # req.kv_tokens
-                if self.used_tokens + kv > cap:
-                    break
-                waiting.popleft()
-                self.used_tokens += kv
+            # FCFS while the whole KV fits. The prompt tokens and their squares are summed on
+            # the way, as integers.
+            while waiting and self._fits(waiting[0]):
+                req = waiting.popleft()
+                self.used_tokens += req.kv_tokens
                 admitted.append(req)
                 n += req.input_tokens
                 sq += req.input_tokens * req.input_tokens

@@ -71,12 +71,7 @@ class UniversalWorker:
         self, pool: PagePool, block_size: int = 16, pack_weights: bool | None = None
     ) -> None:
         self.pool = pool
-        device = pool.backend.device
-        self.pack_weights = (
-            cpu_linear.use_packing(device)
-            if pack_weights is None
-            else pack_weights and torch.device(device).type == "cpu" and cpu_linear.available()
-        )
+        self.pack_weights = cpu_linear.use_packing(pool.backend.device, pack_weights)
         self.block_size = block_size
         self.resident: dict[str, Resident] = {}
         self.serving: str | None = None
