@@ -337,3 +337,58 @@ def test_controller_starts_never_overlap_serving_or_held_groups(ops):
         h.books.check_invariants()  # among others: no device serves two instances
         held = list(ctl._reserved.values())
         assert all(set(x).isdisjoint(y) for k, x in enumerate(held) for y in held[k + 1 :])
+
+
+def _extra_instance_or_last(**cfg):
+    """Three nodes of two GPUs: a rarely used TP-2 model's only instance on one node (one
+    request in flight), a busy TP-1 model's three instances (capacity 4, five requests in
+    flight) on the others, GPU 5 free. A TP-2 request then waits past starve_preempt_s.
+    Returns the block held for it, when (it asked at 10 s), and the models whose instances
+    were stopped."""
+    rare, pop, w = model("rare", tp=2), model("pop"), model("w", tp=2)
+    cfg = {"capacity_per_instance": 4, "starve_wait_s": 2.0, "starve_preempt_s": 5.0, **cfg}
+    ctl, h = _setup([rare, pop, w], PLUS, nodes=3, gpn=2, **cfg)
+    rid = iter(range(10**6))
+    now = 0.0
+    for name, count in (("rare", 1), ("pop", 9)):
+        for _ in range(count):
+            ctl.on_request(now, RequestInfo(RequestId(next(rid)), ModelName(name), now, 8, 8), h)
+    for i in h.books.instances:
+        h.books.mark_running(i)
+    on = {s.instance_id: (s.model, s.gpus) for s in h.starts}
+    assert sorted(on.values()) == [("pop", (2,)), ("pop", (3,)), ("pop", (4,)), ("rare", (0, 1))]
+    # Four of pop's requests end: five stay in flight, on all three instances.
+    for i, x in list(h.books.instances.items()):
+        if x.model == "pop":
+            for r in list(x.requests)[: 2 if len(x.requests) > 1 else 0]:
+                h.books.request_done(i, r)
+                ctl.on_request_done(now, r, h)
+    assert sorted(x.in_flight for x in ctl._instances.values()) == [1, 1, 2, 2]
+    for _ in range(20):  # the load averages settle (scale_window_s): nothing starts or stops
+        now += 0.5
+        ctl.tick(now, h)
+    assert len(h.starts) == 4 and not h.released
+    ctl.on_request(now, RequestInfo(RequestId(next(rid)), ModelName("w"), now, 8, 8), h)
+    stopped = []
+    while "w" not in ctl._reserved and now < 40.0:
+        now += 0.5
+        before = set(ctl._instances)
+        ctl.tick(now, h)
+        stopped += [on[i][0] for i in before if ctl._instances.get(i) is None
+                    or ctl._instances[i].stopping]  # fmt: skip
+    return ctl._reserved.get("w"), now, stopped
+
+
+def test_a_preemption_drains_a_busy_models_extra_instance_before_a_rare_models_last():
+    """Once a model may preempt, a busy model whose other instances carry its load below the
+    scale-up threshold is not left short: its extra instance (which keep-alive never stops
+    while requests reach it) is drained, not the only instance of a rarely used model, whose
+    next request would starve in turn."""
+    held, at, stopped = _extra_instance_or_last()
+    # Before starve_preempt_s nothing is drained: pop's others would carry 5 requests above
+    # the scale-down threshold (2 x 4 x 0.5 = 4), and rare would have no instance.
+    assert held == (4, 5) and at == 15.0 and stopped == ["pop"]
+    # Where pop's others would be loaded above the scale-up threshold (2 x 4 x 0.6 = 4.8 < 5),
+    # pop counts as short with a load of five; the rare model's one request fits the budget.
+    held, at, stopped = _extra_instance_or_last(scale_up_threshold=0.6)
+    assert held == (0, 1) and stopped == ["rare"]
