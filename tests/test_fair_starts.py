@@ -339,7 +339,7 @@ def test_controller_starts_never_overlap_serving_or_held_groups(ops):
         assert all(set(x).isdisjoint(y) for k, x in enumerate(held) for y in held[k + 1 :])
 
 
-def _extra_instance_or_last(**cfg):
+def _extra_instance_or_last(out=None, **cfg):
     """Three nodes of two GPUs: a rarely used TP-2 model's only instance on one node (one
     request in flight), a busy TP-1 model's three instances (capacity 4, five requests in
     flight) on the others, GPU 5 free. A TP-2 request then waits past starve_preempt_s.
@@ -376,6 +376,8 @@ def _extra_instance_or_last(**cfg):
         ctl.tick(now, h)
         stopped += [on[i][0] for i in before if ctl._instances.get(i) is None
                     or ctl._instances[i].stopping]  # fmt: skip
+    if out is not None:
+        out.update(ctl=ctl, h=h, now=now)
     return ctl._reserved.get("w"), now, stopped
 
 
@@ -392,3 +394,70 @@ def test_a_preemption_drains_a_busy_models_extra_instance_before_a_rare_models_l
     # pop counts as short with a load of five; the rare model's one request fits the budget.
     held, at, stopped = _extra_instance_or_last(scale_up_threshold=0.6)
     assert held == (0, 1) and stopped == ["rare"]
+
+
+def test_a_held_block_is_prewarmed_while_it_drains():
+    """The waiting model's weights load into its held block while the instance there drains,
+    so its start is a hit on that block rather than a cold load after the drain."""
+    run: dict = {}
+    held, _, _ = _extra_instance_or_last(out=run)
+    ctl, h, now = run["ctl"], run["h"], run["now"]
+    assert held == (4, 5)
+    # (Prior prewarming may have put replicas of w elsewhere, on GPUs that serve.)
+    (rep,) = [r for r in h.books.replicas.values() if r.model == "w" and r.devices == (4, 5)]
+    assert h.starts[-1].model != "w"
+    # pop's drained instance ends its two requests; the next tick starts w on its replica.
+    (drained,) = [i for i, x in ctl._instances.items() if x.stopping]
+    for r in list(h.books.instances[drained].requests):
+        h.books.request_done(drained, r)
+        ctl.on_request_done(now, r, h)
+    ctl.tick(now + 0.5, h)
+    start = h.starts[-1]
+    assert (start.model, start.gpus, start.replica_id) == ("w", (4, 5), rep.replica_id)
+    assert start.path in (StartPath.PREWARM_HIT, StartPath.INPROGRESS_HIT)
+
+
+def _scale_up_while_larger_waits(big_asks: bool):
+    """Two nodes of two GPUs: a busy TP-2 model on one, a TP-1 model `a` with three requests
+    (above its scale-up threshold, none queued) and an idle TP-1 model `s` on the other. `s`
+    is stopped once idle (GPU 3 free); with `big_asks`, a TP-2 request waits from t = 5.
+    Returns the GPUs of `a`'s starts."""
+    a, s, big0, big = model("a"), model("s"), model("big0", tp=2), model("big", tp=2)
+    cfg = {"capacity_per_instance": 4, "scale_up_threshold": 0.5, "scale_down_threshold": 0.25,
+           "keep_alive_s": 1.0, "starve_preempt_s": 100.0}  # fmt: skip
+    ctl, h = _setup([a, s, big0, big], PLUS, nodes=2, gpn=2, **cfg)
+    rid = iter(range(10**6))
+
+    def ask(name, t):
+        r = RequestId(next(rid))
+        ctl.on_request(t, RequestInfo(r, ModelName(name), t, 8, 8), h)
+        return r
+
+    ask("big0", 0.0)
+    for _ in range(3):
+        ask("a", 0.0)
+    r_s = ask("s", 0.0)
+    for i in h.books.instances:
+        h.books.mark_running(i)
+    assert [(x.model, x.gpus) for x in h.starts] == [("big0", (0, 1)), ("a", (2,)), ("s", (3,))]
+    (on_s,) = [i for i, x in h.books.instances.items() if x.model == "s"]
+    h.books.request_done(on_s, r_s)
+    ctl.on_request_done(1.0, r_s, h)
+    now = 1.0
+    while now < 15.0:
+        now += 0.5
+        if big_asks and now == 5.0:
+            ask("big", now)
+        ctl.tick(now, h)
+        for i in h.books.instances:
+            h.books.mark_running(i)
+    assert "s" not in {x.model for x in h.books.instances.values()}  # stopped when idle
+    return [x.gpus for x in h.starts if x.model == "a"]
+
+
+def test_a_start_for_load_alone_waits_while_a_larger_model_waits():
+    # Nothing waits: a's second instance takes the GPU s left.
+    assert _scale_up_while_larger_waits(False) == [(2,), (3,)]
+    # A TP-2 request waits (its block needs GPU 3 and a drain of GPU 2): a's extra instance
+    # for load does not take GPU 3 while it waits.
+    assert _scale_up_while_larger_waits(True) == [(2,)]

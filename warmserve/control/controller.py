@@ -230,6 +230,11 @@ class Controller:
         # (a TP 2 model and another on two workers) would demote each other's idle instance on
         # every tick, each switch a cold start, with no request waiting for either.
         waiting = bool(self._queues[name])
+        if not waiting and self.policy.fair_starts and self._larger_waiting(name):
+            # An extra instance for load waits while a larger model has requests queued: the
+            # free GPUs it would take are what that model's block needs (a model of the same
+            # size or smaller would have taken them), and a waiting request comes first.
+            return False
         if (
             waiting
             and self.policy.prior_prewarm
@@ -285,6 +290,10 @@ class Controller:
             use_replicas=self.policy.unified_memory,
             ctx=ctx,
         )
+
+    def _larger_waiting(self, name: ModelName) -> bool:
+        tp = self.models[name].tp
+        return any(q and self.models[m].tp > tp for m, q in self._queues.items())
 
     def _blocked(self, name: ModelName) -> frozenset[int]:
         """GPUs held for other models' starts."""
@@ -443,6 +452,42 @@ class Controller:
                     best = (key, group, holders)
         return None if best is None else (best[1], best[2])
 
+    def _prewarm_held(
+        self, name: ModelName, group: tuple[int, ...], now: float, cluster: ClusterHandle
+    ) -> None:
+        """Load `name`'s weights into the block held for it while its instances drain, so that
+        the start is a prewarm (or in-progress) hit rather than a cold load after the drain:
+        into free pages, evicting other models' replicas there (lowest score first) if those
+        pages are short. Nothing if a replica of `name` is already there or room is short."""
+        snap = cluster.snapshot()
+        if any(r.model == name and r.gpus == group for r in snap.replicas):
+            return
+        need = self.models[name].pages_per_gpu
+        evict: dict[ReplicaId, None] = {}
+        for g in group:
+            free = snap.gpus[g].free_pages
+            # Replicas evicted for an earlier GPU of the group free their pages here too.
+            free += sum(r.pages_per_gpu for r in snap.replicas_by_gpu[g] if r.replica_id in evict)
+            others = sorted(
+                (
+                    r
+                    for r in snap.replicas_by_gpu[g]
+                    if r.model != name and r.replica_id not in evict
+                ),
+                key=lambda r: (self._replica_scores.get(r.replica_id, 0.0), r.replica_id),
+            )
+            for r in others:
+                if free >= need:
+                    break
+                evict[r.replica_id] = None
+                free += r.pages_per_gpu
+            if free < need:
+                return
+        actions: list[Action] = [Evict(r) for r in evict]
+        actions.append(Prewarm(self._new_replica_id(), name, group))
+        self._record(actions, now)
+        cluster.apply(actions)
+
     def _stop_now(self, inst_ids: list[InstanceId], cluster: ClusterHandle) -> None:
         """Stop instances at once: empty ones are released (weights stay prewarmed), busy ones
         leave routing and drain."""
@@ -506,7 +551,8 @@ class Controller:
                 continue
             self._reserved[name] = found[0]
             self._stop_now(found[1], cluster)
-            self._start(name, now, cluster)
+            if not self._start(name, now, cluster) and self.policy.unified_memory:
+                self._prewarm_held(name, found[0], now, cluster)
 
     # ----- periodic policy --------------------------------------------------------------
     def _close_windows(self, now: float) -> None:
