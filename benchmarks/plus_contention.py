@@ -89,6 +89,13 @@ def row(summary: dict) -> dict:
     }
 
 
+def _value(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="1,2,3,4,5")
@@ -108,13 +115,14 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a ControlConfig field (a number), e.g. starve_wait_s=5",
+        help="override a ControlConfig field (a number or a word), e.g. starve_wait_s=5 or "
+        "forecast_method=adaptive (the experiment file selects the paper's forecaster)",
     )
     args = ap.parse_args()
     for name, spec in VARIANTS.items():
         POLICIES[name] = _warmserve(dataclasses.replace(spec, name=name))
     policies = args.policies.split(",")
-    control = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.control)}
+    control = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.control)}
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     for seed in (int(s) for s in args.seeds.split(",")):
         if args.experiment:

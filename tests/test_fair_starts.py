@@ -382,17 +382,18 @@ def _extra_instance_or_last(out=None, **cfg):
 
 
 def test_a_preemption_drains_a_busy_models_extra_instance_before_a_rare_models_last():
-    """Once a model may preempt, a busy model whose other instances carry its load below the
-    scale-up threshold is not left short: its extra instance (which keep-alive never stops
+    """Once a model may preempt, a busy model whose other instances carry its load below
+    starve_short_threshold is not left short: its extra instance (which keep-alive never stops
     while requests reach it) is drained, not the only instance of a rarely used model, whose
     next request would starve in turn."""
     held, at, stopped = _extra_instance_or_last()
     # Before starve_preempt_s nothing is drained: pop's others would carry 5 requests above
     # the scale-down threshold (2 x 4 x 0.5 = 4), and rare would have no instance.
     assert held == (4, 5) and at == 15.0 and stopped == ["pop"]
-    # Where pop's others would be loaded above the scale-up threshold (2 x 4 x 0.6 = 4.8 < 5),
-    # pop counts as short with a load of five; the rare model's one request fits the budget.
-    held, at, stopped = _extra_instance_or_last(scale_up_threshold=0.6)
+    # After, they would carry it below starve_short_threshold (2 x 4 x 0.65 = 5.2 >= 5). Where
+    # they would not (2 x 4 x 0.6 = 4.8 < 5), pop counts as short with a load of five, and the
+    # rare model's one request is what fits the budget.
+    held, at, stopped = _extra_instance_or_last(starve_short_threshold=0.6)
     assert held == (0, 1) and stopped == ["rare"]
 
 

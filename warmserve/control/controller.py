@@ -392,7 +392,7 @@ class Controller:
         requests in flight. Starting instances and other models' held blocks are never taken;
         without `shortable`, neither is a block whose drain leaves a model short of instances
         for its load (its others would carry it above the scale-down threshold), and with it,
-        only one whose models left short (above the scale-up threshold) carry a load of at most
+        only one whose models left short (above starve_short_threshold) carry a load of at most
         `budget`."""
         tp = self.models[name].tp
         gpn = snap.gpus_per_node
@@ -405,13 +405,14 @@ class Controller:
         # scale-down threshold, i.e. unless the autoscaler could have stopped this one itself
         # (at the scale-up threshold, the popular model's peaks restart it cold, and those
         # restarts cost more attainment than the starving model gains). Once the waiting model
-        # may preempt (`shortable`), below the scale-up threshold is enough: the others then
-        # serve the load without queueing and the autoscaler would not start it again, so the
-        # extra instance of a busy model, which keep-alive never stops while requests reach it,
-        # is drained before the last instance of a rarely used model (whose next request would
+        # may preempt (`shortable`), below starve_short_threshold is enough (between the two:
+        # the others then serve the load without queueing, a little busier), so the extra
+        # instance of a busy model, which keep-alive never stops while requests reach it, is
+        # drained before the last instance of a rarely used model (whose next request would
         # starve in turn: two such models otherwise took each other's block in turn).
-        down = self.cfg.scale_up_threshold if shortable else self.cfg.scale_down_threshold
-        cap = self.cfg.capacity_per_instance * down
+        cfg = self.cfg
+        down = cfg.starve_short_threshold if shortable else cfg.scale_down_threshold
+        cap = cfg.capacity_per_instance * down
         hits = {r.gpus for r in snap.replicas if r.model == name and r.is_ready}
         best: tuple[tuple, tuple[int, ...], list[InstanceId]] | None = None
         for base in range(0, len(snap.gpus), tp):
