@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from warmserve.cluster.books import Books
 from warmserve.control.allocation import StartContext, choose_start
-from warmserve.control.api import ClusterSnapshot, ReleaseInstance, RequestInfo, StartInstance
+from warmserve.control.api import (
+    ClusterSnapshot,
+    Prewarm,
+    ReleaseInstance,
+    RequestInfo,
+    StartInstance,
+)
 from warmserve.control.config import ControlConfig
 from warmserve.control.controller import Controller
 from warmserve.control.forecaster import Forecast, Forecaster
@@ -152,10 +158,12 @@ class _Checked:
         self.books.apply(actions)
 
 
-def _setup(models, spec, nodes=1, gpn=8, **cfg):
+def _setup(models, spec, nodes=1, gpn=8, pages=100, **cfg):
     cfg = ControlConfig(**{"protect_period_s": 0.0, "keep_alive_s": 1e9, **cfg})
     ctl = Controller(cfg, spec, models, _Zero())
-    books = Books(nodes * gpn, gpn, {m.name: m.pages_per_gpu for m in models}, pages_per_device=100)
+    books = Books(
+        nodes * gpn, gpn, {m.name: m.pages_per_gpu for m in models}, pages_per_device=pages
+    )
     return ctl, _Checked(books, ctl)
 
 
@@ -306,19 +314,26 @@ def test_preemptions_are_spaced_when_many_models_starve():
 
 
 _OPS = st.lists(
-    st.tuples(st.sampled_from(["ask", "done", "tick", "run"]), st.integers(0, 3)),
+    st.tuples(st.sampled_from(["ask", "done", "tick", "run"]), st.integers(0, 4)),
     max_size=60,
 )
 
 
 @settings(max_examples=60, deadline=None)
-@given(_OPS)
-def test_controller_starts_never_overlap_serving_or_held_groups(ops):
-    models = [model("a"), model("b"), model("c", tp=2), model("d", tp=4)]
-    ctl, h = _setup(models, PLUS, nodes=2, gpn=4, starve_wait_s=1.0, starve_preempt_s=2.0)
+@given(_OPS, st.sampled_from([100, 30]))
+def test_controller_starts_never_overlap_serving_or_held_groups(ops, pages):
+    """Random requests, completions and ticks against the books: no device serves two
+    instances, pages never overcommit (held blocks prewarmed while they drain, with 30 pages a
+    device, evict other replicas first), and held blocks never overlap. The models need 12
+    GPUs of 8, so some starve and get held blocks."""
+    models = [model("a"), model("b"), model("c", tp=2), model("d", tp=4), model("e", tp=4)]
+    ctl, h = _setup(
+        models, PLUS, nodes=2, gpn=4, pages=pages, starve_wait_s=1.0, starve_preempt_s=2.0
+    )
     rid = iter(range(10**6))
     now = 0.0
-    for op, k in ops:
+    # Every model asks first (more than fits), then the drawn operations.
+    for op, k in [*(("ask", k) for k in range(len(models))), ("run", 0), *ops]:
         now += 0.5
         if op == "ask":
             r = RequestId(next(rid))
@@ -462,3 +477,29 @@ def test_a_start_for_load_alone_waits_while_a_larger_model_waits():
     # A TP-2 request waits (its block needs GPU 3 and a drain of GPU 2): a's extra instance
     # for load does not take GPU 3 while it waits.
     assert _scale_up_while_larger_waits(True) == [(2,)]
+
+
+def test_a_held_blocks_prewarm_evicts_the_lowest_scored_replicas_or_nothing():
+    """With no free pages on the held block, the waiting model's prewarm evicts other models'
+    replicas there, lowest score first, and only as many as it needs; if even that is not
+    enough room, it does nothing."""
+    w, x, y, z = model("w", tp=2), model("x", tp=2), model("y"), model("z", tp=2)
+    ctl, h = _setup([w, x, y, z], PLUS, nodes=1, gpn=2, pages=30)
+    h.apply(
+        [Prewarm(100, x.name, (0, 1)), Prewarm(101, z.name, (0, 1)), Prewarm(102, y.name, (0,))]
+    )
+    ctl._replica_scores = {100: 1.0, 101: 5.0, 102: 3.0}
+    ctl._prewarm_held(w.name, (0, 1), 0.0, h)
+    # GPU 0 is full (three replicas), GPU 1 has 10 free: evicting x (lowest score) is enough.
+    (new,) = set(h.books.replicas) - {101, 102}
+    assert 100 not in h.books.replicas
+    assert (h.books.replicas[new].model, h.books.replicas[new].devices) == ("w", (0, 1))
+    # A replica of w is there now: nothing more.
+    before = set(h.books.replicas)
+    ctl._prewarm_held(w.name, (0, 1), 0.0, h)
+    assert set(h.books.replicas) == before
+    # No room even after evicting every other replica (a serving instance holds the pages).
+    ctl2, h2 = _setup([w, y], PLUS, nodes=1, gpn=2, pages=15)
+    ctl2.on_request(0.0, RequestInfo(RequestId(0), y.name, 0.0, 8, 8), h2)
+    ctl2._prewarm_held(w.name, (0, 1), 0.0, h2)
+    assert not any(r.model == "w" and r.devices == (0, 1) for r in h2.books.replicas.values())
