@@ -1,7 +1,8 @@
 """The simulator's shortcuts compute what the long way computes.
 
-A tick skips autoscaling for idle models (no instance, no load, no queue), and the books
-re-check only the device and replica views an action may have changed. Each is compared here
+A tick skips the autoscaling of models with no queue whose windowed load needs no change
+(scale_delta 0), and the books re-check only the device and replica views an action may
+have changed. Each is compared here
 against the long way on the same run, and shown to be taken.
 """
 
@@ -21,7 +22,7 @@ from warmserve.sim.runner import make_workload, run_policy
 
 
 class _NoSkip(Controller):
-    """Autoscales every model on every tick: an override turns the idle-model shortcut off."""
+    """Autoscales every model on every tick: an override turns the tick's shortcut off."""
 
     def _autoscale(self, name, now, cluster):
         super()._autoscale(name, now, cluster)
@@ -36,7 +37,7 @@ def servegen():
 
 
 @pytest.mark.parametrize("policy", ["warmserve", "warmserve-plus", "vanilla-autoscale"])
-def test_idle_autoscale_skip_changes_nothing(servegen, policy, monkeypatch):
+def test_autoscale_skip_changes_nothing(servegen, policy, monkeypatch):
     exp, wl = servegen
     calls = {"fast": 0, "full": 0}
     plain = Controller._autoscale

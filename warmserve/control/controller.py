@@ -159,15 +159,21 @@ class Controller:
     def tick(self, now: float, cluster: ClusterHandle) -> None:
         self._close_windows(now)
         if self._idle_autoscale_noop:
-            # Most models of a large deployment, most of the time, are idle: skip them without
-            # a call. An instance of a model is added only by a start of that model, which
-            # autoscaling does only in the model's own turn: one absent here is absent then.
-            present = {inst.model for inst in self._instances.values()}
-            queues, load = self._queues, self._load
-            since = now - self.cfg.scale_window_s
+            # Most models, most ticks, autoscale to nothing: no queue, and a windowed load for
+            # which scale_delta is 0. That test, the one `_autoscale` would make with the same
+            # inputs, is made here without the call. Live counts are taken afresh after every
+            # call made: a start may stop other models' idle instances.
+            queues, load, cfg = self._queues, self._load, self.cfg
+            span = cfg.scale_window_s
+            live: dict[ModelName, int] | None = None
             for name in self._autoscale_order():
-                if name in present or queues[name] or not load[name].idle_since(since):
-                    self._autoscale(name, now, cluster)
+                if not queues[name]:
+                    if live is None:
+                        live = self._live_counts()
+                    if scale_delta(load[name].mean(now, span), live[name], cfg) == 0:
+                        continue
+                self._autoscale(name, now, cluster)
+                live = None
         else:
             for name in self._autoscale_order():
                 self._autoscale(name, now, cluster)
