@@ -105,6 +105,9 @@ class Controller:
         # This class's autoscaling does nothing for a model with no instance, no load and no
         # queue (scale_delta is 0); a subclass's own may (static deployments start at once).
         self._idle_autoscale_noop = type(self)._autoscale is Controller._autoscale
+        # Per model, (last load step, live count) at a tick where the load had not changed
+        # within the window and scale_delta was 0: see `tick`.
+        self._steady: dict[ModelName, tuple[tuple[float, int], int]] = {}
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -163,27 +166,38 @@ class Controller:
             # which scale_delta is 0. That test, the one `_autoscale` would make with the same
             # inputs, is made here without the call. Live counts are taken afresh after every
             # call made: a start may stop other models' idle instances.
-            queues, load, cfg = self._queues, self._load, self.cfg
+            # A model whose load did not change within the window has the mean of its count
+            # now, until its next change: with the same live count, the same 0 (`_steady`).
+            queues, load, cfg, steady = self._queues, self._load, self.cfg, self._steady
             span = cfg.scale_window_s
             live: dict[ModelName, int] | None = None
             for name in self._autoscale_order():
                 if not queues[name]:
                     if live is None:
                         live = self._live_counts()
-                    if scale_delta(load[name].mean(now, span), live[name], cfg) == 0:
+                    series, n = load[name], live[name]
+                    last = series.last_step
+                    known = steady.get(name)
+                    if known is not None and known[0] is last and known[1] == n:
+                        continue
+                    if scale_delta(series.mean(now, span), n, cfg) == 0:
+                        if last[0] <= now - span:
+                            steady[name] = (last, n)
                         continue
                 self._autoscale(name, now, cluster)
                 live = None
         else:
+            live = None
             for name in self._autoscale_order():
                 self._autoscale(name, now, cluster)
         policy = self.policy
         if policy.fair_starts:
             self._rescue_starving(now, cluster)
+            live = None
         if policy.unified_memory and policy.kv_prewarm:
-            self._reserve_kv(cluster, now)
+            self._reserve_kv(cluster, now)  # moves KV pages and replicas, never an instance
         if policy.unified_memory and policy.proactive_prewarm:
-            self._plan(cluster, now)
+            self._plan(cluster, now, live)
 
     def _autoscale_order(self) -> list[ModelName]:
         """Popularity order (the reference's); with aging, models with queued requests first,
@@ -663,13 +677,17 @@ class Controller:
         if view is not None and view.state == InstanceState.RUNNING:
             self._review_kv(view, snap, cluster, now, pressure=True)
 
-    def _plan(self, cluster: ClusterHandle, now: float) -> None:
+    def _plan(
+        self, cluster: ClusterHandle, now: float, live: dict[ModelName, int] | None = None
+    ) -> None:
+        """`live`: `_live_counts()` if the caller has them, taken since the last change."""
         snap = cluster.snapshot()
         last = self._last_planned
         if last is not None and last[0] is snap.gpus and last[1] is snap.replicas:
             return
         forecasts = self.forecasts()
-        live = self._live_counts()
+        if live is None:
+            live = self._live_counts()
         # A plan is a function of its inputs alone (ids are drawn only for actions). When the
         # last one wanted no new replica, only the demand's inputs matter (usually only free
         # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.

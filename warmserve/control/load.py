@@ -39,6 +39,11 @@ class ConcurrencySeries:
         while len(steps) > 1 and steps[1][0] <= cutoff:
             steps.popleft()
 
+    @property
+    def last_step(self) -> tuple[float, int]:
+        """(time, count) of the last change: a new tuple object on every `add`."""
+        return self._steps[-1]
+
     def idle_since(self, start: float) -> bool:
         """No request in flight, and none since `start`: `mean` over a span from `start` is 0."""
         return self.num_reqs == 0 and self._steps[-1][0] <= start
