@@ -2,7 +2,8 @@
 
 A tick skips the autoscaling of models with no queue whose windowed load needs no change
 (scale_delta 0), and the books re-check only the device and replica views an action may
-have changed. Each is compared here
+have changed; a plan that wanted replicas and placed none is not run again while only free pages
+moved below the wanted sizes. Each is compared here
 against the long way on the same run, and shown to be taken.
 """
 
@@ -15,9 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sim_golden import cases, fingerprint
 
-from warmserve.control import registry
+from warmserve.control import controller, registry
 from warmserve.control.controller import Controller
 from warmserve.control.load import ConcurrencySeries
+from warmserve.control.plan_skip import IdlePlan, still_idle
 from warmserve.sim.runner import make_workload, run_policy
 
 
@@ -95,3 +97,39 @@ def test_views_are_rechecked_only_where_changed():
     wl = make_workload(exp)
     r = run_policy(exp, "warmserve", wl, check_invariants=True)
     assert r.summary["control"]["kv_lends"] > 0 and r.summary["control"]["prewarms"] > 0
+
+
+@pytest.mark.parametrize("policy", ["warmserve", "warmserve-no-kv-prewarm", "warmserve-plus"])
+def test_idle_plan_skip_changes_nothing(servegen, policy, monkeypatch):
+    """A plan that wanted replicas and placed none is not run again while only free pages
+    moved and none crossed a wanted model's size upward (plan_skip.py): the same run as one
+    that plans every time, and the shortcut is taken where KV is lent."""
+    exp, wl = servegen
+    taken = [0]
+    plain = controller.still_idle
+
+    def counted(*args):
+        same = plain(*args)
+        taken[0] += same
+        return same
+
+    monkeypatch.setattr(controller, "still_idle", counted)
+    fast = run_policy(exp, policy, wl)
+    monkeypatch.setattr(controller, "still_idle", lambda *args: False)
+    full = run_policy(exp, policy, wl)
+    assert fingerprint(fast) == fingerprint(full)
+    if policy == "warmserve":
+        assert taken[0] > 0
+    if policy == "warmserve-plus":
+        assert taken[0] == 0  # prior prewarming reads free pages as numbers: never skipped
+
+
+def test_still_idle_refuses_a_crossing():
+    """Free pages that rise past a wanted size, anywhere, or any other change: plan again."""
+    rec = IdlePlan(("d",), (("r",), ("i",)), (10, 50), (20, 40))
+    assert still_idle(rec, ("d",), ((10, 50), ("r",), ("i",)))
+    assert still_idle(rec, ("d",), ((19, 10), ("r",), ("i",)))  # rose short of 20; fell
+    assert still_idle(rec, ("d",), ((15, 90), ("r",), ("i",)))  # 50 was past every size
+    assert not still_idle(rec, ("d",), ((20, 50), ("r",), ("i",)))
+    assert not still_idle(rec, ("e",), ((10, 50), ("r",), ("i",)))
+    assert not still_idle(rec, ("d",), ((10, 50), ("r2",), ("i",)))

@@ -34,6 +34,7 @@ from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.forecaster import Forecast, Forecaster
 from warmserve.control.kv_reservation import kv_actions, kv_target_pages
 from warmserve.control.load import ConcurrencySeries
+from warmserve.control.plan_skip import IdlePlan, still_idle
 from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
 from warmserve.control.router import choose_instance
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
@@ -97,6 +98,7 @@ class Controller:
         # The inputs of the last plan if it did nothing, and its demand's if it wanted nothing.
         self._unchanged_plan: tuple | None = None
         self._nothing_wanted: tuple | None = None
+        self._idle_plan: IdlePlan | None = None  # the last plan, if it wanted and placed nothing
         self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
         # Fair starts: aligned GPU blocks held for starving models (no other model starts there).
         self._reserved: dict[ModelName, tuple[int, ...]] = {}
@@ -696,7 +698,11 @@ class Controller:
             self._last_planned = (snap.gpus, snap.replicas)
             return
         key = (demand, _layout_key(snap))
-        if key == self._unchanged_plan:
+        idle = self._idle_plan
+        if key == self._unchanged_plan or (idle is not None and still_idle(idle, *key)):
+            # As a plan that places nothing would leave it (its scores are the last ones);
+            # birth times are pruned at the next plan that runs (none it drops can count).
+            self._unchanged_plan = key
             self._last_planned = (snap.gpus, snap.replicas)
             return
         # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only (older ones count
@@ -722,6 +728,11 @@ class Controller:
         self._replica_scores = plan.scores
         self._nothing_wanted = demand if plan.num_wanted == 0 else None
         self._unchanged_plan = None if plan.actions else key
+        # Only free pages moved since a plan that wanted replicas and placed none: often the
+        # same again (plan_skip.py), with the evict-aware planner and no priors.
+        self._idle_plan = None
+        if plan.wanted_sizes and not plan.actions and not inp.prior:
+            self._idle_plan = IdlePlan(demand, key[1][1:], key[1][0], plan.wanted_sizes)
         if plan.actions:
             self._record(plan.actions, now)
             cluster.apply(plan.actions)
