@@ -808,7 +808,7 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
             if meta.get("wall_min") is not None
             else ""
         )
-        + f"on {meta['jobs']} processes"
+        + f"on {meta['jobs']} process{'es' if meta['jobs'] != 1 else ''}"
         + (
             f"; workload duration overridden to {meta['duration_s']} s (smoke run)"
             if meta["duration_s"]
