@@ -29,7 +29,12 @@ from warmserve.control.api import (
     StartInstance,
     StopInstance,
 )
-from warmserve.control.autoscaler import ActiveInstance, pick_to_stop, scale_delta
+from warmserve.control.autoscaler import (
+    ActiveInstance,
+    QuietModels,
+    pick_to_stop,
+    scale_delta,
+)
 from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.forecaster import Forecast, Forecaster
 from warmserve.control.kv_reservation import kv_actions, kv_target_pages
@@ -107,9 +112,7 @@ class Controller:
         # This class's autoscaling does nothing for a model with no instance, no load and no
         # queue (scale_delta is 0); a subclass's own may (static deployments start at once).
         self._idle_autoscale_noop = type(self)._autoscale is Controller._autoscale
-        # Per model, (last load step, live count) at a tick where the load had not changed
-        # within the window and scale_delta was 0: see `tick`.
-        self._steady: dict[ModelName, tuple[tuple[float, int], int]] = {}
+        self._quiet = QuietModels(self._load, cfg)
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -164,27 +167,16 @@ class Controller:
     def tick(self, now: float, cluster: ClusterHandle) -> None:
         self._close_windows(now)
         if self._idle_autoscale_noop:
-            # Most models, most ticks, autoscale to nothing: no queue, and a windowed load for
-            # which scale_delta is 0. That test, the one `_autoscale` would make with the same
-            # inputs, is made here without the call. Live counts are taken afresh after every
-            # call made: a start may stop other models' idle instances.
-            # A model whose load did not change within the window has the mean of its count
-            # now, until its next change: with the same live count, the same 0 (`_steady`).
-            queues, load, cfg, steady = self._queues, self._load, self.cfg, self._steady
-            span = cfg.scale_window_s
+            # Most models, most ticks, autoscale to nothing (QuietModels): skipped without a
+            # call. Live counts are taken afresh after every call made (a start may stop
+            # other models' idle instances).
+            queues, quiet = self._queues, self._quiet
             live: dict[ModelName, int] | None = None
             for name in self._autoscale_order():
                 if not queues[name]:
                     if live is None:
                         live = self._live_counts()
-                    series, n = load[name], live[name]
-                    last = series.last_step
-                    known = steady.get(name)
-                    if known is not None and known[0] is last and known[1] == n:
-                        continue
-                    if scale_delta(series.mean(now, span), n, cfg) == 0:
-                        if last[0] <= now - span:
-                            steady[name] = (last, n)
+                    if quiet.scale_is_zero(name, live[name], now):
                         continue
                 self._autoscale(name, now, cluster)
                 live = None
