@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 from sim_golden import cases, fingerprint
 
 from warmserve.control import controller, registry
+from warmserve.control.api import ClusterSnapshot, GpuView, InstanceView, ReplicaView
 from warmserve.control.controller import Controller
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.plan_skip import IdlePlan, still_idle
 from warmserve.sim.runner import make_workload, run_policy
+from warmserve.types import InstanceState
 
 
 class _NoSkip(Controller):
@@ -133,3 +135,18 @@ def test_still_idle_refuses_a_crossing():
     assert not still_idle(rec, ("d",), ((20, 50), ("r",), ("i",)))
     assert not still_idle(rec, ("e",), ((10, 50), ("r",), ("i",)))
     assert not still_idle(rec, ("d",), ((10, 50), ("r2",), ("i",)))
+
+
+def test_snapshot_of_is_the_dataclass_snapshot():
+    """`ClusterSnapshot.of` (the books' constructor) makes what `__init__` makes: equal,
+    frozen, with its cached indexes."""
+    gpus = (GpuView(0, 0, 100, 40, 7), GpuView(1, 0, 100, 60, None))
+    reps = (ReplicaView(3, "m", (1,), 20, True),)
+    insts = (InstanceView(7, "n", (0,), InstanceState.RUNNING, 50, 10, 10),)
+    args = (gpus, reps, insts, 2, (frozenset({"m"}),), (4.5,), 1 << 21)
+    fast, plain = ClusterSnapshot.of(*args), ClusterSnapshot(*args)
+    assert fast == plain and type(fast) is ClusterSnapshot
+    assert fast.replicas_by_gpu == plain.replicas_by_gpu == {0: [], 1: [reps[0]]}
+    assert fast.instance_by_id == {7: insts[0]}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.gpus = ()  # type: ignore[misc]

@@ -134,6 +134,7 @@ class Books:
         # Instances added, removed or whose view fields may have changed since the instance
         # views were built: the only ones a snapshot compares again.
         self._dirty_instances: set[InstanceId] = set()
+        self._instance_set_changed = False  # an instance added or removed since then
 
     # ----- actions ----------------------------------------------------------------------
     def apply(self, actions: Sequence[Action]) -> list[Effect]:
@@ -213,6 +214,7 @@ class Books:
             dev.kv_pages += kv
             dev.instance_ids.append(a.instance_id)
         self._dirty_instances.add(a.instance_id)
+        self._instance_set_changed = True
         self.instances[a.instance_id] = InstanceBook(
             a.instance_id,
             a.model,
@@ -245,6 +247,7 @@ class Books:
     def _release(self, a: ReleaseInstance) -> Deactivate:
         inst = self.instances.pop(a.instance_id)
         self._dirty_instances.add(a.instance_id)
+        self._instance_set_changed = True
         assert not inst.requests, f"instance {a.instance_id} still holds {len(inst.requests)}"
         # A starting instance's load is in flight: releasing it would keep weights that are
         # not there yet (the autoscaler never stops one).
@@ -385,6 +388,7 @@ class Books:
         for inst_id in lost:
             inst = self.instances.pop(inst_id)
             self._dirty_instances.add(inst_id)
+            self._instance_set_changed = True
             for d in inst.devices:
                 if d != device:  # a group's other devices get their pages back
                     self._free_instance_pages(self.devices[d], inst)
@@ -423,36 +427,21 @@ class Books:
         else:  # the same objects: consumers may test identity to skip work
             gpus, replicas = self._snapshot.gpus, self._snapshot.replicas
         dirty = self._dirty_instances
-        if dirty:  # else the same instances with the same views, in a fresh tuple below
-            inst_views = self._instance_views
-            fresh_i: dict[InstanceId, InstanceView] = {}
-            for i in self.instances.values():
-                v = inst_views.get(i.instance_id)
-                if v is None or (
-                    i.instance_id in dirty
-                    and (
-                        v.kv_used_pages != i.kv_used_pages
-                        or v.kv_pages != i.kv_pages
-                        or v.state != i.state
-                        or v.kv_lent_pages != i.kv_lent_pages
-                        or v.gpus is not i.devices
-                        or v.model != i.model
-                    )
-                ):
-                    v = InstanceView(
-                        i.instance_id,
-                        i.model,
-                        i.devices,
-                        i.state,
-                        i.kv_pages,
-                        i.kv_used_pages,
-                        i.kv_lent_pages,
-                    )
-                fresh_i[i.instance_id] = v
-            self._instance_views = fresh_i
-            dirty.clear()
+        if self._instance_set_changed:
+            views = self._instance_views
+            self._instance_views = {
+                i.instance_id: self._instance_view(i, views.get(i.instance_id))
+                for i in self.instances.values()
+            }
+            self._instance_set_changed = False
+        elif dirty:  # the same instances: only the changed views are replaced, in place
+            views = self._instance_views
+            for inst_id in dirty:
+                i = self.instances[inst_id]
+                views[inst_id] = self._instance_view(i, views[inst_id])
+        dirty.clear()
         cached, busy = self.host_view() if self.host_view is not None else ((), ())
-        return ClusterSnapshot(
+        return ClusterSnapshot.of(
             gpus,
             replicas,
             tuple(self._instance_views.values()),
@@ -460,6 +449,23 @@ class Books:
             cached,
             busy,
             self.page_bytes,
+        )
+
+    @staticmethod
+    def _instance_view(i: InstanceBook, v: InstanceView | None) -> InstanceView:
+        """`v` if it still shows `i`, else a fresh view."""
+        if (
+            v is not None
+            and v.kv_used_pages == i.kv_used_pages
+            and v.kv_pages == i.kv_pages
+            and v.state == i.state
+            and v.kv_lent_pages == i.kv_lent_pages
+            and v.gpus is i.devices
+            and v.model == i.model
+        ):
+            return v
+        return InstanceView(
+            i.instance_id, i.model, i.devices, i.state, i.kv_pages, i.kv_used_pages, i.kv_lent_pages
         )
 
     def _replica_views_now(self) -> tuple[ReplicaView, ...]:
