@@ -29,11 +29,17 @@ from warmserve.control.api import (
     StartInstance,
     StopInstance,
 )
-from warmserve.control.autoscaler import ActiveInstance, pick_to_stop, scale_delta
+from warmserve.control.autoscaler import (
+    ActiveInstance,
+    QuietModels,
+    pick_to_stop,
+    scale_delta,
+)
 from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.forecaster import Forecast, Forecaster
 from warmserve.control.kv_reservation import kv_actions, kv_target_pages
 from warmserve.control.load import ConcurrencySeries
+from warmserve.control.plan_skip import IdlePlan, still_idle
 from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
 from warmserve.control.router import choose_instance
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
@@ -97,6 +103,7 @@ class Controller:
         # The inputs of the last plan if it did nothing, and its demand's if it wanted nothing.
         self._unchanged_plan: tuple | None = None
         self._nothing_wanted: tuple | None = None
+        self._idle_plan: IdlePlan | None = None  # the last plan, if it wanted and placed nothing
         self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
         # Fair starts: aligned GPU blocks held for starving models (no other model starts there).
         self._reserved: dict[ModelName, tuple[int, ...]] = {}
@@ -105,6 +112,7 @@ class Controller:
         # This class's autoscaling does nothing for a model with no instance, no load and no
         # queue (scale_delta is 0); a subclass's own may (static deployments start at once).
         self._idle_autoscale_noop = type(self)._autoscale is Controller._autoscale
+        self._quiet = QuietModels(self._load, cfg)
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -159,25 +167,31 @@ class Controller:
     def tick(self, now: float, cluster: ClusterHandle) -> None:
         self._close_windows(now)
         if self._idle_autoscale_noop:
-            # Most models of a large deployment, most of the time, are idle: skip them without
-            # a call. An instance of a model is added only by a start of that model, which
-            # autoscaling does only in the model's own turn: one absent here is absent then.
-            present = {inst.model for inst in self._instances.values()}
-            queues, load = self._queues, self._load
-            since = now - self.cfg.scale_window_s
+            # Most models, most ticks, autoscale to nothing (QuietModels): skipped without a
+            # call. Live counts are taken afresh after every call made (a start may stop
+            # other models' idle instances).
+            queues, quiet = self._queues, self._quiet
+            live: dict[ModelName, int] | None = None
             for name in self._autoscale_order():
-                if name in present or queues[name] or not load[name].idle_since(since):
-                    self._autoscale(name, now, cluster)
+                if not queues[name]:
+                    if live is None:
+                        live = self._live_counts()
+                    if quiet.scale_is_zero(name, live[name], now):
+                        continue
+                self._autoscale(name, now, cluster)
+                live = None
         else:
+            live = None
             for name in self._autoscale_order():
                 self._autoscale(name, now, cluster)
         policy = self.policy
         if policy.fair_starts:
             self._rescue_starving(now, cluster)
+            live = None
         if policy.unified_memory and policy.kv_prewarm:
-            self._reserve_kv(cluster, now)
+            self._reserve_kv(cluster, now)  # moves KV pages and replicas, never an instance
         if policy.unified_memory and policy.proactive_prewarm:
-            self._plan(cluster, now)
+            self._plan(cluster, now, live)
 
     def _autoscale_order(self) -> list[ModelName]:
         """Popularity order (the reference's); with aging, models with queued requests first,
@@ -711,13 +725,17 @@ class Controller:
         if view is not None and view.state == InstanceState.RUNNING:
             self._review_kv(view, snap, cluster, now, pressure=True)
 
-    def _plan(self, cluster: ClusterHandle, now: float) -> None:
+    def _plan(
+        self, cluster: ClusterHandle, now: float, live: dict[ModelName, int] | None = None
+    ) -> None:
+        """`live`: `_live_counts()` if the caller has them, taken since the last change."""
         snap = cluster.snapshot()
         last = self._last_planned
         if last is not None and last[0] is snap.gpus and last[1] is snap.replicas:
             return
         forecasts = self.forecasts()
-        live = self._live_counts()
+        if live is None:
+            live = self._live_counts()
         # A plan is a function of its inputs alone (ids are drawn only for actions). When the
         # last one wanted no new replica, only the demand's inputs matter (usually only free
         # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
@@ -726,7 +744,11 @@ class Controller:
             self._last_planned = (snap.gpus, snap.replicas)
             return
         key = (demand, _layout_key(snap))
-        if key == self._unchanged_plan:
+        idle = self._idle_plan
+        if key == self._unchanged_plan or (idle is not None and still_idle(idle, *key)):
+            # As a plan that places nothing would leave it (its scores are the last ones);
+            # birth times are pruned at the next plan that runs (none it drops can count).
+            self._unchanged_plan = key
             self._last_planned = (snap.gpus, snap.replicas)
             return
         # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only (older ones count
@@ -752,6 +774,11 @@ class Controller:
         self._replica_scores = plan.scores
         self._nothing_wanted = demand if plan.num_wanted == 0 else None
         self._unchanged_plan = None if plan.actions else key
+        # Only free pages moved since a plan that wanted replicas and placed none: often the
+        # same again (plan_skip.py), with the evict-aware planner and no priors.
+        self._idle_plan = None
+        if plan.wanted_sizes and not plan.actions and not inp.prior:
+            self._idle_plan = IdlePlan(demand, key[1][1:], key[1][0], plan.wanted_sizes)
         if plan.actions:
             self._record(plan.actions, now)
             cluster.apply(plan.actions)
