@@ -147,6 +147,16 @@ class _Checked:
     def snapshot(self) -> ClusterSnapshot:
         return self.books.snapshot()
 
+    def versions(self) -> tuple[int, int, int]:
+        return self.books.versions()
+
+    def instance_views(self):
+        return self.books.instance_views()
+
+    @property
+    def page_bytes(self) -> int:
+        return self.books.page_bytes
+
     def apply(self, actions) -> None:
         for a in actions:
             if isinstance(a, StartInstance):

@@ -119,6 +119,7 @@ class Books:
         # rates; snapshot parts are rebuilt only when their own version moved.
         self._layout_version = 0
         self._usage_version = 0
+        self._kv_resizes = 0  # layout changes that were KV resizes alone (`versions`)
         self._snapshot: ClusterSnapshot | None = None
         self._snapshot_versions = (-1, -1)
         # The views in the last snapshot, reused while their fields are unchanged.
@@ -152,6 +153,7 @@ class Books:
                 e = self._set_kv(a.instance_id, a.kv_pages)
                 out.append(e)
                 dirty.update(e.devices)
+                self._kv_resizes += 1
             elif isinstance(a, StartInstance):
                 out.extend(self._start(a))
                 dirty.update(a.gpus)
@@ -407,6 +409,19 @@ class Books:
         dev.free_pages += inst.kv_pages + inst.weight_pages
 
     # ----- views and checks -------------------------------------------------------------
+    def versions(self) -> tuple[int, int, int]:
+        """(layout, usage, placement): the next snapshot is a new one exactly when layout or
+        usage moved since the last, and its `gpus` and `replicas` are new tuples exactly when
+        layout did. Placement moves with every layout change but a KV resize: while it stays,
+        so do the replicas, the instances and their states (only KV and free pages moved)."""
+        return self._layout_version, self._usage_version, self._layout_version - self._kv_resizes
+
+    def instance_views(self) -> tuple[InstanceView, ...]:
+        """The instances as the next snapshot would show them (the same view objects), without
+        building the rest of it."""
+        self._refresh_instance_views()
+        return tuple(self._instance_views.values())
+
     def snapshot(self) -> ClusterSnapshot:
         versions = (self._layout_version, self._usage_version)
         if self._snapshot is None or self._snapshot_versions != versions:
@@ -426,6 +441,21 @@ class Books:
                 replicas = tuple(self._replica_views.values())
         else:  # the same objects: consumers may test identity to skip work
             gpus, replicas = self._snapshot.gpus, self._snapshot.replicas
+        self._refresh_instance_views()
+        cached, busy = self.host_view() if self.host_view is not None else ((), ())
+        return ClusterSnapshot.of(
+            gpus,
+            replicas,
+            tuple(self._instance_views.values()),
+            self.devices_per_node,
+            cached,
+            busy,
+            self.page_bytes,
+        )
+
+    def _refresh_instance_views(self) -> None:
+        """Bring the instance views up to date: a view is replaced only if its instance's
+        fields moved, whenever this runs (a snapshot's build or `instance_views`)."""
         dirty = self._dirty_instances
         if self._instance_set_changed:
             views = self._instance_views
@@ -440,16 +470,6 @@ class Books:
                 i = self.instances[inst_id]
                 views[inst_id] = self._instance_view(i, views[inst_id])
         dirty.clear()
-        cached, busy = self.host_view() if self.host_view is not None else ((), ())
-        return ClusterSnapshot.of(
-            gpus,
-            replicas,
-            tuple(self._instance_views.values()),
-            self.devices_per_node,
-            cached,
-            busy,
-            self.page_bytes,
-        )
 
     @staticmethod
     def _instance_view(i: InstanceBook, v: InstanceView | None) -> InstanceView:

@@ -189,6 +189,23 @@ class ClusterHandle(Protocol):
 
     def apply(self, actions: Sequence[Action]) -> None: ...
 
+    # Narrower than a snapshot, for checks made every tick (`cluster/books.py` has them).
+    def versions(self) -> tuple[int, int, int]:
+        """(layout, usage, placement) counters: the next snapshot is a new object exactly when
+        layout or usage moved since the last one; its `gpus` and `replicas` are new exactly
+        when layout did. Placement moves with every layout change but a KV resize (the only
+        change that leaves every replica, instance and instance state as it was)."""
+        ...
+
+    def instance_views(self) -> tuple[InstanceView, ...]:
+        """`snapshot().instances`' views (the same objects), without building a snapshot."""
+        ...
+
+    @property
+    def page_bytes(self) -> int:
+        """`snapshot().page_bytes`: fixed for the handle's life."""
+        ...
+
 
 class ForecastView(Protocol):
     """A model's forecast for the next window, as drivers show it (`forecaster.Forecast`)."""

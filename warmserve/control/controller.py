@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from warmserve.control.allocation import StartChoice, StartContext, choose_start
 from warmserve.control.api import (
@@ -18,11 +18,9 @@ from warmserve.control.api import (
     ClusterSnapshot,
     Dispatch,
     Evict,
-    GpuView,
     InstanceView,
     Prewarm,
     ReleaseInstance,
-    ReplicaView,
     RequestInfo,
     ServedModel,
     SetKvPages,
@@ -90,16 +88,22 @@ class Controller(FairStarts):
         self._request_instance: dict[RequestId, InstanceId] = {}
         self._replica_scores: dict[int, float] = {}
         self._requests_seen = 0  # dispatches + completions, to skip unchanged KV reviews
-        self._kv_reviewed: tuple[tuple[InstanceView, ...], int] | None = None
+        # The handle's versions() and the in-flight count after the last tick's KV review.
+        self._kv_reviewed: tuple[tuple[int, int], int] | None = None
         # Per running instance, the (view, in-flight) of a tick review that could not act on
         # any cluster: the next tick skips it while they are unchanged.
         self._kv_settled: dict[InstanceId, tuple[InstanceView, int]] = {}
         self._next_instance = 0
         self._next_replica = 0
         self._window = 0
-        # The (gpus, replicas) views the last plan saw; a handle may hand back the same objects
-        # while its layout is unchanged, and then the plan would be the same.
-        self._last_planned: tuple[tuple[GpuView, ...], tuple[ReplicaView, ...]] | None = None
+        # The handle's layout version the last plan saw (versions()[0]): while it is unchanged,
+        # the snapshot's gpus and replicas are, and the plan would be the same.
+        self._last_planned: int | None = None
+        # forecasts() as the planner reads it: forecasts change only when a window closes.
+        self._window_forecasts: dict[ModelName, Forecast] | None = None
+        # (placement version, live counts) of the last plan check whose demand was
+        # `_nothing_wanted`; None after any other outcome (see `_plan`).
+        self._quiet_plan: tuple[int, tuple] | None = None
         self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
         # The inputs of the last plan if it did nothing, and its demand's if it wanted nothing.
         self._unchanged_plan: tuple | None = None
@@ -163,6 +167,7 @@ class Controller(FairStarts):
             if inst is not None:
                 self._load[inst.model].add(now, -1)
         self._last_planned = None
+        self._quiet_plan = None
         return lost
 
     def tick(self, now: float, cluster: ClusterHandle) -> None:
@@ -327,6 +332,8 @@ class Controller(FairStarts):
                 self.forecaster.close_window(name, self._window, avg, peak)
             self._window += 1
             self._last_planned = None  # forecasts changed: plan again
+            self._window_forecasts = None
+            self._quiet_plan = None
 
     def _autoscale(self, name: ModelName, now: float, cluster: ClusterHandle) -> None:
         queue = self._queues[name]
@@ -338,12 +345,12 @@ class Controller(FairStarts):
         window_s = self.cfg.scale_window_s
         delta = scale_delta(self._load[name].mean(now, window_s), len(live), self.cfg)
         if delta < 0:
-            active = [ActiveInstance(i, inst.created_s, inst.in_flight) for i, inst in live]
             views = cluster.snapshot().instance_by_id
             active = [
-                replace(a, starting=(v := views.get(a.instance_id)) is not None
-                        and v.state == InstanceState.STARTING)
-                for a in active
+                ActiveInstance(i, inst.created_s, inst.in_flight,
+                               (v := views.get(i)) is not None
+                               and v.state == InstanceState.STARTING)
+                for i, inst in live
             ]  # fmt: skip
             stops = pick_to_stop(self._stoppable(active, now), -delta, now, self.cfg)
             actions: list[Action] = []
@@ -373,13 +380,15 @@ class Controller(FairStarts):
         return counts
 
     def _reserve_kv(self, cluster: ClusterHandle, now: float) -> None:
-        snap = cluster.snapshot()
+        # The instance views alone, not a snapshot: most reviews lend or settle, which reads
+        # no GPU or replica (a reclaim takes the snapshot, rebuilt only if anything moved).
+        versions = cluster.versions()
         last = self._kv_reviewed
-        if last is not None and last[0] is snap.instances and last[1] == self._requests_seen:
+        if last is not None and last[0] == versions and last[1] == self._requests_seen:
             return  # no instance, KV use or in-flight count changed since the last review
         settled, self._kv_settled = self._kv_settled, {}
         instances = self._instances
-        for view in snap.instances:
+        for view in cluster.instance_views():
             if view.state != InstanceState.RUNNING:
                 continue
             inst_id = view.instance_id
@@ -389,14 +398,13 @@ class Controller(FairStarts):
             # are unchanged; an equal view in a new object is reviewed, which settles it again.
             if key is not None and key[0] is view and key[1] == (inst.in_flight if inst else 0):
                 self._kv_settled[inst_id] = key
-            elif self._review_kv(view, snap, cluster, now):
-                snap = cluster.snapshot()
-        self._kv_reviewed = (snap.instances, self._requests_seen)
+            else:
+                self._review_kv(view, cluster, now)
+        self._kv_reviewed = (cluster.versions(), self._requests_seen)
 
     def _review_kv(
         self,
         view: InstanceView,
-        snap: ClusterSnapshot,
         cluster: ClusterHandle,
         now: float,
         pressure: bool = False,
@@ -410,7 +418,7 @@ class Controller(FairStarts):
             in_flight,
             self.cfg.capacity_per_instance,
             self.cfg.kv_floor_requests,
-            snap.page_bytes,
+            cluster.page_bytes,
         )
         full = view.kv_pages + view.kv_lent_pages
         min_lend = full // 20 or 1  # max(1, full // 20): full is never negative
@@ -433,6 +441,8 @@ class Controller(FairStarts):
             # holds, as long as this view and in-flight count stay as they are.
             self._kv_settled[view.instance_id] = (view, in_flight)
             return False
+        # Only a reclaim reads the GPUs and replicas.
+        snap = cluster.snapshot() if target > view.kv_pages else None
         actions = kv_actions(view, target, snap, self._replica_scores, min_lend, protected)
         if actions:
             self._record(actions, now, view.kv_pages)
@@ -469,28 +479,39 @@ class Controller(FairStarts):
         now rather than at the next tick."""
         if not (self.policy.unified_memory and self.policy.kv_prewarm):
             return
-        snap = cluster.snapshot()
-        view = snap.instance_by_id.get(instance_id)
+        view = cluster.snapshot().instance_by_id.get(instance_id)
         if view is not None and view.state == InstanceState.RUNNING:
-            self._review_kv(view, snap, cluster, now, pressure=True)
+            self._review_kv(view, cluster, now, pressure=True)
 
     def _plan(
         self, cluster: ClusterHandle, now: float, live: dict[ModelName, int] | None = None
     ) -> None:
         """`live`: `_live_counts()` if the caller has them, taken since the last change."""
-        snap = cluster.snapshot()
-        last = self._last_planned
-        if last is not None and last[0] is snap.gpus and last[1] is snap.replicas:
+        layout, _, placement = cluster.versions()
+        if layout == self._last_planned:
             return
-        forecasts = self.forecasts()
+        forecasts = self._window_forecasts
+        if forecasts is None:
+            forecasts = self._window_forecasts = self.forecasts()
         if live is None:
             live = self._live_counts()
         # A plan is a function of its inputs alone (ids are drawn only for actions). When the
         # last one wanted no new replica, only the demand's inputs matter (usually only free
         # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
+        quiet = self._quiet_plan
+        if quiet is not None and quiet[0] == placement and quiet[1] == tuple(live.items()):
+            # Only KV resizes since a check whose demand was `_nothing_wanted`, with the same
+            # forecasts (a window's close clears this) and live counts: the demand's replicas
+            # and stopping instances are unchanged too, so it is `_nothing_wanted` again,
+            # known without a snapshot (the commonest check: just after a KV lend).
+            self._last_planned = layout
+            return
+        self._quiet_plan = None
+        snap = cluster.snapshot()
         demand = _demand_key(snap, forecasts, live)
         if demand == self._nothing_wanted:
-            self._last_planned = (snap.gpus, snap.replicas)
+            self._last_planned = layout
+            self._quiet_plan = (placement, demand[3])
             return
         key = (demand, _layout_key(snap))
         idle = self._idle_plan
@@ -498,7 +519,7 @@ class Controller(FairStarts):
             # As a plan that places nothing would leave it (its scores are the last ones);
             # birth times are pruned at the next plan that runs (none it drops can count).
             self._unchanged_plan = key
-            self._last_planned = (snap.gpus, snap.replicas)
+            self._last_planned = layout
             return
         # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only (older ones count
         # for neither); replicas that went another way (a lost worker) must not pile up here.
@@ -531,8 +552,8 @@ class Controller(FairStarts):
         if plan.actions:
             self._record(plan.actions, now)
             cluster.apply(plan.actions)
-            snap = cluster.snapshot()
-        self._last_planned = (snap.gpus, snap.replicas)
+            layout = cluster.versions()[0]
+        self._last_planned = layout
 
     # ----- instance records and ids ----------------------------------------------------
     def _add_instance(self, inst_id: InstanceId, name: ModelName, now: float) -> None:

@@ -33,13 +33,14 @@ def kv_target_pages(
 def kv_actions(
     inst: InstanceView,
     target: int,
-    snap: ClusterSnapshot,
+    snap: ClusterSnapshot | None,
     replica_scores: Mapping[int, float],
     min_lend_pages: int,
     protected: frozenset[int] = frozenset(),
 ) -> list[Evict | SetKvPages]:
     """Lend down to `target` (in chunks of at least `min_lend_pages`), or reclaim up to it,
-    evicting the lowest-valued replicas in the way except `protected` ones."""
+    evicting the lowest-valued replicas in the way except `protected` ones. `snap` is read
+    only to reclaim (None: the caller knows `target` is no more than the instance holds)."""
     if target < inst.kv_pages:
         if inst.kv_pages - target < min_lend_pages:
             return []
@@ -47,6 +48,7 @@ def kv_actions(
     if target == inst.kv_pages:
         return []
     need = target - inst.kv_pages
+    assert snap is not None, "a reclaim reads the GPUs' free pages"
     free = {g.gpu_id: g.free_pages for g in snap.gpus}
     actions: list[Evict | SetKvPages] = []
     evicted: set[int] = set()

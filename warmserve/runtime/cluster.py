@@ -28,7 +28,7 @@ from warmserve.cluster.effects import (
     ResizeKv,
     Route,
 )
-from warmserve.control.api import Action, ClusterSnapshot, StartInstance
+from warmserve.control.api import Action, ClusterSnapshot, InstanceView, StartInstance
 from warmserve.engine.request import SamplingParams
 from warmserve.hardware import PAGE_BYTES
 from warmserve.runtime import messages as m
@@ -97,6 +97,12 @@ class RuntimeCluster:
     # ----- ClusterHandle ----------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
         return self.books.snapshot()
+
+    def versions(self) -> tuple[int, int, int]:
+        return self.books.versions()
+
+    def instance_views(self) -> tuple[InstanceView, ...]:
+        return self.books.instance_views()
 
     def apply(self, actions: Sequence[Action]) -> None:
         for a in actions:

@@ -24,7 +24,7 @@ from warmserve.cluster.effects import (
     ResizeKv,
     Route,
 )
-from warmserve.control.api import Action, ClusterSnapshot, ServedModel
+from warmserve.control.api import Action, ClusterSnapshot, InstanceView, ServedModel
 from warmserve.sim.costs import StartupCosts
 from warmserve.sim.host import HostParams, SharedHost
 from warmserve.sim.host_cache import NodeCheckpointCache
@@ -110,6 +110,16 @@ class SimCluster:
     # ----- ClusterHandle ----------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
         return self.books.snapshot()
+
+    def versions(self) -> tuple[int, int, int]:
+        return self.books.versions()
+
+    def instance_views(self) -> tuple[InstanceView, ...]:
+        return self.books.instance_views()
+
+    @property
+    def page_bytes(self) -> int:
+        return self.books.page_bytes
 
     def apply(self, actions: Sequence[Action]) -> None:
         for e in self.books.apply(actions):
