@@ -150,6 +150,9 @@ class _Checked:
     def versions(self) -> tuple[int, int, int]:
         return self.books.versions()
 
+    def free_pages(self, gpus: tuple[int, ...]) -> list[int]:
+        return self.books.free_pages(gpus)
+
     def instance_views(self):
         return self.books.instance_views()
 

@@ -416,6 +416,11 @@ class Books:
         so do the replicas, the instances and their states (only KV and free pages moved)."""
         return self._layout_version, self._usage_version, self._layout_version - self._kv_resizes
 
+    def free_pages(self, devices: tuple[int, ...]) -> list[int]:
+        """The free pages of each of `devices`, as the next snapshot's GpuViews show them."""
+        books = self.devices
+        return [books[d].free_pages for d in devices]
+
     def instance_views(self) -> tuple[InstanceView, ...]:
         """The instances as the next snapshot would show them (the same view objects), without
         building the rest of it."""

@@ -201,6 +201,10 @@ class ClusterHandle(Protocol):
         """`snapshot().instances`' views (the same objects), without building a snapshot."""
         ...
 
+    def free_pages(self, gpus: tuple[int, ...]) -> list[int]:
+        """Each of `gpus`' free pages, as `snapshot().gpus` would show them."""
+        ...
+
     @property
     def page_bytes(self) -> int:
         """`snapshot().page_bytes`: fixed for the handle's life."""

@@ -441,9 +441,15 @@ class Controller(FairStarts):
             # holds, as long as this view and in-flight count stay as they are.
             self._kv_settled[view.instance_id] = (view, in_flight)
             return False
-        # Only a reclaim reads the GPUs and replicas.
-        snap = cluster.snapshot() if target > view.kv_pages else None
-        actions = kv_actions(view, target, snap, self._replica_scores, min_lend, protected)
+        if target > view.kv_pages and all(
+            f >= target - view.kv_pages for f in cluster.free_pages(view.gpus)
+        ):
+            # A reclaim with the pages free on every GPU: as kv_actions would answer (no
+            # victim to evict, the whole need granted), read without a snapshot.
+            actions: list[Evict | SetKvPages] = [SetKvPages(view.instance_id, target)]
+        else:  # a lend reads nothing of the cluster; a reclaim in want, GPUs and replicas
+            snap = cluster.snapshot() if target > view.kv_pages else None
+            actions = kv_actions(view, target, snap, self._replica_scores, min_lend, protected)
         if actions:
             self._record(actions, now, view.kv_pages)
             if inst is not None:

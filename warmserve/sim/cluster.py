@@ -114,6 +114,9 @@ class SimCluster:
     def versions(self) -> tuple[int, int, int]:
         return self.books.versions()
 
+    def free_pages(self, gpus: tuple[int, ...]) -> list[int]:
+        return self.books.free_pages(gpus)
+
     def instance_views(self) -> tuple[InstanceView, ...]:
         return self.books.instance_views()
 
