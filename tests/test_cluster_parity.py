@@ -180,6 +180,13 @@ class Parity(RuleBasedStateMachine):
         self.sim.check_invariants()
         self.rt.check()
         assert self.sim.snapshot() == self.rt.snapshot()
+        for handle in (self.sim, self.rt):  # the narrow reads say what the snapshot says
+            snap = handle.snapshot()
+            assert handle.instance_views() == snap.instances
+            gpus = tuple(g.gpu_id for g in snap.gpus)
+            assert handle.free_pages(gpus) == [g.free_pages for g in snap.gpus]
+            assert handle.page_bytes == snap.page_bytes
+            assert handle.snapshot() is snap  # reading them built nothing new
 
 
 class ParityKeepingWeights(Parity):
