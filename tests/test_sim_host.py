@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmserve.experiment import ExperimentError
 from warmserve.hardware import GpuSpec
@@ -109,6 +111,77 @@ def test_other_jobs_on_the_host_stretch_a_lone_worker():
     assert spare == pytest.approx(solo, rel=1e-9)
     with pytest.raises(ValueError, match="background_threads"):
         HostParams(cores=2.0, background_threads=-1.0)
+
+
+# ----- the other jobs as a time series ------------------------------------------------------
+def _trace(params: HostParams | None, workers: int, reqs: list[tuple[float, int, int, int]]):
+    """Each (arrival, worker, input, output) request's (first token, finish) times."""
+    loop = EventLoop()
+    host = None if params is None else SharedHost(params, loop)
+    step = StepTimeModel(spec_from_hf_config("m", SMOLLM2), 1, CPU, LAT)
+    first: dict[int, float] = {}
+    done: dict[int, float] = {}
+    insts = []
+    for k in range(workers):
+        inst = SimInstance(k, "m", (k,), step, 100.0, loop, first.__setitem__,
+                           lambda i, r, t: done.__setitem__(r.request_id, t),
+                           lambda i: None, host=host)  # fmt: skip
+        inst.kv_pages, inst.state = 100, InstanceState.RUNNING
+        insts.append(inst)
+    for rid, (t, w, inp, out) in enumerate(reqs):
+        loop.at(t, insts[w].add, SimRequest(rid, inp, out))
+    loop.run(1e9)
+    return [(first[k], done[k]) for k in range(len(reqs))]
+
+
+_REQS = st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 1), st.integers(1, 200),
+                           st.integers(1, 40)), min_size=1, max_size=12)  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(reqs=_REQS, level=st.floats(0.0, 4.0), cores=st.sampled_from([1.0, 2.0]),
+       times=st.lists(st.floats(-1.0, 8.0), max_size=5, unique=True))  # fmt: skip
+def test_a_schedule_at_one_level_is_the_constant_exactly(reqs, level, cores, times):
+    reqs = sorted(reqs)
+    const = _trace(HostParams(cores=cores, background_threads=level), 2, reqs)
+    # The same level from the start, then "changed" to itself at random moments: no change.
+    sched = tuple((t, level) for t in sorted([-2.0, *times]))
+    assert _trace(HostParams(cores=cores, background_schedule=sched), 2, reqs) == const
+    # Constant before the schedule starts, the same level after it.
+    later = tuple((t, level) for t in sorted(times))
+    assert _trace(HostParams(cores=cores, background_threads=level,
+                             background_schedule=later), 2, reqs) == const  # fmt: skip
+
+
+def test_a_level_change_mid_step_re_rates_the_step_in_flight():
+    step = StepTimeModel(spec_from_hf_config("m", SMOLLM2), 1, CPU, LAT)
+    p = step.prefill(32, 32.0**2, 1)
+    # One worker on one core; the other jobs go from none to one thread (twice as slow)
+    # half-way through the prefill: half its work done alone, the other half at 2x.
+    sched = ((p / 2, 1.0),)
+    ((first, done),) = _trace(HostParams(cores=1.0, background_schedule=sched), 1,
+                              [(0.0, 0, 32, 1)])  # fmt: skip
+    assert first == done == pytest.approx(p / 2 + 2 * (p / 2), rel=1e-12)
+    # A decode run of two steps, the level rising half-way through its first step and falling
+    # back to none half-way through the second: the rest of each at the slowdown it meets.
+    d1, d12 = (float(x) for x in step.decode_run(1, 33.0, 2))
+    d2 = d12 - d1
+    sched = ((p + d1 / 2, 1.0), (p + 1.5 * d1 + d2, 0.0))
+    ((first, done),) = _trace(HostParams(cores=1.0, background_schedule=sched), 1,
+                              [(0.0, 0, 32, 3)])  # fmt: skip
+    assert first == pytest.approx(p, rel=1e-12)
+    # Step 1: d1/2 alone, d1/2 at 2x; step 2: d2/2 of its work at 2x (d2 seconds), d2/2 alone.
+    assert done == pytest.approx(p + 1.5 * d1 + d2 + d2 / 2, rel=1e-12)
+    # Without the change the run ends at p + d1 + d2; the later request sees the level then.
+    ((_, plain),) = _trace(HostParams(cores=1.0), 1, [(0.0, 0, 32, 3)])
+    assert plain == pytest.approx(p + d12, rel=1e-12)
+    assert HostParams(background_threads=0.5, background_schedule=sched).background_at(-1) == 0.5
+    assert HostParams(background_schedule=sched).background_at(p + d1) == 1.0
+    for bad in (((1.0, 0.0), (1.0, 1.0)), ((0.0, -1.0),), ((float("nan"), 1.0),)):
+        with pytest.raises(ValueError, match="background_schedule"):
+            HostParams(background_schedule=bad)
+    with pytest.raises(ValueError, match="event loop"):
+        SharedHost(HostParams(background_schedule=sched))
 
 
 def test_gpu_profiles_keep_independent_devices():
