@@ -277,3 +277,32 @@ def test_a_host_section_goes_with_shared_host_only():
         parse_profile({**raw, "shared_host": False}, "t")
     with pytest.raises(ProfileError, match="cores must be > 0"):
         parse_profile({**raw, "host": {**raw["host"], "cores": 0}}, "t")
+
+
+def test_serve_twin_replays_a_schedule_of_other_jobs(tmp_path):
+    cfg, model = _serve(tmp_path)
+    exp = serve_experiment(cfg, "cpu-2core-shared", {"a": model, "b": model}, slo_ttft_s=2.0,
+                           slo_tpot_s=1.0, warmup_s=7.0, drain_s=60.0, duration_s=30.0)  # fmt: skip
+    assert exp.profile is not None
+    arrival = np.array([0.5, 1.0, 1.0, 4.25, 9.0, 9.5])
+    idx = np.array([0, 1, 0, 1, 0, 1])
+    wl = replay_workload(cfg, arrival, idx, np.full(6, 40), np.full(6, 6), start_of_day_s=36_000.0)
+
+    def ttft(**host) -> np.ndarray:
+        prof = dataclasses.replace(exp.profile,
+                                   host=dataclasses.replace(exp.profile.host, **host))  # fmt: skip
+        res = run_policy(dataclasses.replace(exp, profile=prof), "warmserve", wl)
+        return res.log.first_token_s - res.log.arrival_s
+
+    const = ttft(background_threads=2.0)
+    # From before the warm-up (the simulator starts at -warmup_s), one level: the constant.
+    assert np.array_equal(ttft(background_schedule=((-7.0, 2.0), (3.0, 2.0))), const)
+    # A burst of other jobs over the last two requests only: they wait longer, the rest not.
+    burst = ttft(background_threads=2.0, background_schedule=((8.5, 12.0), (20.0, 2.0)))
+    assert np.array_equal(burst[:4], const[:4]) and np.all(burst[4:] > const[4:])
+    # The schedule is no profile key: the profile's YAML is the same with or without one.
+    from warmserve.profiles import profile_yaml
+
+    with_sched = dataclasses.replace(exp.profile.host, background_schedule=((0.0, 1.0),))
+    assert profile_yaml(dataclasses.replace(exp.profile, host=with_sched)) == profile_yaml(
+        exp.profile)  # fmt: skip
