@@ -151,6 +151,14 @@ def test_a_schedule_at_one_level_is_the_constant_exactly(reqs, level, cores, tim
     later = tuple((t, level) for t in sorted(times))
     assert _trace(HostParams(cores=cores, background_threads=level,
                              background_schedule=later), 2, reqs) == const  # fmt: skip
+    # Levels that do change, at any moment (mid-prefill, mid-run, on a boundary): every
+    # request is still served, no event falls before its time, and more other jobs than the
+    # constant at every moment never make the last finish earlier.
+    rising = tuple((t, level + 1.0 + k) for k, t in enumerate(sorted(times)))
+    got = _trace(HostParams(cores=cores, background_threads=level,
+                            background_schedule=rising), 2, reqs)  # fmt: skip
+    assert all(f <= d for f, d in got)
+    assert max(d for _, d in got) >= max(d for _, d in const) - 1e-9
 
 
 def test_a_level_change_mid_step_re_rates_the_step_in_flight():

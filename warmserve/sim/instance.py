@@ -250,11 +250,13 @@ class SimInstance:
         elif self._run is not None:
             start, cum, _ = self._run
             k = int(np.searchsorted(cum, now - start, side="left"))  # the step in flight
+            # Scheduled at `end`, not start + cum[k]: that sum may round a hair below now.
+            end = now + max(0.0, start + float(cum[k]) - now) * slow / self._slow
             cum = cum[: k + 1].copy()
-            cum[k] = now - start + (start + cum[k] - now) * slow / self._slow
+            cum[k] = end - start
             self._token += 1
             self._run = (start, cum, self._token)
-            self._loop.at(start + float(cum[k]), self._decode_done, k + 1, self._token)
+            self._loop.at(end, self._decode_done, k + 1, self._token)
         else:
             return
         self._slow = slow
