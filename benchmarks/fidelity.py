@@ -83,7 +83,7 @@ class SchedSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pids, self.every_s = pids, every_s
         self.samples: list[SchedSample] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.sample()  # the first, now: the replay's start
 
     def sample(self) -> None:
@@ -92,11 +92,11 @@ class SchedSampler(threading.Thread):
                                         time.process_time()))  # fmt: skip
 
     def run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        while not self._halt.wait(self.every_s):
             self.sample()
 
     def finish(self) -> list[SchedSample]:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
         return self.samples
