@@ -299,23 +299,27 @@ def per_run(run: RealRun, sim: np.ndarray, series: np.ndarray) -> dict[str, Any]
     return out
 
 
-def plot(path: Path, curves: list[tuple[float, list[RealRun], np.ndarray]]) -> None:
+Curve = tuple[float, list[RealRun], np.ndarray, np.ndarray | None]  # rate, runs, sim, series
+
+
+def plot(path: Path, curves: list[Curve]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-    for ax, (rate, runs, sim) in zip(axes[0], curves, strict=True):
+    for ax, (rate, runs, sim, series) in zip(axes[0], curves, strict=True):
         for k, r in enumerate(runs):
             x = np.sort(r.ttft_s[~np.isnan(r.ttft_s)])
             ax.step(x, np.arange(1, len(x) + 1) / len(r.ttft_s), where="post", color="C0",
                     alpha=0.35, label="real, each run" if k == 0 else None)  # fmt: skip
         pooled = np.concatenate([r.ttft_s for r in runs])
-        for x, n, label, style in (
-            (np.sort(pooled[~np.isnan(pooled)]), len(pooled), "real, pooled", "C0"),
-            (np.sort(sim[~np.isnan(sim)]), len(sim), "simulated", "C1"),
-        ):
+        lines = [(pooled, "real, pooled", "C0"), (sim, "simulated", "C1")]
+        if series is not None:
+            lines.append((series, "simulated, each run's series of other jobs", "C2"))
+        for y, label, style in lines:
+            x, n = np.sort(y[~np.isnan(y)]), len(y)
             ax.step(x, np.arange(1, len(x) + 1) / n, where="post", color=style, lw=2, label=label)
         ax.set_xscale("log")
         ax.set_xlabel("TTFT (s)")
@@ -435,7 +439,9 @@ def main() -> None:
                           f"{pr['sim_ttft_p50_s']:.3f} s p99 {pr['sim_ttft_p99_s']:.3f} s, "
                           f"series p50 {pr['sim_series_ttft_p50_s']:.3f} s p99 "
                           f"{pr['sim_series_ttft_p99_s']:.3f} s", flush=True)  # fmt: skip
-            curves.append((rate, runs, sim))
+            curves.append((rate, runs, sim,
+                           np.concatenate(series) if series and len(series) == len(runs)
+                           else None))  # fmt: skip
             s = rows[-1]
             print(f"rate {rate:4.2f}/s simulated: TTFT p50 {s['sim_ttft_p50_s']:.3f} s p99 "
                   f"{s['sim_ttft_p99_s']:.3f} s mean {s['sim_ttft_mean_s']:.3f} s; on a "
