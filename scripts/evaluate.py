@@ -840,6 +840,13 @@ def tables(rows: list[dict[str, Any]], res: dict[str, Any]) -> str:
             f"{rs['wall_min']:.1f} min, {rs['cancelled']} cancelled at the time limit.",
             "",
         ]
+    for rr in meta.get("reruns", []):
+        lines += [
+            f"Re-run on later code ({rr['code']}): every {', '.join(rr['policies'])} row at the "
+            f"same cells and seeds, {rr['tasks']} tasks in {rr['wall_min']:.1f} min; "
+            f"{rr['changed']}; the change: {rr['why']}.",
+            "",
+        ]
     if meta["quick"]:
         lines += ["Skipped by --quick: " + "; ".join(QUICK_SKIPS) + ".", ""]
     if meta.get("incomplete_cells"):

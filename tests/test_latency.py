@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmserve.model_spec import MODEL_PRESETS, spec_from_hf_config
 from warmserve.profiles import load_profile
@@ -95,3 +97,41 @@ def test_vectorised_service_time_matches_step_by_step():
         for i, o in zip(inp, out, strict=True)
     ]
     np.testing.assert_allclose(m.isolated_service_s(inp, out), ref)
+
+
+def _decode_run_long_way(m: StepTimeModel, batch: int, ctx_sum: float, steps: int) -> list[float]:
+    """Step by step through `decode` (the maximum of memory and compute every step), summed in
+    order: what `decode_run` must give, bit for bit, whichever branch it takes."""
+    out, t = [], 0.0
+    for k in range(steps):
+        t += m.decode(batch, ctx_sum + batch * k)
+        out.append(t)
+    return out
+
+
+@given(
+    st.sampled_from(["h100-sxm-80g", "a100-80g", "cpu-2core-shared"]),
+    st.sampled_from([("llama-2-7b", 1), ("llama-2-13b", 2), ("llama-2-70b", 4)]),
+    st.integers(1, 4096),
+    st.one_of(st.integers(0, 2_000_000).map(float), st.floats(0.0, 2e6, allow_nan=False)),
+    st.integers(1, 64),
+)
+@settings(max_examples=300, deadline=None)
+def test_decode_run_is_bit_identical_to_steps(profile, model, batch, ctx_sum, steps):
+    """The memory-bound shortcut (no maximum with the compute time) changes no bit: compared
+    with `decode` step by step on GPUs (mostly memory-bound) and the CPU profile, at batches up
+    to compute-bound ones."""
+    p = load_profile(profile)
+    m = StepTimeModel(MODEL_PRESETS[model[0]], model[1], p.device, p.latency)
+    assert m.decode_run(batch, ctx_sum, steps).tolist() == _decode_run_long_way(
+        m, batch, ctx_sum, steps
+    )
+
+
+def test_decode_run_shortcut_is_taken_and_skipped():
+    """The test above sees both branches: a small batch on an H100 is memory-bound, a batch of
+    4096 on it is not."""
+    m = StepTimeModel(MODEL_PRESETS["llama-2-7b"], 1, H100, LatencyParams())
+    assert m._kv_over_attn
+    assert m._weights >= m._flop_tok * 1
+    assert m._weights < m._flop_tok * 4096

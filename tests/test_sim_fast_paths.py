@@ -1,7 +1,9 @@
 """The simulator's shortcuts compute what the long way computes.
 
-A tick skips autoscaling for idle models (no instance, no load, no queue), and the books
-re-check only the device and replica views an action may have changed. Each is compared here
+A tick skips the autoscaling of models with no queue whose windowed load needs no change
+(scale_delta 0), and the books re-check only the device and replica views an action may
+have changed; a plan that wanted replicas and placed none is not run again while only free pages
+moved below the wanted sizes. Each is compared here
 against the long way on the same run, and shown to be taken.
 """
 
@@ -14,14 +16,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sim_golden import cases, fingerprint
 
-from warmserve.control import registry
+from warmserve.control import controller, registry
+from warmserve.control.api import ClusterSnapshot, GpuView, InstanceView, ReplicaView
 from warmserve.control.controller import Controller
 from warmserve.control.load import ConcurrencySeries
+from warmserve.control.plan_skip import IdlePlan, still_idle
 from warmserve.sim.runner import make_workload, run_policy
+from warmserve.types import InstanceState
 
 
 class _NoSkip(Controller):
-    """Autoscales every model on every tick: an override turns the idle-model shortcut off."""
+    """Autoscales every model on every tick: an override turns the tick's shortcut off."""
 
     def _autoscale(self, name, now, cluster):
         super()._autoscale(name, now, cluster)
@@ -36,7 +41,7 @@ def servegen():
 
 
 @pytest.mark.parametrize("policy", ["warmserve", "warmserve-plus", "vanilla-autoscale"])
-def test_idle_autoscale_skip_changes_nothing(servegen, policy, monkeypatch):
+def test_autoscale_skip_changes_nothing(servegen, policy, monkeypatch):
     exp, wl = servegen
     calls = {"fast": 0, "full": 0}
     plain = Controller._autoscale
@@ -94,3 +99,54 @@ def test_views_are_rechecked_only_where_changed():
     wl = make_workload(exp)
     r = run_policy(exp, "warmserve", wl, check_invariants=True)
     assert r.summary["control"]["kv_lends"] > 0 and r.summary["control"]["prewarms"] > 0
+
+
+@pytest.mark.parametrize("policy", ["warmserve", "warmserve-no-kv-prewarm", "warmserve-plus"])
+def test_idle_plan_skip_changes_nothing(servegen, policy, monkeypatch):
+    """A plan that wanted replicas and placed none is not run again while only free pages
+    moved and none crossed a wanted model's size upward (plan_skip.py): the same run as one
+    that plans every time, and the shortcut is taken where KV is lent."""
+    exp, wl = servegen
+    taken = [0]
+    plain = controller.still_idle
+
+    def counted(*args):
+        same = plain(*args)
+        taken[0] += same
+        return same
+
+    monkeypatch.setattr(controller, "still_idle", counted)
+    fast = run_policy(exp, policy, wl)
+    monkeypatch.setattr(controller, "still_idle", lambda *args: False)
+    full = run_policy(exp, policy, wl)
+    assert fingerprint(fast) == fingerprint(full)
+    if policy == "warmserve":
+        assert taken[0] > 0
+    if policy == "warmserve-plus":
+        assert taken[0] == 0  # prior prewarming reads free pages as numbers: never skipped
+
+
+def test_still_idle_refuses_a_crossing():
+    """Free pages that rise past a wanted size, anywhere, or any other change: plan again."""
+    rec = IdlePlan(("d",), (("r",), ("i",)), (10, 50), (20, 40))
+    assert still_idle(rec, ("d",), ((10, 50), ("r",), ("i",)))
+    assert still_idle(rec, ("d",), ((19, 10), ("r",), ("i",)))  # rose short of 20; fell
+    assert still_idle(rec, ("d",), ((15, 90), ("r",), ("i",)))  # 50 was past every size
+    assert not still_idle(rec, ("d",), ((20, 50), ("r",), ("i",)))
+    assert not still_idle(rec, ("e",), ((10, 50), ("r",), ("i",)))
+    assert not still_idle(rec, ("d",), ((10, 50), ("r2",), ("i",)))
+
+
+def test_snapshot_of_is_the_dataclass_snapshot():
+    """`ClusterSnapshot.of` (the books' constructor) makes what `__init__` makes: equal,
+    frozen, with its cached indexes."""
+    gpus = (GpuView(0, 0, 100, 40, 7), GpuView(1, 0, 100, 60, None))
+    reps = (ReplicaView(3, "m", (1,), 20, True),)
+    insts = (InstanceView(7, "n", (0,), InstanceState.RUNNING, 50, 10, 10),)
+    args = (gpus, reps, insts, 2, (frozenset({"m"}),), (4.5,), 1 << 21)
+    fast, plain = ClusterSnapshot.of(*args), ClusterSnapshot(*args)
+    assert fast == plain and type(fast) is ClusterSnapshot
+    assert fast.replicas_by_gpu == plain.replicas_by_gpu == {0: [], 1: [reps[0]]}
+    assert fast.instance_by_id == {7: insts[0]}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.gpus = ()  # type: ignore[misc]

@@ -131,6 +131,10 @@ class Books:
         self._replicas_changed = True
         self._replica_views: dict[ReplicaId, ReplicaView] = {}
         self._instance_views: dict[InstanceId, InstanceView] = {}
+        # Instances added, removed or whose view fields may have changed since the instance
+        # views were built: the only ones a snapshot compares again.
+        self._dirty_instances: set[InstanceId] = set()
+        self._instance_set_changed = False  # an instance added or removed since then
 
     # ----- actions ----------------------------------------------------------------------
     def apply(self, actions: Sequence[Action]) -> list[Effect]:
@@ -209,6 +213,8 @@ class Books:
             dev.free_pages -= kv
             dev.kv_pages += kv
             dev.instance_ids.append(a.instance_id)
+        self._dirty_instances.add(a.instance_id)
+        self._instance_set_changed = True
         self.instances[a.instance_id] = InstanceBook(
             a.instance_id,
             a.model,
@@ -236,9 +242,12 @@ class Books:
         assert inst.state == InstanceState.RUNNING, f"instance {inst_id} is {inst.state}"
         assert inst.requests, "an empty instance is released, not drained"
         inst.state = InstanceState.STOPPING
+        self._dirty_instances.add(inst_id)
 
     def _release(self, a: ReleaseInstance) -> Deactivate:
         inst = self.instances.pop(a.instance_id)
+        self._dirty_instances.add(a.instance_id)
+        self._instance_set_changed = True
         assert not inst.requests, f"instance {a.instance_id} still holds {len(inst.requests)}"
         # A starting instance's load is in flight: releasing it would keep weights that are
         # not there yet (the autoscaler never stops one).
@@ -278,6 +287,7 @@ class Books:
             dev.kv_pages += delta
         inst.kv_pages = kv_pages
         inst.kv_lent_pages -= delta
+        self._dirty_instances.add(inst_id)
         return ResizeKv(inst_id, inst.devices, kv_pages, delta > 0)
 
     def _prewarm(self, a: Prewarm) -> LoadWeights:
@@ -337,6 +347,7 @@ class Books:
             self.replicas[inst.replica_id].pending.clear()
         if inst.state == InstanceState.STARTING:
             inst.state = InstanceState.RUNNING
+            self._dirty_instances.add(inst_id)
         self._layout_version += 1
         self._replicas_changed = True
         return inst
@@ -344,6 +355,7 @@ class Books:
     def set_kv_used(self, inst_id: InstanceId, pages: int) -> None:
         """KV use changed: the next snapshot needs fresh instance views."""
         self.instances[inst_id].kv_used_pages = pages
+        self._dirty_instances.add(inst_id)
         self._usage_version += 1
 
     def request_done(self, inst_id: InstanceId, request_id: RequestId) -> None:
@@ -375,6 +387,8 @@ class Books:
                     self.devices[d].free_pages += rep.pages_per_device
         for inst_id in lost:
             inst = self.instances.pop(inst_id)
+            self._dirty_instances.add(inst_id)
+            self._instance_set_changed = True
             for d in inst.devices:
                 if d != device:  # a group's other devices get their pages back
                     self._free_instance_pages(self.devices[d], inst)
@@ -412,39 +426,46 @@ class Books:
                 replicas = tuple(self._replica_views.values())
         else:  # the same objects: consumers may test identity to skip work
             gpus, replicas = self._snapshot.gpus, self._snapshot.replicas
-        inst_views = self._instance_views
-        fresh_i: dict[InstanceId, InstanceView] = {}
-        for i in self.instances.values():
-            v = inst_views.get(i.instance_id)
-            if (
-                v is None
-                or v.kv_used_pages != i.kv_used_pages
-                or v.kv_pages != i.kv_pages
-                or v.state != i.state
-                or v.kv_lent_pages != i.kv_lent_pages
-                or v.gpus is not i.devices
-                or v.model != i.model
-            ):
-                v = InstanceView(
-                    i.instance_id,
-                    i.model,
-                    i.devices,
-                    i.state,
-                    i.kv_pages,
-                    i.kv_used_pages,
-                    i.kv_lent_pages,
-                )
-            fresh_i[i.instance_id] = v
-        self._instance_views = fresh_i
+        dirty = self._dirty_instances
+        if self._instance_set_changed:
+            views = self._instance_views
+            self._instance_views = {
+                i.instance_id: self._instance_view(i, views.get(i.instance_id))
+                for i in self.instances.values()
+            }
+            self._instance_set_changed = False
+        elif dirty:  # the same instances: only the changed views are replaced, in place
+            views = self._instance_views
+            for inst_id in dirty:
+                i = self.instances[inst_id]
+                views[inst_id] = self._instance_view(i, views[inst_id])
+        dirty.clear()
         cached, busy = self.host_view() if self.host_view is not None else ((), ())
-        return ClusterSnapshot(
+        return ClusterSnapshot.of(
             gpus,
             replicas,
-            tuple(fresh_i.values()),
+            tuple(self._instance_views.values()),
             self.devices_per_node,
             cached,
             busy,
             self.page_bytes,
+        )
+
+    @staticmethod
+    def _instance_view(i: InstanceBook, v: InstanceView | None) -> InstanceView:
+        """`v` if it still shows `i`, else a fresh view."""
+        if (
+            v is not None
+            and v.kv_used_pages == i.kv_used_pages
+            and v.kv_pages == i.kv_pages
+            and v.state == i.state
+            and v.kv_lent_pages == i.kv_lent_pages
+            and v.gpus is i.devices
+            and v.model == i.model
+        ):
+            return v
+        return InstanceView(
+            i.instance_id, i.model, i.devices, i.state, i.kv_pages, i.kv_used_pages, i.kv_lent_pages
         )
 
     def _replica_views_now(self) -> tuple[ReplicaView, ...]:
@@ -499,6 +520,15 @@ class Books:
             assert seen == (dev.free_pages, inst, dev.total_pages), f"device {dev.device_id} view"
         if not self._replicas_changed and self._snapshot is not None:
             assert self._replica_views_now() == self._snapshot.replicas, "replica views"
+        if not self._dirty_instances:
+            views = self._instance_views
+            assert list(views) == list(self.instances), "instance views: the instances"
+            for i in self.instances.values():
+                seen = views[i.instance_id]
+                fields = (i.model, i.devices, i.state, i.kv_pages, i.kv_used_pages,
+                          i.kv_lent_pages)  # fmt: skip
+                assert (seen.model, seen.gpus, seen.state, seen.kv_pages, seen.kv_used_pages,
+                        seen.kv_lent_pages) == fields, f"instance {i.instance_id} view"  # fmt: skip
         prewarm = [0] * len(self.devices)
         weights = [0] * len(self.devices)
         kv = [0] * len(self.devices)

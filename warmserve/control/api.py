@@ -84,6 +84,32 @@ class ClusterSnapshot:
     host_busy_until_s: tuple[float, ...] = ()  # when the node's SSD finishes queued reads
     page_bytes: int = PAGE_BYTES  # the size of every page counted here
 
+    @classmethod
+    def of(
+        cls,
+        gpus: tuple[GpuView, ...],
+        replicas: tuple[ReplicaView, ...],
+        instances: tuple[InstanceView, ...],
+        gpus_per_node: int,
+        host_cached: tuple[frozenset[str], ...],
+        host_busy_until_s: tuple[float, ...],
+        page_bytes: int,
+    ) -> ClusterSnapshot:
+        """The snapshot `__init__` makes with every field given, without its seven frozen
+        `object.__setattr__` calls (the class has no `__post_init__`): a handle builds one
+        after every change of the cluster, and that construction was a noticeable part."""
+        snap = object.__new__(cls)
+        snap.__dict__.update(
+            gpus=gpus,
+            replicas=replicas,
+            instances=instances,
+            gpus_per_node=gpus_per_node,
+            host_cached=host_cached,
+            host_busy_until_s=host_busy_until_s,
+            page_bytes=page_bytes,
+        )
+        return snap
+
     @cached_property
     def replicas_by_gpu(self) -> dict[int, list[ReplicaView]]:
         out: dict[int, list[ReplicaView]] = {g.gpu_id: [] for g in self.gpus}

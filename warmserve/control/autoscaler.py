@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from warmserve.control.config import ControlConfig
-from warmserve.types import InstanceId
+from warmserve.control.load import ConcurrencySeries
+from warmserve.types import InstanceId, ModelName
 
 
 def scale_delta(load: float, num_active: int, cfg: ControlConfig) -> int:
@@ -20,6 +21,34 @@ def scale_delta(load: float, num_active: int, cfg: ControlConfig) -> int:
         want = math.ceil(load / cfg.scale_up_threshold / cfg.capacity_per_instance)
         return want - num_active
     return 0
+
+
+class QuietModels:
+    """Which models a tick's autoscaling would leave alone: with no request queued, the
+    autoscaler acts only on a non-zero `scale_delta` of the windowed load, which is tested here
+    as `Controller._autoscale` would test it, without the call. A model whose load did not
+    change within the window has the mean of its count now until its next change (a new last
+    step): with the same live count, the same 0, remembered without computing the mean."""
+
+    __slots__ = ("_cfg", "_known", "_load")
+
+    def __init__(self, load: dict[ModelName, ConcurrencySeries], cfg: ControlConfig) -> None:
+        self._load = load
+        self._cfg = cfg
+        self._known: dict[ModelName, tuple[tuple[float, int], int]] = {}  # (last step, live)
+
+    def scale_is_zero(self, name: ModelName, num_active: int, now: float) -> bool:
+        series = self._load[name]
+        last = series.last_step
+        known = self._known.get(name)
+        if known is not None and known[0] is last and known[1] == num_active:
+            return True
+        span = self._cfg.scale_window_s
+        if scale_delta(series.mean(now, span), num_active, self._cfg) != 0:
+            return False
+        if last[0] <= now - span:  # unchanged within the window: `mean` is the count now
+            self._known[name] = (last, num_active)
+        return True
 
 
 @dataclass(frozen=True, slots=True)

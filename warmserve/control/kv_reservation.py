@@ -51,6 +51,8 @@ def kv_actions(
     actions: list[Evict | SetKvPages] = []
     evicted: set[int] = set()
     for g in inst.gpus:
+        if free[g] >= need:
+            continue  # no victim needed here (the loop below would evict none)
         victims = sorted(
             (
                 r

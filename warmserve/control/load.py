@@ -12,7 +12,15 @@ class ConcurrencySeries:
     reference does.
     """
 
-    __slots__ = ("_horizon_s", "_steps", "last_t", "num_reqs", "window_integral", "window_peak")
+    __slots__ = (
+        "_horizon_s",
+        "_steps",
+        "last_step",
+        "last_t",
+        "num_reqs",
+        "window_integral",
+        "window_peak",
+    )
 
     def __init__(self, horizon_s: float, start_s: float = 0.0) -> None:
         self._horizon_s = horizon_s
@@ -22,6 +30,8 @@ class ConcurrencySeries:
         self.window_peak = 0
         # (time, count from then on); the oldest step at or before now - horizon is kept.
         self._steps: deque[tuple[float, int]] = deque([(start_s, 0)])
+        # (time, count) of the last change, the newest step: a new tuple on every `add`.
+        self.last_step = self._steps[-1]
 
     def add(self, now: float, delta: int) -> None:
         self.window_integral += (now - self.last_t) * self.num_reqs
@@ -31,10 +41,11 @@ class ConcurrencySeries:
         if self.num_reqs > self.window_peak:
             self.window_peak = self.num_reqs
         steps = self._steps
+        step = self.last_step = (now, self.num_reqs)
         if steps[-1][0] == now:
-            steps[-1] = (now, self.num_reqs)
+            steps[-1] = step
         else:
-            steps.append((now, self.num_reqs))
+            steps.append(step)
         cutoff = now - self._horizon_s
         while len(steps) > 1 and steps[1][0] <= cutoff:
             steps.popleft()

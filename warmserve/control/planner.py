@@ -62,6 +62,8 @@ class Plan:
     # New replicas the demand asked for, placed or not. With none, the plan depends only on
     # the replicas, the draining instances, forecasts and live counts: not on free pages.
     num_wanted: int = 0
+    # Pages per GPU of the models wanted, ascending (the evict-aware planner; plan_skip.py).
+    wanted_sizes: tuple[int, ...] = ()
 
 
 @lru_cache(maxsize=4096)
@@ -142,7 +144,8 @@ def plan_evict_aware(inp: PlanInput, new_id: Callable[[], ReplicaId]) -> Plan:
         rid = new_id()
         occ.add(Block(("r", rid), name, best[1], score, m.pages_per_gpu), m.pages_per_gpu)
         actions.append(Prewarm(rid, name, best[1]))
-    return Plan(actions, existing, len(wanted))
+    sizes = tuple(sorted({inp.models[name].pages_per_gpu for _, _, name in wanted}))
+    return Plan(actions, existing, len(wanted), sizes)
 
 
 def _group_over_priors(

@@ -226,7 +226,7 @@ class SimInstance:
         assert self._run is not None
         start, cum, _ = self._run
         elapsed = self._loop.now() - start
-        k = int(np.searchsorted(cum, elapsed, side="left"))  # boundary at or after now
+        k = int(cum.searchsorted(elapsed, side="left"))  # boundary at or after now
         if k >= len(cum) - 1:
             return  # the run ends at its last step anyway
         self._token += 1

@@ -34,7 +34,16 @@ class LatencyParams:
 class StepTimeModel:
     """Seconds per prefill or decode step; constants folded once at construction."""
 
-    __slots__ = ("_attn", "_comm_tok", "_fixed", "_flop_tok", "_kv_tok", "_seq", "_weights")
+    __slots__ = (
+        "_attn",
+        "_comm_tok",
+        "_fixed",
+        "_flop_tok",
+        "_kv_over_attn",
+        "_kv_tok",
+        "_seq",
+        "_weights",
+    )
 
     def __init__(self, spec: ModelSpec, tp: int, gpu: GpuSpec, p: LatencyParams) -> None:
         bw = gpu.hbm_bandwidth * p.bandwidth_efficiency
@@ -52,6 +61,9 @@ class StepTimeModel:
             ring = 2.0 * (tp - 1) / tp  # ring all-reduce traffic factor
             act_bytes = spec.hidden_size * spec.dtype_bytes
             self._comm_tok = 2 * spec.num_layers * act_bytes * ring / gpu.nvlink_bandwidth
+        # A context token costs at least as much memory time as attention time (always so on
+        # GPUs): decode_run may then skip the compute branch, see there.
+        self._kv_over_attn = self._kv_tok >= self._attn >= 0.0
 
     def decode(self, batch: int, ctx_sum: float) -> float:
         mem = self._weights + self._kv_tok * ctx_sum
@@ -70,13 +82,24 @@ class StepTimeModel:
             ctx = np.arange(steps, dtype=np.float64)
             ctx *= batch
             ctx += ctx_sum
-        mem = ctx * self._kv_tok
-        mem += self._weights
-        ctx *= self._attn
-        ctx += self._flop_tok * batch
-        np.maximum(mem, ctx, out=mem)
+        flop = self._flop_tok * batch
+        if self._kv_over_attn and self._weights >= flop:
+            # Memory-bound at every step, exactly: ctx ≥ 0 and kv_tok ≥ attn give
+            # fl(ctx·kv_tok) ≥ fl(ctx·attn), and weights ≥ fl(flop_tok·batch) then gives
+            # mem ≥ comp after the addition (rounding is monotone), so the maximum is mem.
+            ctx *= self._kv_tok
+            ctx += self._weights
+            mem = ctx
+        else:
+            mem = ctx * self._kv_tok
+            mem += self._weights
+            ctx *= self._attn
+            ctx += flop
+            np.maximum(mem, ctx, out=mem)
         mem += self._fixed + self._seq * batch
-        mem += self._comm_tok * batch
+        comm = self._comm_tok * batch
+        if comm != 0.0:  # adding 0.0 leaves every (positive) step time as it is
+            mem += comm
         return np.add.accumulate(mem, out=mem)
 
     def prefill(self, num_tokens: int, sum_sq_tokens: float, num_seqs: int = 1) -> float:

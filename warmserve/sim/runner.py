@@ -129,16 +129,18 @@ def slo_bounds(
     for k, name in enumerate(wl.model_names):
         sel = wl.model_idx == k
         step = models[name].step_model
-        inp, out = wl.input_tokens[sel], wl.output_tokens[sel]
+        # Python ints (the values int() of each element gives), not a numpy scalar apiece.
+        inp = list(map(int, wl.input_tokens[sel].tolist()))
+        out = list(map(int, wl.output_tokens[sel].tolist()))
         if slo.ttft_s is not None:
             ttft[sel] = slo.ttft_s
         else:
-            ttft[sel] = slo.ttft_scale * np.array([step.isolated_ttft(int(i)) for i in inp])
+            ttft[sel] = slo.ttft_scale * np.array([step.isolated_ttft(i) for i in inp])
         if slo.tpot_s is not None:
             tpot[sel] = slo.tpot_s
         else:
             tpot[sel] = slo.tpot_scale * np.array(
-                [step.isolated_tpot(int(i), int(o)) for i, o in zip(inp, out, strict=True)]
+                [step.isolated_tpot(i, o) for i, o in zip(inp, out, strict=True)]
             )
     return ttft, tpot
 
