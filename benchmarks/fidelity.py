@@ -12,7 +12,10 @@ control plane and the bench client, which share the host's cores with the worker
 too, as the number a CPU profile's `host.gateway_s_per_token` should hold. So are the other
 jobs on the host: the workers' run-queue wait over their CPU time (the kernel's schedstat)
 gives the cores they lost, as `host.background_threads` (calibration/host_load.py); the
-simulation runs with the measured figure, and once more on a dedicated host (none).
+simulation runs with the measured figure, and once more on a dedicated host (none). The other
+jobs come in bursts, so the counters are also sampled through each run (every
+`--sample-s`): each run is simulated once more with its own series of shares as
+`host.background_schedule` (the `sim_series_*` figures), beside the constant share.
 
     python benchmarks/fidelity.py --json results/bench/fidelity.json   # ~60 min
     python benchmarks/fidelity.py --quick                               # 10-15 min: 1 rate, 2 runs
@@ -25,6 +28,7 @@ import asyncio
 import dataclasses
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,12 @@ from bench_output import write_json
 from serve_burst import MODELS, free_port, history_csv, starts
 
 from warmserve.bench import BenchConfig, build_workload, check_endpoint, replay
-from warmserve.calibration.host_load import background_threads, sched_seconds
+from warmserve.calibration.host_load import (
+    SchedSample,
+    background_series,
+    background_threads,
+    sched_seconds,
+)
 from warmserve.clock import seconds_into_day
 from warmserve.models import prepare_smollm2
 from warmserve.serve_config import ServeConfig, parse_serve_config
@@ -59,6 +68,38 @@ class RealRun:
     # of the host it implies (see `background_threads`); NaN where not measured.
     worker_stretch: float = float("nan")
     background_threads: float = float("nan")
+    # The same through the run, per sampled interval, as `host.background_schedule` (seconds
+    # from the replay's start, the simulator's time of the first arrival's clock); and the
+    # whole-run formula over the run's totals, for comparison with the mean of the series.
+    background_schedule: tuple[tuple[float, float], ...] = ()
+    background_threads_whole_run: float = float("nan")
+
+
+class SchedSampler(threading.Thread):
+    """The workers' schedstat and this process's CPU every `every_s` seconds, as the run goes.
+    A read costs well under a millisecond (a few /proc files per worker thread)."""
+
+    def __init__(self, pids: list[int], every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.every_s = pids, every_s
+        self.samples: list[SchedSample] = []
+        self._halt = threading.Event()
+        self.sample()  # the first, now: the replay's start
+
+    def sample(self) -> None:
+        self.samples.append(SchedSample(time.perf_counter(),
+                                        tuple(sched_seconds(p) for p in self.pids),
+                                        time.process_time()))  # fmt: skip
+
+    def run(self) -> None:
+        while not self._halt.wait(self.every_s):
+            self.sample()
+
+    def finish(self) -> list[SchedSample]:
+        self._halt.set()
+        self.join()
+        self.sample()
+        return self.samples
 
 
 def serve_config(model_dir: Path, hist: Path, args: argparse.Namespace, port: int) -> ServeConfig:
@@ -74,7 +115,7 @@ def serve_config(model_dir: Path, hist: Path, args: argparse.Namespace, port: in
     return parse_serve_config(raw, Path())
 
 
-def run_real(cfg: ServeConfig, bench: BenchConfig, settle_s: float) -> RealRun:
+def run_real(cfg: ServeConfig, bench: BenchConfig, settle_s: float, sample_s: float) -> RealRun:
     with BackgroundServer(cfg) as srv:
         up = time.perf_counter()
         time.sleep(settle_s)  # the planner prewarms from the seeded forecast
@@ -85,11 +126,15 @@ def run_real(cfg: ServeConfig, bench: BenchConfig, settle_s: float) -> RealRun:
         warmup = time.perf_counter() - up
         before, starts0 = ttft_sums(srv.url), starts(srv.url)
         pids = [w.pid for w in srv.server.runtime.supervisor.workers if w is not None]
-        sched0 = [sched_seconds(p) for p in pids if p is not None]
+        pids = [p for p in pids if p is not None]
+        sched0 = [sched_seconds(p) for p in pids]
         cpu0, wall0 = time.process_time(), time.perf_counter()
+        sampler = SchedSampler(pids, sample_s)
+        sampler.start()
         results = asyncio.run(replay(b, wl, quiet=True))
+        samples = sampler.finish()
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        sched1 = [sched_seconds(p) for p in pids if p is not None]
+        sched1 = [sched_seconds(p) for p in pids]
         after, starts1 = ttft_sums(srv.url), starts(srv.url)
     ttft = np.array([r.first_s if r.error is None else np.nan for r in results])
     tokens = sum(r.tokens for r in results if r.error is None)
@@ -99,9 +144,15 @@ def run_real(cfg: ServeConfig, bench: BenchConfig, settle_s: float) -> RealRun:
     # A worker restarted during the run has new counters: its difference is meaningless.
     used = [(c1 - c0, w1 - w0) for (c0, w0), (c1, w1) in zip(sched0, sched1, strict=True)
             if c1 >= c0 and w1 >= w0]  # fmt: skip
-    bg, stretch = background_threads(used, cpu, wall, float(len(os.sched_getaffinity(0))))
+    cores = float(len(os.sched_getaffinity(0)))
+    whole, _ = background_threads(used, cpu, wall, cores)
+    # The run's figure is the series' mean (one formula for both), so the constant-share and
+    # the series simulations differ only in when the other jobs ran, not in how much.
+    series = background_series(samples, cores)
+    # Replay second 0 is the simulator's second 0 (the client's clock starts a few ms later).
+    schedule = series.schedule(origin_s=wall0)
     return RealRun(ttft, warmup, day, cpu / max(tokens, 1), tokens, server, started,
-                   stretch, bg)  # fmt: skip
+                   series.mean_stretch, series.mean_threads, schedule, whole)  # fmt: skip
 
 
 def ttft_sums(url: str) -> tuple[float, int]:
@@ -116,8 +167,10 @@ def ttft_sums(url: str) -> tuple[float, int]:
 
 
 def run_sim(cfg: ServeConfig, bench: BenchConfig, model_dir: Path, real: RealRun,
-            args: argparse.Namespace, background: float = 0.0) -> np.ndarray:  # fmt: skip
-    """Simulated TTFT per request, with `background` other-job threads on the host."""
+            args: argparse.Namespace, background: float = 0.0,
+            schedule: tuple[tuple[float, float], ...] = ()) -> np.ndarray:  # fmt: skip
+    """Simulated TTFT per request, with `background` other-job threads on the host (or, with
+    a `schedule`, that series of them, `background` before it starts)."""
     wl_real = build_workload(bench)
     exp = serve_experiment(
         cfg, args.profile, dict.fromkeys(MODELS, model_dir), slo_ttft_s=bench.slo_ttft_s,
@@ -125,7 +178,8 @@ def run_sim(cfg: ServeConfig, bench: BenchConfig, model_dir: Path, real: RealRun
         duration_s=bench.duration_s / bench.time_scale,
     )  # fmt: skip
     assert exp.profile is not None and exp.profile.shared_host
-    host = dataclasses.replace(exp.profile.host, background_threads=background)
+    host = dataclasses.replace(exp.profile.host, background_threads=background,
+                               background_schedule=schedule)  # fmt: skip
     if args.gateway_s_per_token is not None:
         host = dataclasses.replace(host, gateway_s_per_token=args.gateway_s_per_token)
     exp = dataclasses.replace(exp, profile=dataclasses.replace(exp.profile, host=host))
@@ -134,7 +188,8 @@ def run_sim(cfg: ServeConfig, bench: BenchConfig, model_dir: Path, real: RealRun
                          wl_real.model_names)  # fmt: skip
     res = run_policy(exp, cfg.policy, wl)
     s = res.summary
-    print(f"  simulated (background {background:.2f} threads) starts: {s['cold_starts']} cold, "
+    what = f"{len(schedule)}-interval series" if schedule else f"{background:.2f} threads"
+    print(f"  simulated (background {what}) starts: {s['cold_starts']} cold, "
           f"{s['prewarm_hits']} prewarm hits, {s['inprogress_hits']} in-progress hits")  # fmt: skip
     return res.log.first_token_s - res.log.arrival_s
 
@@ -168,7 +223,9 @@ def rel(sim: float | None, real: float | None) -> float | None:
 
 
 def row(rate: float, saturated: bool, runs: list[RealRun], sim: np.ndarray,
-        background: float, dedicated: np.ndarray) -> dict[str, Any]:  # fmt: skip
+        background: float, dedicated: np.ndarray,
+        series: list[np.ndarray] | None = None,
+        own: list[np.ndarray] | None = None) -> dict[str, Any]:  # fmt: skip
     pooled = np.concatenate([r.ttft_s for r in runs])
     out: dict[str, Any] = {"rate_rps": rate, "saturated": saturated, "repeats": len(runs),
                            "requests": len(sim),
@@ -202,6 +259,19 @@ def row(rate: float, saturated: bool, runs: list[RealRun], sim: np.ndarray,
     out["sim_background_threads"] = background
     for q in PCTS:
         out[f"sim_dedicated_ttft_p{q}_s"] = pct(dedicated, q)
+    if series:
+        # Each run simulated with its own other jobs as they came (its series), pooled as the
+        # real runs are; beside it the same runs each with its own constant share.
+        pooled_series = np.concatenate(series)
+        pooled_own = np.concatenate(own) if own else None
+        for q in PCTS:
+            real_q, sim_q = pct(pooled, q), pct(pooled_series, q)
+            out[f"sim_series_ttft_p{q}_s"] = sim_q
+            out[f"rel_error_series_p{q}"] = rel(sim_q, real_q)
+            if pooled_own is not None:
+                const_q = pct(pooled_own, q)
+                out[f"sim_own_constant_ttft_p{q}_s"] = const_q
+                out[f"rel_error_own_constant_p{q}"] = rel(const_q, real_q)
     # Per request (NaN: failed), for a later look at where the two differ.
     out["real_ttft_s"] = [[None if np.isnan(x) else round(float(x), 4) for x in r.ttft_s]
                           for r in runs]  # fmt: skip
@@ -209,32 +279,47 @@ def row(rate: float, saturated: bool, runs: list[RealRun], sim: np.ndarray,
     return out
 
 
-def per_run(run: RealRun, sim: np.ndarray) -> dict[str, Any]:
-    """One real run against the simulator given that run's own measured other jobs."""
-    out: dict[str, Any] = {"background_threads": run.background_threads}
+def per_run(run: RealRun, sim: np.ndarray, series: np.ndarray) -> dict[str, Any]:
+    """One real run against the simulator given that run's own measured other jobs: their
+    mean share as a constant (`sim_*`), and their series (`sim_series_*`)."""
+    levels = [b for _, b in run.background_schedule]
+    out: dict[str, Any] = {"background_threads": run.background_threads,
+                           "background_threads_whole_run": run.background_threads_whole_run,
+                           "background_series_intervals": len(levels),
+                           "background_series_range": [min(levels), max(levels)] if levels
+                           else None}  # fmt: skip
     for q in (50, 99):
-        out[f"real_ttft_p{q}_s"] = pct(run.ttft_s, q)
+        real_q = pct(run.ttft_s, q)
+        out[f"real_ttft_p{q}_s"] = real_q
         out[f"sim_ttft_p{q}_s"] = pct(sim, q)
+        out[f"sim_series_ttft_p{q}_s"] = pct(series, q)
+        out[f"rel_error_p{q}"] = rel(pct(sim, q), real_q)
+        out[f"rel_error_series_p{q}"] = rel(pct(series, q), real_q)
+    out["background_schedule"] = [[round(t, 3), round(b, 3)] for t, b in run.background_schedule]
     return out
 
 
-def plot(path: Path, curves: list[tuple[float, list[RealRun], np.ndarray]]) -> None:
+Curve = tuple[float, list[RealRun], np.ndarray, np.ndarray | None]  # rate, runs, sim, series
+
+
+def plot(path: Path, curves: list[Curve]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
-    for ax, (rate, runs, sim) in zip(axes[0], curves, strict=True):
+    for ax, (rate, runs, sim, series) in zip(axes[0], curves, strict=True):
         for k, r in enumerate(runs):
             x = np.sort(r.ttft_s[~np.isnan(r.ttft_s)])
             ax.step(x, np.arange(1, len(x) + 1) / len(r.ttft_s), where="post", color="C0",
                     alpha=0.35, label="real, each run" if k == 0 else None)  # fmt: skip
         pooled = np.concatenate([r.ttft_s for r in runs])
-        for x, n, label, style in (
-            (np.sort(pooled[~np.isnan(pooled)]), len(pooled), "real, pooled", "C0"),
-            (np.sort(sim[~np.isnan(sim)]), len(sim), "simulated", "C1"),
-        ):
+        lines = [(pooled, "real, pooled", "C0"), (sim, "simulated", "C1")]
+        if series is not None:
+            lines.append((series, "simulated, each run's series of other jobs", "C2"))
+        for y, label, style in lines:
+            x, n = np.sort(y[~np.isnan(y)]), len(y)
             ax.step(x, np.arange(1, len(x) + 1) / n, where="post", color=style, lw=2, label=label)
         ax.set_xscale("log")
         ax.set_xlabel("TTFT (s)")
@@ -263,6 +348,12 @@ def main() -> None:
                    help="the host's other jobs, in serve-worker threads (the profile's "
                         "host.background_threads); default: as measured in the real runs "
                         "(0 with --sim-only)")  # fmt: skip
+    p.add_argument(
+        "--sample-s",
+        type=float,
+        default=1.0,
+        help="seconds between samples of the workers' schedstat (the series)",
+    )
     p.add_argument("--policy", default="warmserve")
     p.add_argument("--pool-mib", type=int, default=1536)
     p.add_argument("--capacity", type=int, default=4, help="capacity_per_instance")
@@ -304,7 +395,7 @@ def main() -> None:
                 hist = Path(tmp) / f"history-{rate}-{k}.csv"
                 history_csv(hist, bench, args.time_scale)
                 cfg = serve_config(model_dir, hist, args, free_port())
-                runs.append(run_real(cfg, bench, args.settle_s))
+                runs.append(run_real(cfg, bench, args.settle_s, args.sample_s))
                 r = runs[-1]
                 print(f"rate {rate:4.2f}/s real run {k + 1}/{args.repeats}: TTFT p50 "
                       f"{pct(r.ttft_s, 50):.3f} s p99 {pct(r.ttft_s, 99):.3f} s, failed "
@@ -323,21 +414,34 @@ def main() -> None:
                   else float(np.median(measured)) if measured else 0.0)  # fmt: skip
             sim = run_sim(cfg, bench, model_dir, runs[0], args, bg)
             dedicated = run_sim(cfg, bench, model_dir, runs[0], args, 0.0) if bg else sim
-            rows.append(row(rate, saturated, runs, sim, bg, dedicated))
-            if args.background_threads is None and len(runs) > 1:
-                # Runs that met different loads: each against the simulator with its own.
-                rows[-1]["per_run"] = [
-                    per_run(r, run_sim(cfg, bench, model_dir, r, args, r.background_threads))
-                    for r in runs
-                    if not np.isnan(r.background_threads)
-                ]
-                for k, pr in enumerate(rows[-1]["per_run"]):
-                    print(f"  run {k + 1} (other jobs {pr['background_threads']:.2f} threads): "
-                          f"real p50 {pr['real_ttft_p50_s']:.3f} s p99 "
-                          f"{pr['real_ttft_p99_s']:.3f} s, simulated p50 "
-                          f"{pr['sim_ttft_p50_s']:.3f} s p99 {pr['sim_ttft_p99_s']:.3f} s",
-                          flush=True)  # fmt: skip
-            curves.append((rate, runs, sim))
+            per, series, own = [], [], []
+            if args.background_threads is None:
+                # Runs that met different loads: each against the simulator with its own, as
+                # a constant share and as the series it met.
+                for r in runs:
+                    if np.isnan(r.background_threads):
+                        continue
+                    own.append(run_sim(cfg, bench, model_dir, r, args, r.background_threads)
+                               if len(runs) > 1 else sim)  # fmt: skip
+                    series.append(run_sim(cfg, bench, model_dir, r, args, r.background_threads,
+                                          r.background_schedule))  # fmt: skip
+                    per.append(per_run(r, own[-1], series[-1]))
+            rows.append(row(rate, saturated, runs, sim, bg, dedicated,
+                            *((series, own) if len(series) == len(runs) else ())))  # fmt: skip
+            if per:
+                rows[-1]["per_run"] = per
+                for k, pr in enumerate(per):
+                    lo, hi = pr["background_series_range"] or (float("nan"), float("nan"))
+                    print(f"  run {k + 1} (other jobs {pr['background_threads']:.2f} threads, "
+                          f"{lo:.2f}-{hi:.2f} over {pr['background_series_intervals']} "
+                          f"intervals): real p50 {pr['real_ttft_p50_s']:.3f} s p99 "
+                          f"{pr['real_ttft_p99_s']:.3f} s; simulated, constant p50 "
+                          f"{pr['sim_ttft_p50_s']:.3f} s p99 {pr['sim_ttft_p99_s']:.3f} s, "
+                          f"series p50 {pr['sim_series_ttft_p50_s']:.3f} s p99 "
+                          f"{pr['sim_series_ttft_p99_s']:.3f} s", flush=True)  # fmt: skip
+            curves.append((rate, runs, sim,
+                           np.concatenate(series) if series and len(series) == len(runs)
+                           else None))  # fmt: skip
             s = rows[-1]
             print(f"rate {rate:4.2f}/s simulated: TTFT p50 {s['sim_ttft_p50_s']:.3f} s p99 "
                   f"{s['sim_ttft_p99_s']:.3f} s mean {s['sim_ttft_mean_s']:.3f} s; on a "
@@ -363,6 +467,25 @@ def main() -> None:
             f"{f(r['real_ttft_p99_s'], '.3f'):>9s} {f(r['sim_ttft_p99_s'], '.3f'):>8s} "
             f"{f(r['rel_error_p99'], '+.0%'):>6s} {f(r['real_p99_spread_rel'], '.0%'):>7s}"
         )
+    if any("sim_series_ttft_p50_s" in r for r in rows):
+        print(
+            "\nEach run simulated with its own other jobs, pooled: as they came (series) and"
+            " as the run's mean share (const)"
+        )
+        print(f"{'rate':>5s} {'real p50':>9s} {'series':>8s} {'err':>6s} {'const':>6s} "
+              f"{'real p99':>9s} {'series':>8s} {'err':>6s} {'const':>6s}")  # fmt: skip
+        for r in rows:
+            if "sim_series_ttft_p50_s" not in r:
+                continue
+            print(
+                f"{r['rate_rps']:5.2f} {f(r['real_ttft_p50_s'], '.3f'):>9s} "
+                f"{f(r['sim_series_ttft_p50_s'], '.3f'):>8s} "
+                f"{f(r['rel_error_series_p50'], '+.0%'):>6s} "
+                f"{f(r.get('rel_error_own_constant_p50'), '+.0%'):>6s} "
+                f"{f(r['real_ttft_p99_s'], '.3f'):>9s} {f(r['sim_series_ttft_p99_s'], '.3f'):>8s} "
+                f"{f(r['rel_error_series_p99'], '+.0%'):>6s} "
+                f"{f(r.get('rel_error_own_constant_p99'), '+.0%'):>6s}"
+            )
     plot(args.plot, curves)
     print(f"CDFs: {args.plot}")
     write_json(args.json, {"trace": "azure-conv", "models": MODELS, "profile": args.profile,

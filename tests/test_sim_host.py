@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmserve.experiment import ExperimentError
 from warmserve.hardware import GpuSpec
@@ -111,6 +113,85 @@ def test_other_jobs_on_the_host_stretch_a_lone_worker():
         HostParams(cores=2.0, background_threads=-1.0)
 
 
+# ----- the other jobs as a time series ------------------------------------------------------
+def _trace(params: HostParams | None, workers: int, reqs: list[tuple[float, int, int, int]]):
+    """Each (arrival, worker, input, output) request's (first token, finish) times."""
+    loop = EventLoop()
+    host = None if params is None else SharedHost(params, loop)
+    step = StepTimeModel(spec_from_hf_config("m", SMOLLM2), 1, CPU, LAT)
+    first: dict[int, float] = {}
+    done: dict[int, float] = {}
+    insts = []
+    for k in range(workers):
+        inst = SimInstance(k, "m", (k,), step, 100.0, loop, first.__setitem__,
+                           lambda i, r, t: done.__setitem__(r.request_id, t),
+                           lambda i: None, host=host)  # fmt: skip
+        inst.kv_pages, inst.state = 100, InstanceState.RUNNING
+        insts.append(inst)
+    for rid, (t, w, inp, out) in enumerate(reqs):
+        loop.at(t, insts[w].add, SimRequest(rid, inp, out))
+    loop.run(1e9)
+    return [(first[k], done[k]) for k in range(len(reqs))]
+
+
+_REQS = st.lists(st.tuples(st.floats(0.0, 5.0), st.integers(0, 1), st.integers(1, 200),
+                           st.integers(1, 40)), min_size=1, max_size=12)  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(reqs=_REQS, level=st.floats(0.0, 4.0), cores=st.sampled_from([1.0, 2.0]),
+       times=st.lists(st.floats(-1.0, 8.0), max_size=5, unique=True))  # fmt: skip
+def test_a_schedule_at_one_level_is_the_constant_exactly(reqs, level, cores, times):
+    reqs = sorted(reqs)
+    const = _trace(HostParams(cores=cores, background_threads=level), 2, reqs)
+    # The same level from the start, then "changed" to itself at random moments: no change.
+    sched = tuple((t, level) for t in sorted([-2.0, *times]))
+    assert _trace(HostParams(cores=cores, background_schedule=sched), 2, reqs) == const
+    # Constant before the schedule starts, the same level after it.
+    later = tuple((t, level) for t in sorted(times))
+    assert _trace(HostParams(cores=cores, background_threads=level,
+                             background_schedule=later), 2, reqs) == const  # fmt: skip
+    # Levels that do change, at any moment (mid-prefill, mid-run, on a boundary): every
+    # request is still served, no event falls before its time, and more other jobs than the
+    # constant at every moment never make the last finish earlier.
+    rising = tuple((t, level + 1.0 + k) for k, t in enumerate(sorted(times)))
+    got = _trace(HostParams(cores=cores, background_threads=level,
+                            background_schedule=rising), 2, reqs)  # fmt: skip
+    assert all(f <= d for f, d in got)
+    assert max(d for _, d in got) >= max(d for _, d in const) - 1e-9
+
+
+def test_a_level_change_mid_step_re_rates_the_step_in_flight():
+    step = StepTimeModel(spec_from_hf_config("m", SMOLLM2), 1, CPU, LAT)
+    p = step.prefill(32, 32.0**2, 1)
+    # One worker on one core; the other jobs go from none to one thread (twice as slow)
+    # half-way through the prefill: half its work done alone, the other half at 2x.
+    sched = ((p / 2, 1.0),)
+    ((first, done),) = _trace(HostParams(cores=1.0, background_schedule=sched), 1,
+                              [(0.0, 0, 32, 1)])  # fmt: skip
+    assert first == done == pytest.approx(p / 2 + 2 * (p / 2), rel=1e-12)
+    # A decode run of two steps, the level rising half-way through its first step and falling
+    # back to none half-way through the second: the rest of each at the slowdown it meets.
+    d1, d12 = (float(x) for x in step.decode_run(1, 33.0, 2))
+    d2 = d12 - d1
+    sched = ((p + d1 / 2, 1.0), (p + 1.5 * d1 + d2, 0.0))
+    ((first, done),) = _trace(HostParams(cores=1.0, background_schedule=sched), 1,
+                              [(0.0, 0, 32, 3)])  # fmt: skip
+    assert first == pytest.approx(p, rel=1e-12)
+    # Step 1: d1/2 alone, d1/2 at 2x; step 2: d2/2 of its work at 2x (d2 seconds), d2/2 alone.
+    assert done == pytest.approx(p + 1.5 * d1 + d2 + d2 / 2, rel=1e-12)
+    # Without the change the run ends at p + d1 + d2; the later request sees the level then.
+    ((_, plain),) = _trace(HostParams(cores=1.0), 1, [(0.0, 0, 32, 3)])
+    assert plain == pytest.approx(p + d12, rel=1e-12)
+    assert HostParams(background_threads=0.5, background_schedule=sched).background_at(-1) == 0.5
+    assert HostParams(background_schedule=sched).background_at(p + d1) == 1.0
+    for bad in (((1.0, 0.0), (1.0, 1.0)), ((0.0, -1.0),), ((float("nan"), 1.0),)):
+        with pytest.raises(ValueError, match="background_schedule"):
+            HostParams(background_schedule=bad)
+    with pytest.raises(ValueError, match="event loop"):
+        SharedHost(HostParams(background_schedule=sched))
+
+
 def test_gpu_profiles_keep_independent_devices():
     for name in ("h100-sxm-80g", "a100-80g"):
         assert load_profile(name).host_params is None
@@ -204,3 +285,32 @@ def test_a_host_section_goes_with_shared_host_only():
         parse_profile({**raw, "shared_host": False}, "t")
     with pytest.raises(ProfileError, match="cores must be > 0"):
         parse_profile({**raw, "host": {**raw["host"], "cores": 0}}, "t")
+
+
+def test_serve_twin_replays_a_schedule_of_other_jobs(tmp_path):
+    cfg, model = _serve(tmp_path)
+    exp = serve_experiment(cfg, "cpu-2core-shared", {"a": model, "b": model}, slo_ttft_s=2.0,
+                           slo_tpot_s=1.0, warmup_s=7.0, drain_s=60.0, duration_s=30.0)  # fmt: skip
+    assert exp.profile is not None
+    arrival = np.array([0.5, 1.0, 1.0, 4.25, 9.0, 9.5])
+    idx = np.array([0, 1, 0, 1, 0, 1])
+    wl = replay_workload(cfg, arrival, idx, np.full(6, 40), np.full(6, 6), start_of_day_s=36_000.0)
+
+    def ttft(**host) -> np.ndarray:
+        prof = dataclasses.replace(exp.profile,
+                                   host=dataclasses.replace(exp.profile.host, **host))  # fmt: skip
+        res = run_policy(dataclasses.replace(exp, profile=prof), "warmserve", wl)
+        return res.log.first_token_s - res.log.arrival_s
+
+    const = ttft(background_threads=2.0)
+    # From before the warm-up (the simulator starts at -warmup_s), one level: the constant.
+    assert np.array_equal(ttft(background_schedule=((-7.0, 2.0), (3.0, 2.0))), const)
+    # A burst of other jobs over the last two requests only: they wait longer, the rest not.
+    burst = ttft(background_threads=2.0, background_schedule=((8.5, 12.0), (20.0, 2.0)))
+    assert np.array_equal(burst[:4], const[:4]) and np.all(burst[4:] > const[4:])
+    # The schedule is no profile key: the profile's YAML is the same with or without one.
+    from warmserve.profiles import profile_yaml
+
+    with_sched = dataclasses.replace(exp.profile.host, background_schedule=((0.0, 1.0),))
+    assert profile_yaml(dataclasses.replace(exp.profile, host=with_sched)) == profile_yaml(
+        exp.profile)  # fmt: skip

@@ -143,7 +143,7 @@ def _section(cls: Any, data: dict[str, Any], where: str, key: str) -> Any:
     """`cls` from a mapping: unknown keys, missing keys and wrong types are one-line errors.
     Missing optional keys take the dataclass defaults (the H100 preset's values)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("profile", True)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ProfileError(
@@ -206,7 +206,7 @@ def profile_yaml(profile: DeviceProfile, comments: dict[str, str] | None = None,
     for section in sections:
         lines.append(f"{section}:")
         for f in dataclasses.fields(getattr(profile, section)):
-            if section == "device" and f.name == "name":
+            if (section == "device" and f.name == "name") or not f.metadata.get("profile", True):
                 continue
             value = getattr(getattr(profile, section), f.name)
             note = comments.get(f"{section}.{f.name}")

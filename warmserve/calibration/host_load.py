@@ -4,11 +4,16 @@ On a host other jobs share, a worker's step takes longer than its CPU time by th
 runnable in the run queue. `benchmarks/fidelity.py` reads that for the workers of a real run
 and turns it into the other jobs' share of the cores (`host.background_threads` in a device
 profile), so the simulator can be compared with a run that did not have the host to itself.
+`background_series` does the same per interval of a run sampled as it goes: the other jobs
+as a time series (`host.background_schedule`), since they come in bursts.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
+from dataclasses import dataclass
 
 
 def sched_seconds(pid: int) -> tuple[float, float]:
@@ -41,9 +46,19 @@ def background_threads(workers: list[tuple[float, float]], main_cpu_s: float, wa
     slower than alone. A worker's stretch s = (CPU + wait) / CPU is that factor averaged over
     its steps, and d is 1 + the other workers' runnable share of the run + the serve process's
     CPU share, so b = cores * s - d, weighted over the workers by their CPU seconds."""
-    total_cpu = sum(c for c, _ in workers)
+    b_cpu, stretch_cpu, total_cpu = _cpu_weighted(workers, main_cpu_s, wall_s, cores)
     if total_cpu <= 0 or wall_s <= 0:
         return float("nan"), float("nan")
+    return b_cpu / total_cpu, stretch_cpu / total_cpu
+
+
+def _cpu_weighted(workers: list[tuple[float, float]], main_cpu_s: float, wall_s: float,
+                  cores: float) -> tuple[float, float, float]:  # fmt: skip
+    """`background_threads`' two figures times the workers' CPU seconds, and those seconds:
+    sums over intervals of these give the CPU-weighted mean of the intervals' figures."""
+    total_cpu = sum(c for c, _ in workers)
+    if total_cpu <= 0 or wall_s <= 0:
+        return 0.0, 0.0, 0.0
     runnable = [c + w for c, w in workers]
     b = stretch = 0.0
     for i, (c, w) in enumerate(workers):
@@ -51,6 +66,60 @@ def background_threads(workers: list[tuple[float, float]], main_cpu_s: float, wa
             continue
         s_i = (c + w) / c
         d_i = 1.0 + (sum(runnable) - runnable[i] + main_cpu_s) / wall_s
-        b += c / total_cpu * max(0.0, cores * s_i - d_i)
-        stretch += c / total_cpu * s_i
-    return b, stretch
+        b += c * max(0.0, cores * s_i - d_i)
+        stretch += c * s_i
+    return b, stretch, total_cpu
+
+
+@dataclass(frozen=True, slots=True)
+class SchedSample:
+    """The counters at one moment of a run, each cumulative since its process started."""
+
+    t_s: float  # when (any clock, the same for every sample of a run)
+    workers: tuple[tuple[float, float], ...]  # each worker's (CPU, run-queue wait) seconds
+    main_cpu_s: float  # the serve process's own CPU seconds
+
+
+@dataclass(frozen=True, slots=True)
+class BackgroundSeries:
+    """The other jobs through a run, one figure per interval between consecutive samples."""
+
+    starts_s: tuple[float, ...]  # each interval's start (the samples' clock)
+    threads: tuple[float, ...]  # its `background_threads`, NaN where the workers did not run
+    worker_cpu_s: tuple[float, ...]  # the workers' CPU seconds in it: the figure's weight
+    # The run's figures: each interval's weighted by its workers' CPU seconds (the same
+    # weighting `background_threads` applies to the workers of one interval); NaN if none ran.
+    mean_threads: float
+    mean_stretch: float
+
+    def schedule(self, origin_s: float, min_cpu_s: float = 0.1) -> tuple[tuple[float, float], ...]:
+        """The series as `HostParams.background_schedule`: (seconds since `origin_s`, threads)
+        from each interval's start. An interval where the workers ran less than `min_cpu_s`
+        (too little to time their wait; they hardly meet the other jobs there either) takes
+        the run's mean."""
+        fill = 0.0 if math.isnan(self.mean_threads) else self.mean_threads
+        return tuple(
+            (t - origin_s, b if cpu >= min_cpu_s and not math.isnan(b) else fill)
+            for t, b, cpu in zip(self.starts_s, self.threads, self.worker_cpu_s, strict=True)
+        )
+
+
+def background_series(samples: list[SchedSample], cores: float) -> BackgroundSeries:
+    """`background_threads` of each interval between consecutive samples, and of the run.
+
+    A worker whose counters went backwards in an interval (it restarted) sits that interval
+    out: its new process counts from zero."""
+    starts, threads, weights = [], [], []
+    b_sum = stretch_sum = cpu_sum = 0.0
+    for a, z in itertools.pairwise(samples):
+        used = [(c1 - c0, w1 - w0) for (c0, w0), (c1, w1) in zip(a.workers, z.workers, strict=True)
+                if c1 >= c0 and w1 >= w0]  # fmt: skip
+        b, stretch, cpu = _cpu_weighted(used, z.main_cpu_s - a.main_cpu_s, z.t_s - a.t_s, cores)
+        starts.append(a.t_s)
+        threads.append(b / cpu if cpu > 0 else float("nan"))
+        weights.append(cpu)
+        b_sum, stretch_sum, cpu_sum = b_sum + b, stretch_sum + stretch, cpu_sum + cpu
+    nan = float("nan")
+    return BackgroundSeries(tuple(starts), tuple(threads), tuple(weights),
+                            b_sum / cpu_sum if cpu_sum > 0 else nan,
+                            stretch_sum / cpu_sum if cpu_sum > 0 else nan)  # fmt: skip

@@ -105,7 +105,9 @@ class SimCluster:
         self._on_first_token = on_first_token
         self._on_finish = on_finish
         # Devices that are one host's cores share them (sim/host.py); None: GPUs, independent.
-        self.hosts = [SharedHost(host) for _ in range(num_nodes)] if host is not None else None
+        self.hosts = (
+            [SharedHost(host, loop) for _ in range(num_nodes)] if host is not None else None
+        )
 
     # ----- ClusterHandle ----------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:

@@ -13,15 +13,27 @@ dedicated host). While the demand exceeds the cores, every step takes demand / c
 solo time. When the set of stepping or loading workers changes, the
 others end their decode run at the next step boundary and go on at the new speed (as
 `SharedDevice` does for co-located instances); a step's speed is otherwise fixed when it starts.
+
+The other jobs are a constant by default (capacity planning: a dedicated host, or an assumed
+share). To replay a measured run, `background_schedule` makes them piecewise constant in
+simulated time: the interference a real run met comes in bursts, and an average over the run
+gives most requests too much of it and the unlucky few too little. At each change of level
+every stepping worker's step in flight is re-rated exactly: its remaining solo work (the time
+left over the slowdown it was going at) goes on at the new slowdown, and a decode run ends at
+that step (the next one starts at the new speed). A weight load keeps the speed it started
+with (loads are rare and short beside a run's bursts).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from warmserve.sim.instance import SimInstance
+    from warmserve.sim.loop import EventLoop
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +51,13 @@ class HostParams:
     # kernel's run-queue delay of the workers (/proc/PID/task/*/schedstat), to compare the
     # simulator with a run on a host that other jobs share.
     background_threads: float = 0.0
+    # The other jobs as a time series: (from simulated second, threads) pairs, times strictly
+    # increasing; before the first, `background_threads`. Not a profile key (a profile plans
+    # for a host, a schedule replays one run): benchmarks/fidelity.py sets it from the
+    # workers' schedstat sampled through a real run.
+    background_schedule: tuple[tuple[float, float], ...] = field(
+        default=(), metadata={"profile": False}
+    )
 
     def __post_init__(self) -> None:
         if not self.cores > 0:
@@ -49,21 +68,64 @@ class HostParams:
             raise ValueError("gateway_s_per_token must be >= 0")
         if not self.background_threads >= 0:
             raise ValueError("background_threads must be >= 0")
+        times = [t for t, _ in self.background_schedule]
+        if not all(math.isfinite(t) for t in times):
+            raise ValueError("background_schedule times must be finite")
+        if any(b <= a for a, b in itertools.pairwise(times)):
+            raise ValueError("background_schedule times must be strictly increasing")
+        if not all(0 <= b < math.inf for _, b in self.background_schedule):
+            raise ValueError("background_schedule threads must be finite and >= 0")
+
+    def background_at(self, t: float) -> float:
+        """The other jobs' threads at simulated time `t`."""
+        level = self.background_threads
+        for start, threads in self.background_schedule:
+            if start > t:
+                break
+            level = threads
+        return level
 
 
 class SharedHost:
     """The stepping and loading workers of one host, and the slowdown they cause each other."""
 
-    __slots__ = ("_background", "_gateway", "_threads", "cores", "loading", "stepping")
+    __slots__ = ("_background", "_changes", "_gateway", "_loop", "_threads", "cores", "loading",
+                 "stepping")  # fmt: skip
 
-    def __init__(self, params: HostParams) -> None:
+    def __init__(self, params: HostParams, loop: EventLoop | None = None) -> None:
         self.cores = params.cores
         self._threads = params.threads_per_device
         self._gateway = params.gateway_s_per_token
-        self._background = params.background_threads
         # Insertion-ordered, so runs are cut in a reproducible order.
         self.stepping: dict[SimInstance, None] = {}
         self.loading: dict[int, None] = {}  # devices with a weight load in flight
+        self._loop = loop
+        self._background = params.background_threads
+        self._changes: list[tuple[float, float]] = []  # (time, level), latest first
+        if params.background_schedule:
+            if loop is None:
+                raise ValueError("a background_schedule needs the simulation's event loop")
+            now = loop.now()
+            self._background = params.background_at(now)
+            level = self._background
+            for t, b in params.background_schedule:
+                if t > now and b != level:  # a change to the same level is no change
+                    self._changes.append((t, b))
+                    level = b
+            self._changes.reverse()
+            self._next_change()
+
+    def _next_change(self) -> None:
+        # One pending event at a time, so a long schedule does not crowd the event heap.
+        if self._changes and self._loop is not None:
+            t, level = self._changes.pop()
+            self._loop.at(t, self._change, level)
+
+    def _change(self, level: float) -> None:
+        self._background = level
+        for inst in list(self.stepping):
+            inst._rerate()
+        self._next_change()
 
     def slowdown(self) -> float:
         """How many times its solo time a step (or load) started now takes."""

@@ -100,6 +100,10 @@ class SimInstance:
         self._busy = False
         self._run: tuple[float, np.ndarray, int] | None = None  # (start, cum times, token)
         self._token = 0
+        # For re-rating on the host's background changes: the slowdown the step or run in
+        # flight goes at, and a prefill in flight as (end time, its requests).
+        self._slow = 1.0
+        self._prefill: tuple[float, list[SimRequest]] | None = None
 
     # ----- KV accounting ----------------------------------------------------------------
     @property
@@ -177,7 +181,10 @@ class SimInstance:
             slow = self._device.slowdown if self._device else 1
             if self._host is not None:
                 slow *= self._host.slowdown()
-            self._loop.at(now + slow * t, self._prefill_done, admitted)
+            self._slow = slow
+            self._token += 1
+            self._prefill = (now + slow * t, admitted)
+            self._loop.at(now + slow * t, self._prefill_done, admitted, self._token)
             return
         if not self.running:
             self._set_busy(False)
@@ -200,7 +207,9 @@ class SimInstance:
         if self._device is not None:
             cum = cum * self._device.slowdown
         if self._host is not None:
-            cum = cum * self._host.slowdown()
+            slow = self._host.slowdown()
+            self._slow = slow * (self._device.slowdown if self._device else 1)
+            cum = cum * slow
         self._token += 1
         self._run = (now, cum, self._token)
         self._loop.at(now + float(cum[-1]), self._decode_done, steps, self._token)
@@ -224,7 +233,38 @@ class SimInstance:
         self._run = (start, cum, self._token)
         self._loop.at(start + float(cum[k]), self._decode_done, k + 1, self._token)
 
-    def _prefill_done(self, admitted: list[SimRequest]) -> None:
+    def _rerate(self) -> None:
+        """The host's other jobs changed: the step in flight goes on at the new speed (its
+        remaining solo work at the new slowdown), and a decode run ends with that step."""
+        assert self._host is not None
+        now = self._loop.now()
+        slow = self._host.slowdown() * (self._device.slowdown if self._device else 1)
+        if slow == self._slow:
+            return
+        if self._prefill is not None:
+            end, admitted = self._prefill
+            end = now + (end - now) * slow / self._slow
+            self._token += 1
+            self._prefill = (end, admitted)
+            self._loop.at(end, self._prefill_done, admitted, self._token)
+        elif self._run is not None:
+            start, cum, _ = self._run
+            k = int(np.searchsorted(cum, now - start, side="left"))  # the step in flight
+            # Scheduled at `end`, not start + cum[k]: that sum may round a hair below now.
+            end = now + max(0.0, start + float(cum[k]) - now) * slow / self._slow
+            cum = cum[: k + 1].copy()
+            cum[k] = end - start
+            self._token += 1
+            self._run = (start, cum, self._token)
+            self._loop.at(end, self._decode_done, k + 1, self._token)
+        else:
+            return
+        self._slow = slow
+
+    def _prefill_done(self, admitted: list[SimRequest], token: int) -> None:
+        if token != self._token:
+            return  # re-rated: it ends later or earlier
+        self._prefill = None
         now = self._loop.now()
         for req in admitted:
             req.generated = 1
