@@ -45,7 +45,8 @@ bench: install
 clean:
 	rm -rf $(VENV) results
 
-# make evaluate: everything (hours on 2 cores); make evaluate EVAL_ARGS=--quick: the subset
-# docs/evaluation.md is built from (about an hour on a shared 2-core machine).
+# make evaluate: everything (not timed on this simulator; hours before it got faster); make
+# evaluate EVAL_ARGS=--quick: the subset docs/evaluation.md is built from (9 minutes on 2 quiet
+# cores with the workload cache filled; docs/evaluation.md).
 evaluate: install
 	$(BIN)/python scripts/evaluate.py $(EVAL_ARGS)
