@@ -2,5 +2,6 @@
 
 `books.py` keeps the page and instance records and turns each control-plane action into
 neutral `effects.py` records; a driver (`warmserve.sim.cluster`, `warmserve.runtime.cluster`)
-gives those effects their time or their worker commands. Pure stdlib: no torch, no asyncio.
+gives those effects their time or their worker commands; both answer the control plane's reads
+through `reads.py`. Pure stdlib: no torch, no asyncio.
 """

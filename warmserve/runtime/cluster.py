@@ -28,7 +28,8 @@ from warmserve.cluster.effects import (
     ResizeKv,
     Route,
 )
-from warmserve.control.api import Action, ClusterSnapshot, InstanceView, StartInstance
+from warmserve.cluster.reads import BookReads
+from warmserve.control.api import Action, StartInstance
 from warmserve.engine.request import SamplingParams
 from warmserve.hardware import PAGE_BYTES
 from warmserve.runtime import messages as m
@@ -52,7 +53,7 @@ class EngineKv:
     used_blocks: int = 0
 
 
-class RuntimeCluster:
+class RuntimeCluster(BookReads):
     def __init__(
         self,
         num_workers: int,
@@ -75,7 +76,6 @@ class RuntimeCluster:
         self._activating: dict[InstanceId, set[int]] = {}
         self._group_kv: dict[InstanceId, list[int]] = {}  # KV resizes each rank finished
         self.models = models
-        self.page_bytes = page_bytes
         self.starts: list[tuple[str, StartPath]] = []
         self.engine_kv: dict[InstanceId, EngineKv] = {}
         self._send = send
@@ -94,19 +94,7 @@ class RuntimeCluster:
     def instances(self) -> dict[InstanceId, InstanceBook]:
         return self.books.instances
 
-    # ----- ClusterHandle ----------------------------------------------------------------
-    def snapshot(self) -> ClusterSnapshot:
-        return self.books.snapshot()
-
-    def versions(self) -> tuple[int, int, int]:
-        return self.books.versions()
-
-    def free_pages(self, gpus: tuple[int, ...]) -> list[int]:
-        return self.books.free_pages(gpus)
-
-    def instance_views(self) -> tuple[InstanceView, ...]:
-        return self.books.instance_views()
-
+    # ----- ClusterHandle: reads from BookReads -------------------------------------------
     def apply(self, actions: Sequence[Action]) -> None:
         for a in actions:
             if isinstance(a, StartInstance) and a.colocate:

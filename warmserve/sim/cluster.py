@@ -24,7 +24,8 @@ from warmserve.cluster.effects import (
     ResizeKv,
     Route,
 )
-from warmserve.control.api import Action, ClusterSnapshot, InstanceView, ServedModel
+from warmserve.cluster.reads import BookReads
+from warmserve.control.api import Action, ServedModel
 from warmserve.sim.costs import StartupCosts
 from warmserve.sim.host import HostParams, SharedHost
 from warmserve.sim.host_cache import NodeCheckpointCache
@@ -62,7 +63,7 @@ class StartRecord:
     path: StartPath
 
 
-class SimCluster:
+class SimCluster(BookReads):
     def __init__(
         self,
         loop: EventLoop,
@@ -109,23 +110,7 @@ class SimCluster:
             [SharedHost(host, loop) for _ in range(num_nodes)] if host is not None else None
         )
 
-    # ----- ClusterHandle ----------------------------------------------------------------
-    def snapshot(self) -> ClusterSnapshot:
-        return self.books.snapshot()
-
-    def versions(self) -> tuple[int, int, int]:
-        return self.books.versions()
-
-    def free_pages(self, gpus: tuple[int, ...]) -> list[int]:
-        return self.books.free_pages(gpus)
-
-    def instance_views(self) -> tuple[InstanceView, ...]:
-        return self.books.instance_views()
-
-    @property
-    def page_bytes(self) -> int:
-        return self.books.page_bytes
-
+    # ----- ClusterHandle: reads from BookReads -------------------------------------------
     def apply(self, actions: Sequence[Action]) -> None:
         for e in self.books.apply(actions):
             if isinstance(e, Route):
