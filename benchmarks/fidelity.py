@@ -28,7 +28,6 @@ import asyncio
 import dataclasses
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from serve_burst import MODELS, free_port, history_csv, starts
 
 from warmserve.bench import BenchConfig, build_workload, check_endpoint, replay
 from warmserve.calibration.host_load import (
-    SchedSample,
+    SchedSampler,
     background_series,
     background_threads,
     sched_seconds,
@@ -73,33 +72,6 @@ class RealRun:
     # whole-run formula over the run's totals, for comparison with the mean of the series.
     background_schedule: tuple[tuple[float, float], ...] = ()
     background_threads_whole_run: float = float("nan")
-
-
-class SchedSampler(threading.Thread):
-    """The workers' schedstat and this process's CPU every `every_s` seconds, as the run goes.
-    A read costs well under a millisecond (a few /proc files per worker thread)."""
-
-    def __init__(self, pids: list[int], every_s: float) -> None:
-        super().__init__(daemon=True)
-        self.pids, self.every_s = pids, every_s
-        self.samples: list[SchedSample] = []
-        self._halt = threading.Event()
-        self.sample()  # the first, now: the replay's start
-
-    def sample(self) -> None:
-        self.samples.append(SchedSample(time.perf_counter(),
-                                        tuple(sched_seconds(p) for p in self.pids),
-                                        time.process_time()))  # fmt: skip
-
-    def run(self) -> None:
-        while not self._halt.wait(self.every_s):
-            self.sample()
-
-    def finish(self) -> list[SchedSample]:
-        self._halt.set()
-        self.join()
-        self.sample()
-        return self.samples
 
 
 def serve_config(model_dir: Path, hist: Path, args: argparse.Namespace, port: int) -> ServeConfig:

@@ -4,7 +4,7 @@ On a host other jobs share, a worker's step takes longer than its CPU time by th
 runnable in the run queue. `benchmarks/fidelity.py` reads that for the workers of a real run
 and turns it into the other jobs' share of the cores (`host.background_threads` in a device
 profile), so the simulator can be compared with a run that did not have the host to itself.
-`background_series` does the same per interval of a run sampled as it goes: the other jobs
+`background_series` does the same per interval of a run sampled as it goes (`SchedSampler`): the other jobs
 as a time series (`host.background_schedule`), since they come in bursts.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 
@@ -123,3 +125,30 @@ def background_series(samples: list[SchedSample], cores: float) -> BackgroundSer
     return BackgroundSeries(tuple(starts), tuple(threads), tuple(weights),
                             b_sum / cpu_sum if cpu_sum > 0 else nan,
                             stretch_sum / cpu_sum if cpu_sum > 0 else nan)  # fmt: skip
+
+
+class SchedSampler(threading.Thread):
+    """The workers' schedstat and this process's CPU every `every_s` seconds, as the run goes.
+    A read costs well under a millisecond (a few /proc files per worker thread)."""
+
+    def __init__(self, pids: list[int], every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.every_s = pids, every_s
+        self.samples: list[SchedSample] = []
+        self._halt = threading.Event()
+        self.sample()  # the first, now: the replay's start
+
+    def sample(self) -> None:
+        self.samples.append(SchedSample(time.perf_counter(),
+                                        tuple(sched_seconds(p) for p in self.pids),
+                                        time.process_time()))  # fmt: skip
+
+    def run(self) -> None:
+        while not self._halt.wait(self.every_s):
+            self.sample()
+
+    def finish(self) -> list[SchedSample]:
+        self._halt.set()
+        self.join()
+        self.sample()
+        return self.samples
