@@ -4,8 +4,8 @@ On a host other jobs share, a worker's step takes longer than its CPU time by th
 runnable in the run queue. `benchmarks/fidelity.py` reads that for the workers of a real run
 and turns it into the other jobs' share of the cores (`host.background_threads` in a device
 profile), so the simulator can be compared with a run that did not have the host to itself.
-`background_series` does the same per interval of a run sampled as it goes (`SchedSampler`): the other jobs
-as a time series (`host.background_schedule`), since they come in bursts.
+`background_series` does the same per interval of a run sampled as it goes (`SchedSampler`):
+the other jobs as a time series (`host.background_schedule`), since they come in bursts.
 """
 
 from __future__ import annotations
