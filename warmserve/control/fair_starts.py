@@ -11,7 +11,6 @@ records; split out only to keep each module about one thing.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from warmserve.control.allocation import StartChoice
 from warmserve.control.api import (
@@ -24,15 +23,12 @@ from warmserve.control.api import (
 )
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, StartPath
 
-if TYPE_CHECKING:
-    from warmserve.control.controller import Controller
 
-    _Base = Controller
-else:
-    _Base = object
+class FairStarts:
+    """Methods of `Controller` (its only subclass), which holds the state they read:
+    `models`, `cfg`, `policy`, `_queues`, `_reserved`, `_instances`, `_replica_scores`,
+    `_last_preempt_s`, and the start and release helpers."""
 
-
-class FairStarts(_Base):
     def _larger_waiting(self, name: ModelName) -> bool:
         tp = self.models[name].tp
         return any(q and self.models[m].tp > tp for m, q in self._queues.items())
