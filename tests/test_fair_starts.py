@@ -516,3 +516,57 @@ def test_a_held_blocks_prewarm_evicts_the_lowest_scored_replicas_or_nothing():
     ctl2.on_request(0.0, RequestInfo(RequestId(0), y.name, 0.0, 8, 8), h2)
     ctl2._prewarm_held(w.name, (0, 1), 0.0, h2)
     assert not any(r.model == "w" and r.devices == (0, 1) for r in h2.books.replicas.values())
+
+
+def test_a_draining_instance_lends_its_spare_kv_to_the_held_blocks_prewarm():
+    """A drained instance admits nothing new, so the KV its in-flight requests cannot use
+    (each at most a full context) goes to the held model's prewarm at once: the start after
+    the drain is a hit rather than a cold load. A serving instance keeps its KV."""
+    w, y = model("w", tp=2), model("y")
+    ctl, h = _setup([w, y], PLUS, nodes=1, gpn=2, pages=30)
+    ctl.on_request(0.0, RequestInfo(RequestId(0), y.name, 0.0, 8, 8), h)
+    (inst,) = h.books.instances
+    h.books.mark_running(inst)
+    assert h.books.instances[inst].kv_pages == 20  # every free page of GPU 0
+    ctl._prewarm_held(w.name, (0, 1), 1.0, h)  # serving: no room, nothing moves
+    assert h.books.instances[inst].kv_pages == 20
+    assert not any(r.model == "w" for r in h.books.replicas.values())
+    ctl._stop_now([inst], h)  # drained for w
+    ctl._prewarm_held(w.name, (0, 1), 2.0, h)
+    # One request in flight, at most 2048 tokens = 2 pages; the other 18 make room for w.
+    assert h.books.instances[inst].kv_pages == 2
+    assert [r.devices for r in h.books.replicas.values() if r.model == "w"] == [(0, 1)]
+    h.books.check_invariants()
+
+
+def test_a_held_block_is_the_one_expected_to_drain_first():
+    """Two blocks, each the last instance of its model: `a` (one request in flight, just
+    dispatched) and `b` (two, dispatched 9.5 s ago; both models' requests take about 10 s).
+    Draining `a` leaves less load short, but `b`'s block frees 9 s sooner, and the waiting
+    model's outage is its wait plus that drain."""
+    a, b, w = model("a", tp=2), model("b", tp=2), model("w", tp=2)
+    ctl, h = _setup([a, b, w], PLUS, nodes=2, gpn=2)
+    rid = iter(range(10**6))
+
+    def ask(name, t):
+        ctl.on_request(t, RequestInfo(RequestId(next(rid)), ModelName(name), t, 8, 8), h)
+
+    ask("a", 0.0)
+    ask("b", 0.0)
+    ask("b", 0.0)
+    for i in h.books.instances:
+        h.books.mark_running(i)
+    on = {x.model: i for i, x in h.books.instances.items()}
+    assert [s.gpus for s in h.starts] == [(0, 1), (2, 3)]
+    (first,) = h.books.instances[on["a"]].requests
+    h.books.request_done(on["a"], first)
+    ctl.on_request_done(8.5, first, h)  # a's first request took 8.5 s
+    ask("a", 8.5)
+    for m in ("a", "b"):
+        for _ in range(20):
+            ctl._service_times.add(ModelName(m), 10.0)
+    now = 9.5
+    assert ctl._drain_s([on["a"]], ctl._dispatch_times(), now) > 8.0
+    assert ctl._drain_s([on["b"]], ctl._dispatch_times(), now) < 1.0
+    group, victims = ctl._block_to_free(w.name, h.snapshot(), now, busy=True)
+    assert (group, victims) == ((2, 3), [on["b"]])

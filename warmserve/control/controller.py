@@ -34,6 +34,7 @@ from warmserve.control.autoscaler import (
     scale_delta,
 )
 from warmserve.control.config import ControlConfig, PolicySpec
+from warmserve.control.drain_estimate import ServiceTimes
 from warmserve.control.fair_starts import FairStarts
 from warmserve.control.forecaster import Forecast, Forecaster
 from warmserve.control.kv_reservation import kv_actions, kv_target_pages
@@ -112,6 +113,10 @@ class Controller(FairStarts):
         self._counts = dict.fromkeys(ControlCounters.__slots__, 0)
         # Fair starts: aligned GPU blocks held for starving models (no other model starts there).
         self._reserved: dict[ModelName, tuple[int, ...]] = {}
+        # Fair starts: when each in-flight request was dispatched, and recent service times,
+        # to rank held blocks by how long their drain will take.
+        self._dispatched_s: dict[RequestId, float] = {}
+        self._service_times = ServiceTimes()
         self._tp_sizes = frozenset(m.tp for m in models)
         self._last_preempt_s = -math.inf  # the last held block that left a model short
         # This class's autoscaling does nothing for a model with no instance, no load and no
@@ -133,6 +138,9 @@ class Controller(FairStarts):
         inst_id = self._request_instance.pop(request_id)
         self._requests_seen += 1
         inst = self._instances[inst_id]
+        sent = self._dispatched_s.pop(request_id, None)
+        if sent is not None:
+            self._service_times.add(inst.model, now - sent)
         self._load[inst.model].add(now, -1)
         inst.in_flight -= 1
         inst.last_active_s = now
@@ -164,6 +172,7 @@ class Controller(FairStarts):
         lost = [r for r, i in self._request_instance.items() if i == instance_id]
         for rid in lost:
             del self._request_instance[rid]
+            self._dispatched_s.pop(rid, None)
             if inst is not None:
                 self._load[inst.model].add(now, -1)
         self._last_planned = None
@@ -241,6 +250,8 @@ class Controller(FairStarts):
         inst.in_flight += 1
         inst.last_active_s = now
         self._request_instance[req.request_id] = inst_id
+        if self.policy.fair_starts:
+            self._dispatched_s[req.request_id] = now
         cluster.apply([Dispatch(req.request_id, inst_id)])
 
     def _start(self, name: ModelName, now: float, cluster: ClusterHandle) -> bool:

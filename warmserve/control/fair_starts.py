@@ -2,8 +2,9 @@
 
 A model that cannot start for want of GPUs first takes a prewarm hit on a device that only idle
 instances hold (demoting them), then an aligned block freed of idle instances; a model that has
-waited past `starve_wait_s` gets a block held for it and drained, with its weights prewarmed
-into it meanwhile, and past `starve_preempt_s` may drain busy instances too. Why each rule is as
+waited past `starve_wait_s` gets a block held for it and drained (the block expected to drain
+first), with its weights prewarmed into it meanwhile (into the KV the draining instances can no
+longer use), and past `starve_preempt_s` may drain busy instances too. Why each rule is as
 it is: docs/fair-starts.md. A mixin of `Controller`, whose state it reads and whose actions it
 records; split out only to keep each module about one thing.
 """
@@ -19,6 +20,7 @@ from warmserve.control.api import (
     ClusterSnapshot,
     Evict,
     Prewarm,
+    SetKvPages,
     StopInstance,
 )
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, StartPath
@@ -27,7 +29,8 @@ from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, Sta
 class FairStarts:
     """Methods of `Controller` (its only subclass), which holds the state they read:
     `models`, `cfg`, `policy`, `_queues`, `_reserved`, `_instances`, `_replica_scores`,
-    `_last_preempt_s`, and the start and release helpers."""
+    `_last_preempt_s`, `_request_instance`, `_dispatched_s`, `_service_times`, and the start
+    and release helpers."""
 
     def _larger_waiting(self, name: ModelName) -> bool:
         tp = self.models[name].tp
@@ -141,6 +144,7 @@ class FairStarts:
         cap = cfg.capacity_per_instance * down
         hits = {r.gpus for r in snap.replicas if r.model == name and r.is_ready}
         best: tuple[tuple, tuple[int, ...], list[InstanceId]] | None = None
+        sent: dict[InstanceId, list[float]] | None = None  # dispatch times, read on first use
         for base in range(0, len(snap.gpus), tp):
             group = tuple(range(base, base + tp))
             if blocked.intersection(group):
@@ -172,23 +176,58 @@ class FairStarts:
                 ]
                 if short and (not shortable or sum(short) > budget):
                     continue
-                # Fewest models left short, the least load left short, a prewarm hit, then the
-                # fewest requests to drain and the fewest GPUs freed beyond the block.
-                key = (len(short), sum(short), group not in hits, load, extra, len(holders), base)
+                # Fewest models left short, the shortest expected drain (the waiting model's
+                # outage is its wait, then this drain: a 70B's last requests held a block for
+                # 10-15 s while another block would have drained in 5), the least load left
+                # short, a prewarm hit, then the fewest requests to drain and the fewest GPUs
+                # freed beyond the block.
+                if sent is None:
+                    sent = self._dispatch_times()
+                drain = self._drain_s(holders, sent, now)
+                key = (len(short), drain, sum(short), group not in hits, load, extra,
+                       len(holders), base)  # fmt: skip
                 if best is None or key < best[0]:
                     best = (key, group, holders)
         return None if best is None else (best[1], best[2])
+
+    def _dispatch_times(self) -> dict[InstanceId, list[float]]:
+        """Per instance, when each of its in-flight requests was dispatched."""
+        out: dict[InstanceId, list[float]] = {}
+        for rid, inst_id in self._request_instance.items():
+            t = self._dispatched_s.get(rid)
+            if t is not None:
+                out.setdefault(inst_id, []).append(t)
+        return out
+
+    def _drain_s(
+        self, holders: list[InstanceId], sent: dict[InstanceId, list[float]], now: float
+    ) -> float:
+        """Expected seconds until the instances `holders` finish their in-flight requests: the
+        longest expected time left of any of them, from its model's recent service times and
+        how long it has run (what a server knows; not the requests' output lengths)."""
+        times = self._service_times
+        return max(
+            (
+                times.left(self._instances[i].model, now - t)
+                for i in holders
+                for t in sent.get(i, ())
+            ),
+            default=0.0,
+        )
 
     def _prewarm_held(
         self, name: ModelName, group: tuple[int, ...], now: float, cluster: ClusterHandle
     ) -> None:
         """Load `name`'s weights into the block held for it while its instances drain, so that
         the start is a prewarm (or in-progress) hit rather than a cold load after the drain:
-        into free pages, evicting other models' replicas there (lowest score first) if those
-        pages are short. Nothing if a replica of `name` is already there or room is short."""
+        into free pages (with the KV the draining instances there can no longer use), evicting
+        other models' replicas there (lowest score first) if those pages are short. Nothing if
+        a replica of `name` is already there or room is short."""
         snap = cluster.snapshot()
         if any(r.model == name and r.gpus == group for r in snap.replicas):
             return
+        if self._lend_draining(group, snap, now, cluster):
+            snap = cluster.snapshot()
         need = self.models[name].pages_per_gpu
         evict: dict[ReplicaId, None] = {}
         for g in group:
@@ -214,6 +253,35 @@ class FairStarts:
         actions.append(Prewarm(self._new_replica_id(), name, group))
         self._record(actions, now)
         cluster.apply(actions)
+
+    def _lend_draining(
+        self, group: tuple[int, ...], snap: ClusterSnapshot, now: float, cluster: ClusterHandle
+    ) -> bool:
+        """Shrink the KV of the instances draining on `group` to what their requests can still
+        use, so that the held model's weights load during the drain instead of after it (a
+        cold 70B load after a drain was most of the worst outage's last seconds). A draining
+        instance admits nothing new, and no request outgrows the model's context length, so
+        its in-flight requests times a full context is enough (no hidden output length read).
+        True if any KV moved."""
+        views = snap.instance_by_id
+        actions: list[Action] = []
+        for inst_id in sorted({snap.gpus[g].instance_id for g in group} - {None}):
+            inst, view = self._instances.get(inst_id), views.get(inst_id)
+            if inst is None or view is None or not inst.stopping:
+                continue
+            model = self.models[inst.model]
+            per_request = math.ceil(
+                model.max_model_len * model.kv_bytes_per_token_per_gpu / snap.page_bytes
+            )
+            target = max(1, view.kv_used_pages, inst.in_flight * per_request)
+            if target < view.kv_pages:
+                action = SetKvPages(inst_id, target)
+                self._record([action], now, view.kv_pages)
+                inst.kv_changed_s = now
+                actions.append(action)
+        if actions:
+            cluster.apply(actions)
+        return bool(actions)
 
     def _stop_now(self, inst_ids: list[InstanceId], cluster: ClusterHandle) -> None:
         """Stop instances at once: empty ones are released (weights stay prewarmed), busy ones
@@ -245,7 +313,9 @@ class FairStarts:
         `starve_wait_s` with no room: free it (idle instances stop, busy ones drain), and keep
         every other model's starts off it until this model starts. This bounds a wait by the
         drain of one block rather than by the luck of races for freed GPUs. Until
-        `starve_preempt_s`, only instances whose models keep enough others are drained."""
+        `starve_preempt_s`, only instances whose models keep enough others are drained. While
+        a block is held, each tick retries its prewarm (its draining instances' spare KV grows
+        as their requests end)."""
         for name in [m for m in self._reserved if not self._queues[m]]:
             del self._reserved[name]
         for name in self._autoscale_order():
@@ -253,7 +323,11 @@ class FairStarts:
             if not queue:
                 continue
             waited = now - queue[0].arrival_s
-            if waited < self.cfg.starve_wait_s or name in self._reserved:
+            if name in self._reserved:
+                if self.policy.unified_memory:
+                    self._prewarm_held(name, self._reserved[name], now, cluster)
+                continue
+            if waited < self.cfg.starve_wait_s:
                 continue
             if self._route(name) is not None or self._start(name, now, cluster):
                 continue
