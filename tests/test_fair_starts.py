@@ -312,18 +312,38 @@ def test_preemptions_are_spaced_when_many_models_starve():
     models are not drained for every starving model at once."""
     cfg = {"starve_wait_s": 2.0, "starve_preempt_s": 5.0}
     # The TP-2 models' own requests last a minute, so the first to start does not go idle.
-    run = dict(gpn=4, big=("c", "d"), big_s=60.0, cycles=90, **cfg)
+    run = dict(gpn=4, big=("c", "d"), big_s=60.0, cycles=300, **cfg)
     held: dict = {}
     at = _busy_cluster(PLUS, starve_preempt_gap_s=20.0, held=held, **run)
-    # The first held at 2 x starve_preempt_s (as above), the second only the gap later; it
-    # took the cheapest block to drain (the first's, one request), so it waits for that drain.
-    assert (held["c"], held["d"]) == (10.0, 30.0) and at == {"c": 11.0, "d": 71.0}
+    # The first is held once its price is paid (test_a_preemption_counts_the_wait_behind_the_line),
+    # the second only the gap later; it took the cheapest block to drain (the first's, one
+    # request), so it waits for that drain.
+    c = held["c"]
+    assert held["d"] == c + 20.0 and at == {"c": c + 1.0, "d": c + 61.0}
     # The TP-1 models drained for them starve in turn, and their preemptions are spaced too.
     times = sorted(held.values())
     assert len(times) > 2 and all(b - a >= 20.0 for a, b in itertools.pairwise(times))
     held = {}
     at = _busy_cluster(PLUS, starve_preempt_gap_s=0.0, held=held, **run)
     assert (held["c"], held["d"]) == (10.0, 10.0) and max(at.values()) <= 12.0  # both at once
+
+
+def test_a_preemption_counts_the_wait_behind_the_line():
+    """Two TP-2 models (one request each) starve on a node of four TP-1 models that each get a
+    request a second. A drain leaves two of those with no instance, and with the other TP-2
+    model in line, each would wait a starve_preempt_gap_s (20 s) behind it for room: about 20
+    requests missed each, plus the one it drains. The waiting model's own value is its one
+    queued request plus what it would miss in that line at its rate (1 request over its
+    wait t: 20 / t), scaled by t / starve_preempt_s: t / 5 + 4 >= 2 x 21 from t = 190 s.
+    Priced by loads alone (one request each side), it preempted at 2 x starve_preempt_s."""
+    held: dict = {}
+    run = dict(gpn=4, big=("c", "d"), big_s=60.0, cycles=300, starve_wait_s=2.0)
+    _busy_cluster(PLUS, starve_preempt_s=5.0, starve_preempt_gap_s=20.0, held=held, **run)
+    assert 190.0 <= held["c"] <= 195.0
+    # Alone in line, the same model pays only the loads: two requests, at 2 x 5 s.
+    held = {}
+    _busy_cluster(PLUS, starve_preempt_s=5.0, starve_wait_s=2.0, held=held)
+    assert held == {"c": 10.0}
 
 
 _OPS = st.lists(

@@ -73,6 +73,9 @@ class ControlConfig:
     # Higher: shorter waits for the starving models, busier instances for the popular ones
     # (at 0.8, 0.2 points of attainment lost at 8 models, docs/fair-starts.md).
     starve_short_threshold: float = 0.65
+    # The arrival rates that price leaving a model short (docs/fair-starts.md) are counted
+    # over this window.
+    starve_rate_window_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.capacity_per_instance < 1:
@@ -103,6 +106,8 @@ class ControlConfig:
             raise ValueError("need 0 <= starve_wait_s <= starve_preempt_s")
         if self.starve_preempt_gap_s < 0:
             raise ValueError("starve_preempt_gap_s must be >= 0")
+        if self.starve_rate_window_s <= 0:
+            raise ValueError("starve_rate_window_s must be > 0")
         if not 0 < self.starve_short_threshold <= 1:
             raise ValueError("starve_short_threshold must lie in (0, 1]")
         if self.serverless_target <= 0 or self.serverless_loop_s <= 0:

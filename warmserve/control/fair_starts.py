@@ -29,6 +29,52 @@ class FairStarts:
     `models`, `cfg`, `policy`, `_queues`, `_reserved`, `_instances`, `_replica_scores`,
     `_last_preempt_s`, and the start and release helpers."""
 
+    # ----- the price of leaving a model short -----------------------------------------------
+    # Stopping a model's last instance (or one its load needs) costs the requests it then
+    # misses; starting the waiting model saves some of its own. Both are counted the same way,
+    # from what a server knows (arrival rates, loads, who is waiting; no output lengths):
+    # docs/fair-starts.md, "Pricing by the wait behind the line".
+
+    def _note_arrival(self, name: ModelName, now: float) -> None:
+        if self._first_arrival_s is None:
+            self._first_arrival_s = now
+        self._arrivals[name].append(now)
+
+    def arrival_rate(self, name: ModelName, now: float) -> float:
+        """Requests per second of `name` over the last starve_rate_window_s (over the time
+        since the first request of any model, if shorter, but at least scale_window_s)."""
+        q = self._arrivals[name]
+        window = self.cfg.starve_rate_window_s
+        while q and q[0] <= now - window:
+            q.popleft()
+        if self._first_arrival_s is None:
+            return 0.0
+        return len(q) / min(window, max(now - self._first_arrival_s, self.cfg.scale_window_s))
+
+    def _in_line(self, now: float) -> set[ModelName]:
+        """Models waiting for room: their oldest request has waited starve_wait_s and no block
+        is held for them yet."""
+        wait = self.cfg.starve_wait_s
+        return {
+            m
+            for m, q in self._queues.items()
+            if q and m not in self._reserved and now - q[0].arrival_s >= wait
+        }
+
+    def _missed_in_line(self, name: ModelName, now: float, line: set[ModelName]) -> float:
+        """Requests `name` would miss if it had to wait for room behind the other models in
+        `line`: one starve_preempt_gap_s each (at most one preemption starts per gap), at its
+        arrival rate. With nobody else waiting, none: room comes back within a drain."""
+        ahead = len(line - {name})
+        return (
+            self.arrival_rate(name, now) * self.cfg.starve_preempt_gap_s * ahead if ahead else 0.0
+        )
+
+    def _start_value(self, name: ModelName, now: float) -> float:
+        """What starting the waiting model `name` saves: its load (its queued requests count)
+        and the requests it would miss waiting behind the others in line if refused."""
+        return self.load(name, now) + self._missed_in_line(name, now, self._in_line(now))
+
     def _larger_waiting(self, name: ModelName) -> bool:
         tp = self.models[name].tp
         return any(q and self.models[m].tp > tp for m, q in self._queues.items())
@@ -46,11 +92,25 @@ class FairStarts:
         by_gpu = {g.gpu_id: g.instance_id for g in snap.gpus}
         idle = self._idle_others(name, snap)
         blocked = self._blocked(name)
+        # Stopping a model's idle last instance while others wait in line makes it wait behind
+        # them at its next request: worth it only if the start saves more (see _block_to_free).
+        budget = self._start_value(name, now)
+        live = self._live_counts()
+        line = self._in_line(now) - {name}
         for r in sorted(snap.replicas, key=lambda r: r.replica_id):
             if r.model != name or not r.is_ready or blocked.intersection(r.gpus):
                 continue
             holders = {by_gpu[g] for g in r.gpus} - {None}
             if not holders or not holders <= idle:
+                continue
+            stopped: dict[ModelName, int] = {}
+            for i in holders:
+                m = self._instances[i].model
+                stopped[m] = stopped.get(m, 0) + 1
+            cost = sum(
+                self._missed_in_line(m, now, line) for m, k in stopped.items() if live[m] == k
+            )
+            if cost > budget:
                 continue
             for inst_id in sorted(holders):
                 self._release(inst_id, cluster)
@@ -140,6 +200,7 @@ class FairStarts:
         down = cfg.starve_short_threshold if shortable else cfg.scale_down_threshold
         cap = cfg.capacity_per_instance * down
         hits = {r.gpus for r in snap.replicas if r.model == name and r.is_ready}
+        line = self._in_line(now) - {name}  # the models a stopped one would wait behind
         best: tuple[tuple, tuple[int, ...], list[InstanceId]] | None = None
         for base in range(0, len(snap.gpus), tp):
             group = tuple(range(base, base + tp))
@@ -147,6 +208,7 @@ class FairStarts:
                 continue
             holders = sorted({snap.gpus[g].instance_id for g in group} - {None})
             drained: dict[ModelName, int] = {}
+            idled: dict[ModelName, int] = {}
             load = extra = 0
             for i in holders:
                 v, inst = views.get(i), self._instances.get(i)
@@ -156,6 +218,8 @@ class FairStarts:
                     break
                 if inst.stopping or inst.in_flight == 0:
                     load += inst.in_flight  # draining already, or idle
+                    if not inst.stopping:
+                        idled[inst.model] = idled.get(inst.model, 0) + 1
                     continue
                 if not busy or now - inst.created_s < self.cfg.protect_period_s:
                     break
@@ -164,17 +228,28 @@ class FairStarts:
                 extra += len(v.gpus) - len(set(v.gpus) & set(group))
             else:
                 # Models left short: their requests would queue in turn (a model's last
-                # instance always counts).
+                # instance always counts). Each costs the requests it drains or has queued
+                # (its load) and those it would miss waiting behind the models in line.
                 short = [
-                    self.load(m, now)
+                    self.load(m, now) + self._missed_in_line(m, now, line)
                     for m, k in drained.items()
                     if (live[m] - k) * cap < self.load(m, now) or live[m] == k
                 ]
-                if short and (not shortable or sum(short) > budget):
+                if short and not shortable:
                     continue
-                # Fewest models left short, the least load left short, a prewarm hit, then the
-                # fewest requests to drain and the fewest GPUs freed beyond the block.
-                key = (len(short), sum(short), group not in hits, load, extra, len(holders), base)
+                # An idle last instance drains nothing, but its model's next request waits
+                # behind the line too.
+                idle = sum(
+                    self._missed_in_line(m, now, line)
+                    for m, k in idled.items()
+                    if live[m] == k + drained.get(m, 0)
+                )
+                cost = sum(short) + idle
+                if cost > budget:
+                    continue
+                # Fewest models left short, the fewest requests they miss, a prewarm hit, then
+                # the fewest requests to drain and the fewest GPUs freed beyond the block.
+                key = (len(short), cost, group not in hits, load, extra, len(holders), base)
                 if best is None or key < best[0]:
                     best = (key, group, holders)
         return None if best is None else (best[1], best[2])
@@ -234,7 +309,8 @@ class FairStarts:
         """No room for `name`: stop the idle instances of the one aligned block that frees
         room with the fewest stops (a block holding a ready replica of `name` first), rather
         than idle instances anywhere (which frees GPUs scattered over nodes)."""
-        found = self._block_to_free(name, cluster.snapshot(), now, busy=False)
+        budget = self._start_value(name, now)
+        found = self._block_to_free(name, cluster.snapshot(), now, busy=False, budget=budget)
         if found is None:
             return None
         self._stop_now(found[1], cluster)
@@ -265,12 +341,13 @@ class FairStarts:
             # are spaced by starve_preempt_gap_s across the cluster, so that when many models
             # starve at once (more models than fit), the popular ones are not drained in turn
             # for each of them.
-            found = self._block_to_free(name, cluster.snapshot(), now, True, False)
+            value = self._start_value(name, now)
+            found = self._block_to_free(name, cluster.snapshot(), now, True, False, value)
             gap = now - self._last_preempt_s >= self.cfg.starve_preempt_gap_s
             if found is None and waited >= self.cfg.starve_preempt_s and gap:
                 budget = math.inf
                 if self.cfg.starve_preempt_s > 0:
-                    budget = self.load(name, now) * waited / self.cfg.starve_preempt_s
+                    budget = value * waited / self.cfg.starve_preempt_s
                 found = self._block_to_free(name, cluster.snapshot(), now, True, True, budget)
                 if found is not None:
                     self._last_preempt_s = now
