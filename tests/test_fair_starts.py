@@ -5,6 +5,7 @@ a model that waits too long. Policy level, on the shared cluster books (no simul
 import dataclasses
 import itertools
 
+import pytest
 from helpers import instance, model, replica, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -601,3 +602,5 @@ def test_arrival_rates_count_the_window_or_the_time_since_the_first_request():
     for t in (10.0, 20.0, 30.0):
         ctl.on_request(t, RequestInfo(RequestId(int(t)), ModelName("x"), t, 8, 8), h)
     assert ctl.arrival_rate(ModelName("x"), 40.0) == 3 / 30.0
+    with pytest.raises(ValueError, match="starve_rate_window_s"):
+        ControlConfig(starve_rate_window_s=0.0)

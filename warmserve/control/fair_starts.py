@@ -178,8 +178,9 @@ class FairStarts:
         requests in flight. Starting instances and other models' held blocks are never taken;
         without `shortable`, neither is a block whose drain leaves a model short of instances
         for its load (its others would carry it above the scale-down threshold), and with it,
-        only one whose models left short (above starve_short_threshold) carry a load of at most
-        `budget`."""
+        only one whose models left short (above starve_short_threshold) miss at most `budget`
+        requests: their loads and what they would miss waiting behind the other models in line
+        (`_missed_in_line`), which an idle last instance stopped here costs too."""
         tp = self.models[name].tp
         gpn = snap.gpus_per_node
         if gpn % tp:
@@ -335,12 +336,14 @@ class FairStarts:
                 continue
             # A model's last instance (or one its load needs) is drained only after a longer
             # wait: its own requests then queue, and each such switch costs a drain and a
-            # start. So such a preemption must pay: the load it leaves short may not exceed the
-            # waiting model's own load (its queued requests count), scaled up by how many
-            # starve_preempt_s it has waited so that any wait stays bounded; and preemptions
-            # are spaced by starve_preempt_gap_s across the cluster, so that when many models
-            # starve at once (more models than fit), the popular ones are not drained in turn
-            # for each of them.
+            # start. So such a preemption must pay: what the models it leaves short miss (their
+            # load, and the requests they would miss waiting behind the others in line) may
+            # not exceed what this model's start saves (counted the same way), scaled up by how
+            # many starve_preempt_s it has waited so that any wait stays bounded; and
+            # preemptions are spaced by starve_preempt_gap_s across the cluster, so that when
+            # many models starve at once (more models than fit), the popular ones are not
+            # drained in turn for each of them. Before, the same price (unscaled) guards the
+            # idle last instances a hold stops.
             value = self._start_value(name, now)
             found = self._block_to_free(name, cluster.snapshot(), now, True, False, value)
             gap = now - self._last_preempt_s >= self.cfg.starve_preempt_gap_s
