@@ -594,6 +594,8 @@ def test_arrival_rates_count_the_window_or_the_time_since_the_first_request():
     assert ctl.arrival_rate(ModelName("x"), 0.0) == 0.0
     for t in range(0, 200, 2):  # x: a request every 2 s from t = 10 s
         ctl.on_request(10.0 + t, RequestInfo(RequestId(t), ModelName("x"), 10.0 + t, 8, 8), h)
+    # Only the window is kept (a long-running server), whether or not a rate is asked for.
+    assert len(ctl._arrivals[ModelName("x")]) == 50
     # y never asked: its rate is 0; x's over its last 100 s is one per 2 s.
     assert ctl.arrival_rate(ModelName("y"), 208.0) == 0.0
     assert ctl.arrival_rate(ModelName("x"), 208.5) == 0.5

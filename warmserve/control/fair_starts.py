@@ -33,20 +33,25 @@ class FairStarts:
     # Stopping a model's last instance (or one its load needs) costs the requests it then
     # misses; starting the waiting model saves some of its own. Both are counted the same way,
     # from what a server knows (arrival rates, loads, who is waiting; no output lengths):
-    # docs/fair-starts.md, "Pricing by the wait behind the line".
+    # docs/fair-starts.md, "Round 3: pricing by the wait behind the line".
 
     def _note_arrival(self, name: ModelName, now: float) -> None:
         if self._first_arrival_s is None:
             self._first_arrival_s = now
         self._arrivals[name].append(now)
+        self._forget_arrivals(name, now)  # a long-running server keeps one window, no more
+
+    def _forget_arrivals(self, name: ModelName, now: float) -> None:
+        q = self._arrivals[name]
+        cutoff = now - self.cfg.starve_rate_window_s
+        while q and q[0] <= cutoff:
+            q.popleft()
 
     def arrival_rate(self, name: ModelName, now: float) -> float:
         """Requests per second of `name` over the last starve_rate_window_s (over the time
         since the first request of any model, if shorter, but at least scale_window_s)."""
-        q = self._arrivals[name]
-        window = self.cfg.starve_rate_window_s
-        while q and q[0] <= now - window:
-            q.popleft()
+        self._forget_arrivals(name, now)
+        q, window = self._arrivals[name], self.cfg.starve_rate_window_s
         if self._first_arrival_s is None:
             return 0.0
         return len(q) / min(window, max(now - self._first_arrival_s, self.cfg.scale_window_s))
