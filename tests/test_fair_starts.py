@@ -5,6 +5,7 @@ a model that waits too long. Policy level, on the shared cluster books (no simul
 import dataclasses
 import itertools
 
+import pytest
 from helpers import instance, model, replica, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -312,18 +313,38 @@ def test_preemptions_are_spaced_when_many_models_starve():
     models are not drained for every starving model at once."""
     cfg = {"starve_wait_s": 2.0, "starve_preempt_s": 5.0}
     # The TP-2 models' own requests last a minute, so the first to start does not go idle.
-    run = dict(gpn=4, big=("c", "d"), big_s=60.0, cycles=90, **cfg)
+    run = dict(gpn=4, big=("c", "d"), big_s=60.0, cycles=300, **cfg)
     held: dict = {}
     at = _busy_cluster(PLUS, starve_preempt_gap_s=20.0, held=held, **run)
-    # The first held at 2 x starve_preempt_s (as above), the second only the gap later; it
-    # took the cheapest block to drain (the first's, one request), so it waits for that drain.
-    assert (held["c"], held["d"]) == (10.0, 30.0) and at == {"c": 11.0, "d": 71.0}
+    # The first is held once its price is paid (test_a_preemption_counts_the_wait_behind_the_line),
+    # the second only the gap later; it took the cheapest block to drain (the first's, one
+    # request), so it waits for that drain.
+    c = held["c"]
+    assert held["d"] == c + 20.0 and at == {"c": c + 1.0, "d": c + 61.0}
     # The TP-1 models drained for them starve in turn, and their preemptions are spaced too.
     times = sorted(held.values())
     assert len(times) > 2 and all(b - a >= 20.0 for a, b in itertools.pairwise(times))
     held = {}
     at = _busy_cluster(PLUS, starve_preempt_gap_s=0.0, held=held, **run)
     assert (held["c"], held["d"]) == (10.0, 10.0) and max(at.values()) <= 12.0  # both at once
+
+
+def test_a_preemption_counts_the_wait_behind_the_line():
+    """Two TP-2 models (one request each) starve on a node of four TP-1 models that each get a
+    request a second. A drain leaves two of those with no instance, and with the other TP-2
+    model in line, each would wait a starve_preempt_gap_s (20 s) behind it for room: about 20
+    requests missed each, plus the one it drains. The waiting model's own value is its one
+    queued request plus what it would miss in that line at its rate (1 request over its
+    wait t: 20 / t), scaled by t / starve_preempt_s: t / 5 + 4 >= 2 x 21 from t = 190 s.
+    Priced by loads alone (one request each side), it preempted at 2 x starve_preempt_s."""
+    held: dict = {}
+    run = dict(gpn=4, big=("c", "d"), big_s=60.0, cycles=300, starve_wait_s=2.0)
+    _busy_cluster(PLUS, starve_preempt_s=5.0, starve_preempt_gap_s=20.0, held=held, **run)
+    assert 190.0 <= held["c"] <= 195.0
+    # Alone in line, the same model pays only the loads: two requests, at 2 x 5 s.
+    held = {}
+    _busy_cluster(PLUS, starve_preempt_s=5.0, starve_wait_s=2.0, held=held)
+    assert held == {"c": 10.0}
 
 
 _OPS = st.lists(
@@ -570,3 +591,72 @@ def test_a_held_block_is_the_one_expected_to_drain_first():
     assert ctl._drain_s([on["b"]], ctl._dispatch_times(), now) < 1.0
     group, victims = ctl._block_to_free(w.name, h.snapshot(), now, busy=True)
     assert (group, victims) == ((2, 3), [on["b"]])
+
+
+def _idle_popular_model(with_line: bool):
+    """One node of two GPUs: a popular TP-2 model ("pop", a request a second for 30 s) holds
+    both; its last request ends at 34 s. A rare TP-2 model "b" asked at 30 s and, with
+    `with_line`, another ("a") at 30.5 s: both wait in line (starve_wait_s) when pop goes
+    idle. Returns the controller, the books and the time after a few more ticks."""
+    pop, a, b = model("pop", tp=2), model("a", tp=2), model("b", tp=2)
+    ctl, h = _setup([pop, a, b], PLUS, gpn=2, starve_wait_s=2.0, starve_preempt_s=15.0)
+    rid = iter(range(10**6))
+    last = None
+    for t in range(31):
+        last = RequestId(next(rid))
+        ctl.on_request(float(t), RequestInfo(last, ModelName("pop"), float(t), 8, 8), h)
+        for i in h.books.instances:
+            h.books.mark_running(i)
+        (i,) = h.books.instances
+        for r in list(h.books.instances[i].requests):
+            if r != last:  # the others end at once; the last runs until 34 s
+                h.books.request_done(i, r)
+                ctl.on_request_done(float(t), r, h)
+    waiting = [("b", 30.0), ("a", 30.5)] if with_line else [("b", 30.0)]
+    for name, t in waiting:
+        ctl.on_request(t, RequestInfo(RequestId(next(rid)), ModelName(name), t, 8, 8), h)
+    now = 30.5
+    while now < 34.0:
+        now += 0.5
+        ctl.tick(now, h)
+    (i,) = h.books.instances
+    h.books.request_done(i, last)
+    ctl.on_request_done(now, last, h)
+    for _ in range(4):
+        now += 0.5
+        ctl.tick(now, h)
+    return ctl, h, now
+
+
+def test_an_idle_popular_model_is_not_stopped_for_a_rare_one_while_others_wait():
+    """Stopping a model's idle last instance costs nothing now, but while other models wait in
+    line its next request waits behind them: a starve_preempt_gap_s (20 s) per model ahead, at
+    its arrival rate (pop: 31 requests in 36 s, 17 requests). The rare model's start saves its
+    queued request and what it would miss in that line at its own rate (one request in 36 s):
+    under 2, so pop keeps its instance. Alone in line, the rare model takes it, as before."""
+    ctl, h, now = _idle_popular_model(with_line=True)
+    assert now == 36.0  # pop's 31 requests over 36 s, 20 s behind "a": 17.2 requests
+    assert abs(ctl._missed_in_line(ModelName("pop"), now, {ModelName("a")}) - 20 * 31 / 36) < 1e-9
+    assert [s.model for s in h.starts] == ["pop"] and not h.released
+    assert ctl._in_line(now) == {"a", "b"}
+    ctl, h, now = _idle_popular_model(with_line=False)
+    assert [s.model for s in h.starts] == ["pop", "b"]
+
+
+def test_arrival_rates_count_the_window_or_the_time_since_the_first_request():
+    ctl, h = _setup([model("x"), model("y")], PLUS, starve_rate_window_s=100.0)
+    assert ctl.arrival_rate(ModelName("x"), 0.0) == 0.0
+    for t in range(0, 200, 2):  # x: a request every 2 s from t = 10 s
+        ctl.on_request(10.0 + t, RequestInfo(RequestId(t), ModelName("x"), 10.0 + t, 8, 8), h)
+    # Only the window is kept (a long-running server), whether or not a rate is asked for.
+    assert len(ctl._arrivals[ModelName("x")]) == 50
+    # y never asked: its rate is 0; x's over its last 100 s is one per 2 s.
+    assert ctl.arrival_rate(ModelName("y"), 208.0) == 0.0
+    assert ctl.arrival_rate(ModelName("x"), 208.5) == 0.5
+    # Before a full window has passed, the time since the first request (of any model) counts.
+    ctl, h = _setup([model("x")], PLUS, starve_rate_window_s=100.0)
+    for t in (10.0, 20.0, 30.0):
+        ctl.on_request(t, RequestInfo(RequestId(int(t)), ModelName("x"), t, 8, 8), h)
+    assert ctl.arrival_rate(ModelName("x"), 40.0) == 3 / 30.0
+    with pytest.raises(ValueError, match="starve_rate_window_s"):
+        ControlConfig(starve_rate_window_s=0.0)

@@ -62,10 +62,13 @@ class ControlConfig:
     # after, any (a model's last instance too). Lower: a shorter worst wait, more drains.
     starve_wait_s: float = 2.0
     starve_preempt_s: float = 15.0
-    # Such a preemption (a drain that leaves a model short) must pay: the load it leaves short
-    # is at most the waiting model's load times (its wait / starve_preempt_s), and at most one
-    # starts per starve_preempt_gap_s across the cluster. Higher: better attainment when more
-    # models than fit compete, longer worst waits.
+    # Such a preemption (a drain that leaves a model short) must pay: what the models left
+    # short miss (their load, and their arrival rate times one starve_preempt_gap_s per other
+    # model waiting in line, the wait behind it) is at most what the waiting model saves,
+    # counted the same way, times (its wait / starve_preempt_s); an idle last instance is
+    # stopped for a waiting model only if the same price pays. At most one preemption starts
+    # per starve_preempt_gap_s across the cluster. Higher: better attainment when more models
+    # than fit compete, longer worst waits.
     starve_preempt_gap_s: float = 20.0
     # Once a model may preempt, a busy model is not left short by a drain if its other
     # instances would carry its load below this fraction of their capacity (earlier drains use
@@ -73,6 +76,8 @@ class ControlConfig:
     # Higher: shorter waits for the starving models, busier instances for the popular ones
     # (at 0.8, 0.2 points of attainment lost at 8 models, docs/fair-starts.md).
     starve_short_threshold: float = 0.65
+    # The arrival rates in that price are counted over this window (docs/fair-starts.md).
+    starve_rate_window_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.capacity_per_instance < 1:
@@ -103,6 +108,8 @@ class ControlConfig:
             raise ValueError("need 0 <= starve_wait_s <= starve_preempt_s")
         if self.starve_preempt_gap_s < 0:
             raise ValueError("starve_preempt_gap_s must be >= 0")
+        if self.starve_rate_window_s <= 0:
+            raise ValueError("starve_rate_window_s must be > 0")
         if not 0 < self.starve_short_threshold <= 1:
             raise ValueError("starve_short_threshold must lie in (0, 1]")
         if self.serverless_target <= 0 or self.serverless_loop_s <= 0:

@@ -119,6 +119,11 @@ class Controller(FairStarts):
         self._service_times = ServiceTimes()
         self._tp_sizes = frozenset(m.tp for m in models)
         self._last_preempt_s = -math.inf  # the last held block that left a model short
+        # Fair starts: per model, arrival times within starve_rate_window_s (its arrival rate,
+        # what a preemption's price counts), and when the first request came (the window's
+        # start before a full window has passed).
+        self._arrivals: dict[ModelName, deque[float]] = {m.name: deque() for m in models}
+        self._first_arrival_s: float | None = None
         # This class's autoscaling does nothing for a model with no instance, no load and no
         # queue (scale_delta is 0); a subclass's own may (static deployments start at once).
         self._idle_autoscale_noop = type(self)._autoscale is Controller._autoscale
@@ -127,6 +132,8 @@ class Controller(FairStarts):
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
         self._load[req.model].add(now, +1)
+        if self.policy.fair_starts:
+            self._note_arrival(req.model, now)
         target = self._route(req.model)
         if target is not None:
             self._dispatch(req, target, cluster, now)

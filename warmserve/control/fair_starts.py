@@ -32,6 +32,57 @@ class FairStarts:
     `_last_preempt_s`, `_request_instance`, `_dispatched_s`, `_service_times`, and the start
     and release helpers."""
 
+    # ----- the price of leaving a model short -----------------------------------------------
+    # Stopping a model's last instance (or one its load needs) costs the requests it then
+    # misses; starting the waiting model saves some of its own. Both are counted the same way,
+    # from what a server knows (arrival rates, loads, who is waiting; no output lengths):
+    # docs/fair-starts.md, "Round 3: pricing by the wait behind the line".
+
+    def _note_arrival(self, name: ModelName, now: float) -> None:
+        if self._first_arrival_s is None:
+            self._first_arrival_s = now
+        self._arrivals[name].append(now)
+        self._forget_arrivals(name, now)  # a long-running server keeps one window, no more
+
+    def _forget_arrivals(self, name: ModelName, now: float) -> None:
+        q = self._arrivals[name]
+        cutoff = now - self.cfg.starve_rate_window_s
+        while q and q[0] <= cutoff:
+            q.popleft()
+
+    def arrival_rate(self, name: ModelName, now: float) -> float:
+        """Requests per second of `name` over the last starve_rate_window_s (over the time
+        since the first request of any model, if shorter, but at least scale_window_s)."""
+        self._forget_arrivals(name, now)
+        q, window = self._arrivals[name], self.cfg.starve_rate_window_s
+        if self._first_arrival_s is None:
+            return 0.0
+        return len(q) / min(window, max(now - self._first_arrival_s, self.cfg.scale_window_s))
+
+    def _in_line(self, now: float) -> set[ModelName]:
+        """Models waiting for room: their oldest request has waited starve_wait_s and no block
+        is held for them yet."""
+        wait = self.cfg.starve_wait_s
+        return {
+            m
+            for m, q in self._queues.items()
+            if q and m not in self._reserved and now - q[0].arrival_s >= wait
+        }
+
+    def _missed_in_line(self, name: ModelName, now: float, line: set[ModelName]) -> float:
+        """Requests `name` would miss if it had to wait for room behind the other models in
+        `line`: one starve_preempt_gap_s each (at most one preemption starts per gap), at its
+        arrival rate. With nobody else waiting, none: room comes back within a drain."""
+        ahead = len(line - {name})
+        return (
+            self.arrival_rate(name, now) * self.cfg.starve_preempt_gap_s * ahead if ahead else 0.0
+        )
+
+    def _start_value(self, name: ModelName, now: float) -> float:
+        """What starting the waiting model `name` saves: its load (its queued requests count)
+        and the requests it would miss waiting behind the others in line if refused."""
+        return self.load(name, now) + self._missed_in_line(name, now, self._in_line(now))
+
     def _larger_waiting(self, name: ModelName) -> bool:
         tp = self.models[name].tp
         return any(q and self.models[m].tp > tp for m, q in self._queues.items())
@@ -49,11 +100,25 @@ class FairStarts:
         by_gpu = {g.gpu_id: g.instance_id for g in snap.gpus}
         idle = self._idle_others(name, snap)
         blocked = self._blocked(name)
+        # Stopping a model's idle last instance while others wait in line makes it wait behind
+        # them at its next request: worth it only if the start saves more (see _block_to_free).
+        budget = self._start_value(name, now)
+        live = self._live_counts()
+        line = self._in_line(now) - {name}
         for r in sorted(snap.replicas, key=lambda r: r.replica_id):
             if r.model != name or not r.is_ready or blocked.intersection(r.gpus):
                 continue
             holders = {by_gpu[g] for g in r.gpus} - {None}
             if not holders or not holders <= idle:
+                continue
+            stopped: dict[ModelName, int] = {}
+            for i in holders:
+                m = self._instances[i].model
+                stopped[m] = stopped.get(m, 0) + 1
+            cost = sum(
+                self._missed_in_line(m, now, line) for m, k in stopped.items() if live[m] == k
+            )
+            if cost > budget:
                 continue
             for inst_id in sorted(holders):
                 self._release(inst_id, cluster)
@@ -121,8 +186,9 @@ class FairStarts:
         requests in flight. Starting instances and other models' held blocks are never taken;
         without `shortable`, neither is a block whose drain leaves a model short of instances
         for its load (its others would carry it above the scale-down threshold), and with it,
-        only one whose models left short (above starve_short_threshold) carry a load of at most
-        `budget`."""
+        only one whose models left short (above starve_short_threshold) miss at most `budget`
+        requests: their loads and what they would miss waiting behind the other models in line
+        (`_missed_in_line`), which an idle last instance stopped here costs too."""
         tp = self.models[name].tp
         gpn = snap.gpus_per_node
         if gpn % tp:
@@ -143,6 +209,7 @@ class FairStarts:
         down = cfg.starve_short_threshold if shortable else cfg.scale_down_threshold
         cap = cfg.capacity_per_instance * down
         hits = {r.gpus for r in snap.replicas if r.model == name and r.is_ready}
+        line = self._in_line(now) - {name}  # the models a stopped one would wait behind
         best: tuple[tuple, tuple[int, ...], list[InstanceId]] | None = None
         sent: dict[InstanceId, list[float]] | None = None  # dispatch times, read on first use
         for base in range(0, len(snap.gpus), tp):
@@ -151,6 +218,7 @@ class FairStarts:
                 continue
             holders = sorted({snap.gpus[g].instance_id for g in group} - {None})
             drained: dict[ModelName, int] = {}
+            idled: dict[ModelName, int] = {}
             load = extra = 0
             for i in holders:
                 v, inst = views.get(i), self._instances.get(i)
@@ -160,6 +228,8 @@ class FairStarts:
                     break
                 if inst.stopping or inst.in_flight == 0:
                     load += inst.in_flight  # draining already, or idle
+                    if not inst.stopping:
+                        idled[inst.model] = idled.get(inst.model, 0) + 1
                     continue
                 if not busy or now - inst.created_s < self.cfg.protect_period_s:
                     break
@@ -168,24 +238,35 @@ class FairStarts:
                 extra += len(v.gpus) - len(set(v.gpus) & set(group))
             else:
                 # Models left short: their requests would queue in turn (a model's last
-                # instance always counts).
+                # instance always counts). Each costs the requests it drains or has queued
+                # (its load) and those it would miss waiting behind the models in line.
                 short = [
-                    self.load(m, now)
+                    self.load(m, now) + self._missed_in_line(m, now, line)
                     for m, k in drained.items()
                     if (live[m] - k) * cap < self.load(m, now) or live[m] == k
                 ]
-                if short and (not shortable or sum(short) > budget):
+                if short and not shortable:
+                    continue
+                # An idle last instance drains nothing, but its model's next request waits
+                # behind the line too.
+                idle = sum(
+                    self._missed_in_line(m, now, line)
+                    for m, k in idled.items()
+                    if live[m] == k + drained.get(m, 0)
+                )
+                cost = sum(short) + idle
+                if cost > budget:
                     continue
                 # Fewest models left short, the shortest expected drain (the waiting model's
                 # outage is its wait, then this drain: a 70B's last requests held a block for
-                # 10-15 s while another block would have drained in 5), the least load left
-                # short, a prewarm hit, then the fewest requests to drain and the fewest GPUs
-                # freed beyond the block.
+                # 10-15 s while another block would have drained in 5), the fewest requests
+                # the models left short miss, a prewarm hit, then the fewest requests to drain
+                # and the fewest GPUs freed beyond the block.
                 if sent is None:
                     sent = self._dispatch_times()
                 drain = self._drain_s(holders, sent, now)
-                key = (len(short), drain, sum(short), group not in hits, load, extra,
-                       len(holders), base)  # fmt: skip
+                key = (len(short), drain, cost, group not in hits, load, extra, len(holders),
+                       base)  # fmt: skip
                 if best is None or key < best[0]:
                     best = (key, group, holders)
         return None if best is None else (best[1], best[2])
@@ -302,7 +383,8 @@ class FairStarts:
         """No room for `name`: stop the idle instances of the one aligned block that frees
         room with the fewest stops (a block holding a ready replica of `name` first), rather
         than idle instances anywhere (which frees GPUs scattered over nodes)."""
-        found = self._block_to_free(name, cluster.snapshot(), now, busy=False)
+        budget = self._start_value(name, now)
+        found = self._block_to_free(name, cluster.snapshot(), now, busy=False, budget=budget)
         if found is None:
             return None
         self._stop_now(found[1], cluster)
@@ -333,18 +415,21 @@ class FairStarts:
                 continue
             # A model's last instance (or one its load needs) is drained only after a longer
             # wait: its own requests then queue, and each such switch costs a drain and a
-            # start. So such a preemption must pay: the load it leaves short may not exceed the
-            # waiting model's own load (its queued requests count), scaled up by how many
-            # starve_preempt_s it has waited so that any wait stays bounded; and preemptions
-            # are spaced by starve_preempt_gap_s across the cluster, so that when many models
-            # starve at once (more models than fit), the popular ones are not drained in turn
-            # for each of them.
-            found = self._block_to_free(name, cluster.snapshot(), now, True, False)
+            # start. So such a preemption must pay: what the models it leaves short miss (their
+            # load, and the requests they would miss waiting behind the others in line) may
+            # not exceed what this model's start saves (counted the same way), scaled up by how
+            # many starve_preempt_s it has waited so that any wait stays bounded; and
+            # preemptions are spaced by starve_preempt_gap_s across the cluster, so that when
+            # many models starve at once (more models than fit), the popular ones are not
+            # drained in turn for each of them. Before, the same price (unscaled) guards the
+            # idle last instances a hold stops.
+            value = self._start_value(name, now)
+            found = self._block_to_free(name, cluster.snapshot(), now, True, False, value)
             gap = now - self._last_preempt_s >= self.cfg.starve_preempt_gap_s
             if found is None and waited >= self.cfg.starve_preempt_s and gap:
                 budget = math.inf
                 if self.cfg.starve_preempt_s > 0:
-                    budget = self.load(name, now) * waited / self.cfg.starve_preempt_s
+                    budget = value * waited / self.cfg.starve_preempt_s
                 found = self._block_to_free(name, cluster.snapshot(), now, True, True, budget)
                 if found is not None:
                     self._last_preempt_s = now
