@@ -1230,10 +1230,20 @@ def main() -> None:
         "the next refinement round",
     )
     ap.add_argument("--sweep-policies", default=None, help="with --points: the policies")
+    ap.add_argument(
+        "--rerun",
+        default=None,
+        help="POLICY,...: re-run every row of these policies in OUT/results.json on this code "
+        "(same cells and seeds), refine their sweeps where the new curves need it, and report",
+    )
+    ap.add_argument("--why", default=None, help="with --rerun: the change, for the tables' header")
     args = ap.parse_args()
     OUT = args.out
     OUT.mkdir(parents=True, exist_ok=True)
     partial = OUT / "partial.jsonl"
+    if args.rerun:
+        rerun(args.rerun.split(","), args.why, args.jobs, args.budget_min)
+        return
     if args.replot:
         saved = json.loads((OUT / "results.json").read_text())
         saved["runs"] = with_headline_points(saved["runs"])
@@ -1333,6 +1343,85 @@ def main() -> None:
         **sweep_meta,
     )
     finish(rows, meta, args.quick or only is not None)
+
+
+LABEL_KEYS = ("service", "key", "value", "rps", "alpha", "cv", "gpus", "models")
+
+
+def _cell_of(row: dict[str, Any], fixed: list[Task]) -> dict[str, Any]:
+    """The cell a saved row ran on: a sweep point's, or the fixed task with its labels."""
+    if row["group"] == "sweep":
+        return sweep_cell(row["service"], row["rps"])
+    for group, labels, cell, seed, _, _ in fixed:
+        same = group == row["group"] and seed == row["seed"]
+        if same and all(row.get(k) == v for k, v in labels.items()):
+            return cell
+    raise SystemExit(f"evaluate: no cell for a saved {row['group']} row {row}")
+
+
+def _outcome(row: dict[str, Any]) -> str:
+    return json.dumps([{k: row.get(k) for k in SUMMARY_KEYS}, row.get("per_model")],
+                      sort_keys=True, default=str)  # fmt: skip
+
+
+def rerun(policies: list[str], why: str | None, jobs: int, budget_min: float) -> None:
+    """Re-run every saved row of `policies` on this code, at the same cells and seeds, keep
+    every other row, and run more sweep points for them where their new curves need it (a knee
+    that moved). The tables' header records the code, what changed and `why`."""
+    global REL_RESOLUTION
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not why:
+        raise SystemExit(f"evaluate --rerun: unknown policies {unknown}" if unknown
+                         else "evaluate --rerun: say what changed with --why TEXT")  # fmt: skip
+    saved = json.loads((OUT / "results.json").read_text())
+    meta = saved["meta"]
+    REL_RESOLUTION = meta["knee_resolution"]
+    for svc, grid in meta["grids"].items():
+        SWEEPS[svc]["grid"] = grid
+    old = [r for r in saved["runs"] if not r.get("from_headline")]
+    redo = [r for r in old if r["policy"] in policies]
+    if not redo:
+        raise SystemExit(f"evaluate --rerun: no saved rows of {policies} in {OUT}")
+    only = set(meta["only"]) if meta.get("only") else None
+    fixed = fixed_tasks(meta["quick"], meta["seeds"], meta["duration_s"], only)
+    tasks: dict[tuple[Any, ...], Task] = {}
+    for r in redo:
+        labels = {k: r[k] for k in LABEL_KEYS if k in r}
+        key = (r["group"], json.dumps(labels, sort_keys=True, default=str), r["seed"])
+        if key not in tasks:
+            tasks[key] = (r["group"], labels, _cell_of(r, fixed), r["seed"], [], meta["duration_s"])
+        tasks[key][4].append(r["policy"])
+    t0 = time.perf_counter()
+    runner = Runner(jobs, OUT / "rerun-partial.jsonl", float("inf"))
+    (OUT / "rerun-partial.jsonl").write_text("")
+    try:
+        rows = [r for r in old if r["policy"] not in policies] + runner.run(list(tasks.values()))
+        swept = [
+            p for p in policies if any(r["group"] == "sweep" for r in redo if r["policy"] == p)
+        ]
+        before = len(rows)
+        if swept:
+            rows, _ = run_sweeps(runner, swept, meta["seeds"], meta["duration_s"],
+                                 t0 + budget_min * 60, [], rows)  # fmt: skip
+    finally:
+        runner.close()
+    was = {(*_row_key(r), r["policy"]): _outcome(r) for r in redo}
+    changed: dict[str, int] = {}
+    for r in rows:
+        k = (*_row_key(r), r["policy"])
+        if k in was and was[k] != _outcome(r):
+            changed[r["group"]] = changed.get(r["group"], 0) + 1
+    groups = ", ".join(f"{n} {g}" for g, n in sorted(changed.items())) or "none"
+    text = f"{sum(changed.values())} of {len(redo)} rows changed ({groups})"
+    if len(rows) > before:
+        text += f", and {len(rows) - before} rows at new sweep points"
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"  # fmt: skip
+    entry = {"code": code, "policies": policies, "tasks": int(runner.bar.total),
+             "wall_min": (time.perf_counter() - t0) / 60, "changed": text, "why": why}  # fmt: skip
+    meta["reruns"] = [*meta.get("reruns", []), entry]
+    print(f"rerun: {text}")
+    finish(rows, meta, True)
 
 
 def with_headline_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
