@@ -118,6 +118,7 @@ class Controller(FairStarts):
         # queue (scale_delta is 0); a subclass's own may (static deployments start at once).
         self._idle_autoscale_noop = type(self)._autoscale is Controller._autoscale
         self._quiet = QuietModels(self._load, cfg)
+        self._model_order = tuple(self.models)
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -176,12 +177,23 @@ class Controller(FairStarts):
             # Most models, most ticks, autoscale to nothing (QuietModels): skipped without a
             # call. Live counts are taken afresh after every call made (a start may stop
             # other models' idle instances).
-            queues, quiet = self._queues, self._quiet
+            queues, quiet, loads = self._queues, self._quiet, self._load
+            # QuietModels' own first test, read here without a call (most models, most ticks).
+            known = quiet.known if quiet.in_range(now) else {}
+            start = now - self.cfg.scale_window_s
             live: dict[ModelName, int] | None = None
             for name in self._autoscale_order():
                 if not queues[name]:
                     if live is None:
                         live = self._live_counts()
+                    k = known.get(name)
+                    if (
+                        k is not None
+                        and k[0] is loads[name].last_step
+                        and k[1] == live[name]
+                        and start < k[2]
+                    ):
+                        continue
                     if quiet.scale_is_zero(name, live[name], now):
                         continue
                 self._autoscale(name, now, cluster)
@@ -199,11 +211,11 @@ class Controller(FairStarts):
         if policy.unified_memory and policy.proactive_prewarm:
             self._plan(cluster, now, live)
 
-    def _autoscale_order(self) -> list[ModelName]:
+    def _autoscale_order(self) -> Sequence[ModelName]:
         """Popularity order (the reference's); with aging, models with queued requests first,
         the one waiting longest first, so a model's priority grows with its wait."""
         if not self.policy.queue_aging:
-            return list(self.models)
+            return self._model_order
         waiting = sorted(
             (q[0].arrival_s, rank, name) for rank, (name, q) in enumerate(self._queues.items()) if q
         )
