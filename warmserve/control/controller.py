@@ -36,7 +36,7 @@ from warmserve.control.autoscaler import (
 from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.fair_starts import FairStarts
 from warmserve.control.forecaster import Forecast, Forecaster
-from warmserve.control.kv_reservation import kv_actions, kv_target_pages
+from warmserve.control.kv_reservation import kv_actions, kv_floor_pages, kv_target
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.plan_skip import IdlePlan, still_idle
 from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
@@ -93,6 +93,7 @@ class Controller(FairStarts):
         # Per running instance, the (view, in-flight) of a tick review that could not act on
         # any cluster: the next tick skips it while they are unchanged.
         self._kv_settled: dict[InstanceId, tuple[InstanceView, int]] = {}
+        self._kv_floors: dict[ModelName, tuple[int, int]] = {}  # (page bytes, floor pages)
         self._next_instance = 0
         self._next_replica = 0
         self._window = 0
@@ -424,14 +425,13 @@ class Controller(FairStarts):
         """Lend or reclaim one instance's KV pages; True if anything changed."""
         inst = self._instances.get(view.instance_id)
         in_flight = inst.in_flight if inst else 0
-        target = kv_target_pages(
-            view,
-            self.models[view.model],
-            in_flight,
-            self.cfg.capacity_per_instance,
-            self.cfg.kv_floor_requests,
-            cluster.page_bytes,
-        )
+        page_bytes = cluster.page_bytes
+        floor = self._kv_floors.get(view.model)
+        if floor is None or floor[0] != page_bytes:  # a model's floor, worked out once
+            m = self.models[view.model]
+            floor = (page_bytes, kv_floor_pages(m, self.cfg.kv_floor_requests, page_bytes))
+            self._kv_floors[view.model] = floor
+        target = kv_target(view, floor[1], in_flight, self.cfg.capacity_per_instance)
         full = view.kv_pages + view.kv_lent_pages
         min_lend = full // 20 or 1  # max(1, full // 20): full is never negative
         protected: frozenset[ReplicaId] = frozenset()
