@@ -85,6 +85,9 @@ class Controller(FairStarts):
         self._load = {m.name: ConcurrencySeries(cfg.scale_window_s) for m in models}
         self._queues: dict[ModelName, deque[RequestInfo]] = {m.name: deque() for m in models}
         self._instances: dict[InstanceId, _Instance] = {}
+        # Per model, its instances not stopping (running or starting): kept as `_instances`
+        # changes (`_add_instance`, `_set_stopping`, `_release`, a failure), read every tick.
+        self._live = dict.fromkeys(self.models, 0)
         self._request_instance: dict[RequestId, InstanceId] = {}
         self._replica_scores: dict[int, float] = {}
         self._requests_seen = 0  # dispatches + completions, to skip unchanged KV reviews
@@ -163,6 +166,8 @@ class Controller(FairStarts):
         """An instance died with its worker: forget it; the requests it held, for the driver
         to retry (through `on_request`) or fail."""
         inst = self._instances.pop(instance_id, None)
+        if inst is not None and not inst.stopping:
+            self._live[inst.model] -= 1
         lost = [r for r, i in self._request_instance.items() if i == instance_id]
         for rid in lost:
             del self._request_instance[rid]
@@ -369,7 +374,7 @@ class Controller(FairStarts):
             actions: list[Action] = []
             for inst_id in stops:
                 inst = self._instances[inst_id]
-                inst.stopping = True
+                self._set_stopping(inst)
                 if inst.in_flight == 0:
                     del self._instances[inst_id]
                     actions.append(ReleaseInstance(inst_id, self._keep_as(inst_id)))
@@ -386,11 +391,14 @@ class Controller(FairStarts):
             self._start(name, now, cluster)
 
     def _live_counts(self) -> dict[ModelName, int]:
-        counts = dict.fromkeys(self.models, 0)
-        for inst in self._instances.values():
-            if not inst.stopping:
-                counts[inst.model] += 1
-        return counts
+        """Per model, its instances not stopping (a copy: the caller's, as of now)."""
+        return self._live.copy()
+
+    def _set_stopping(self, inst: _Instance) -> None:
+        """The instance leaves routing (it drains, or is released at once)."""
+        if not inst.stopping:
+            inst.stopping = True
+            self._live[inst.model] -= 1
 
     def _reserve_kv(self, cluster: ClusterHandle, now: float) -> None:
         # The instance views alone, not a snapshot: most reviews lend or settle, which reads
@@ -577,13 +585,16 @@ class Controller(FairStarts):
     def _add_instance(self, inst_id: InstanceId, name: ModelName, now: float) -> None:
         """Record an instance just started (the hook subclasses use after their own starts)."""
         self._instances[inst_id] = _Instance(name, now, last_active_s=now)
+        self._live[name] += 1
 
     def _live_instances(self, name: ModelName) -> int:
         return sum(1 for i in self._instances.values() if i.model == name and not i.stopping)
 
     def _release(self, inst_id: InstanceId, cluster: ClusterHandle) -> None:
         """The instance holds no request: forget it and free its pages."""
-        del self._instances[inst_id]
+        inst = self._instances.pop(inst_id)
+        if not inst.stopping:  # an idle one released at once
+            self._live[inst.model] -= 1
         cluster.apply([ReleaseInstance(inst_id, self._keep_as(inst_id))])
 
     def _keep_as(self, inst_id: InstanceId) -> ReplicaId | None:
