@@ -526,7 +526,8 @@ class Controller(FairStarts):
         # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
         quiet = self._quiet_plan
         if quiet is not None and quiet[0] == placement and quiet[1] == tuple(live.items()):
-            # Only KV resizes since a check whose demand was `_nothing_wanted`, with the same
+            # Only KV resizes and engines coming up (the placement unchanged) since a check
+            # whose demand was `_nothing_wanted` (or a plan that wanted nothing), with the same
             # forecasts (a window's close clears this) and live counts: the demand's replicas
             # and stopping instances are unchanged too, so it is `_nothing_wanted` again,
             # known without a snapshot (the commonest check: just after a KV lend).
@@ -569,6 +570,8 @@ class Controller(FairStarts):
             )
         self._replica_scores = plan.scores
         self._nothing_wanted = demand if plan.num_wanted == 0 else None
+        if plan.num_wanted == 0:  # placed nothing: the placement read above still holds
+            self._quiet_plan = (placement, demand[3])
         self._unchanged_plan = None if plan.actions else key
         # Only free pages moved since a plan that wanted replicas and placed none: often the
         # same again (plan_skip.py), with the evict-aware planner and no priors.
