@@ -40,7 +40,7 @@ from warmserve.control.kv_reservation import kv_actions, kv_floor_pages, kv_targ
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.plan_skip import IdlePlan, still_idle
 from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
-from warmserve.control.router import choose_instance
+from warmserve.control.router import least_loaded
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
 
@@ -244,12 +244,7 @@ class Controller(FairStarts):
 
     # ----- routing and starts -----------------------------------------------------------
     def _route(self, model: ModelName) -> InstanceId | None:
-        loads = (
-            (i, inst.in_flight)
-            for i, inst in self._instances.items()
-            if inst.model == model and not inst.stopping
-        )
-        return choose_instance(loads, self.cfg.capacity_per_instance)
+        return least_loaded(self._instances, model, self.cfg.capacity_per_instance)
 
     def _dispatch(
         self, req: RequestInfo, inst_id: InstanceId, cluster: ClusterHandle, now: float
