@@ -46,7 +46,7 @@ class QuietModels:
     of the bounds is 0 for every mean in between.
     """
 
-    __slots__ = ("_cfg", "_limit_s", "_load", "known")
+    __slots__ = ("_cfg", "_load", "known", "limit_s")
 
     def __init__(self, load: dict[ModelName, ConcurrencySeries], cfg: ControlConfig) -> None:
         self._load = load
@@ -55,12 +55,13 @@ class QuietModels:
         # window starts before t (`now - scale_window_s < t`), if `in_range(now)`. The tick
         # reads it before calling `scale_is_zero`.
         self.known: dict[ModelName, tuple[tuple[float, int], int, float]] = {}
-        # Beyond this clock reading the rounding of `now - span` could exceed the bound above.
-        self._limit_s = 1e7 * cfg.scale_window_s
+        # Beyond this clock reading (either way) the rounding of `now - span` could exceed the
+        # bound above: `known` holds only while |now| < limit_s (`in_range`).
+        self.limit_s = 1e7 * cfg.scale_window_s
 
     def in_range(self, now: float) -> bool:
         """Whether `known` holds at `now` (the clock within the bound's limit)."""
-        return -self._limit_s < now < self._limit_s
+        return -self.limit_s < now < self.limit_s
 
     def scale_is_zero(self, name: ModelName, num_active: int, now: float) -> bool:
         series = self._load[name]
@@ -74,7 +75,7 @@ class QuietModels:
             and known[0] is last
             and known[1] == num_active
             and start < known[2]
-            and -self._limit_s < now < self._limit_s
+            and -self.limit_s < now < self.limit_s
         ):
             return True
         if last[0] <= start:  # unchanged within the window: `mean` is the count now, exactly
@@ -95,7 +96,7 @@ class QuietModels:
         else:
             least = 0.0
         if (
-            -self._limit_s < now < self._limit_s
+            -self.limit_s < now < self.limit_s
             and len(series) <= 1_000_000  # each piece of the mean adds a rounding: 1e-10 in all
             and scale_delta(least, num_active, cfg) == 0
             and scale_delta(hi * (1.0 + _MEAN_SLACK), num_active, cfg) == 0

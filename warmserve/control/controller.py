@@ -178,44 +178,40 @@ class Controller(FairStarts):
         return lost
 
     def tick(self, now: float, cluster: ClusterHandle) -> None:
-        self._close_windows(now)
+        if now >= (self._window + 1) * self.cfg.forecast_window_s:  # as `_close_windows` tests
+            self._close_windows(now)
         if self._idle_autoscale_noop:
             # Most models, most ticks, autoscale to nothing (QuietModels): skipped without a
-            # call. Live counts are taken afresh after every call made (a start may stop
-            # other models' idle instances).
-            queues, quiet, loads = self._queues, self._quiet, self._load
+            # call. The live counts are kept current (a start may stop other models' idle
+            # instances).
+            queues, quiet, loads, live = self._queues, self._quiet, self._load, self._live
             # QuietModels' own first test, read here without a call (most models, most ticks).
-            known = quiet.known if quiet.in_range(now) else {}
+            known = quiet.known if -quiet.limit_s < now < quiet.limit_s else {}
             start = now - self.cfg.scale_window_s
-            live: dict[ModelName, int] | None = None
             for name in self._autoscale_order():
                 if not queues[name]:
-                    if live is None:
-                        live = self._live_counts()
                     k = known.get(name)
+                    n = live[name]
                     if (
                         k is not None
                         and k[0] is loads[name].last_step
-                        and k[1] == live[name]
+                        and k[1] == n
                         and start < k[2]
                     ):
                         continue
-                    if quiet.scale_is_zero(name, live[name], now):
+                    if quiet.scale_is_zero(name, n, now):
                         continue
                 self._autoscale(name, now, cluster)
-                live = None
         else:
-            live = None
             for name in self._autoscale_order():
                 self._autoscale(name, now, cluster)
         policy = self.policy
         if policy.fair_starts:
             self._rescue_starving(now, cluster)
-            live = None
         if policy.unified_memory and policy.kv_prewarm:
             self._reserve_kv(cluster, now)  # moves KV pages and replicas, never an instance
         if policy.unified_memory and policy.proactive_prewarm:
-            self._plan(cluster, now, live)
+            self._plan(cluster, now)
 
     def _autoscale_order(self) -> Sequence[ModelName]:
         """Popularity order (the reference's); with aging, models with queued requests first,
