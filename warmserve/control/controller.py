@@ -94,8 +94,10 @@ class Controller(FairStarts):
         # The handle's versions() and the in-flight count after the last tick's KV review.
         self._kv_reviewed: tuple[tuple[int, int], int] | None = None
         # Per running instance, the (view, in-flight) of a tick review that could not act on
-        # any cluster: the next tick skips it while they are unchanged.
-        self._kv_settled: dict[InstanceId, tuple[InstanceView, int]] = {}
+        # any cluster: the next tick skips it while they are unchanged. After a resize to the
+        # target, (None, in-flight, KV pages, used pages, lent pages) of the view it leaves,
+        # which the next review would settle (see `_review_kv`).
+        self._kv_settled: dict[InstanceId, tuple] = {}
         self._kv_floors: dict[ModelName, tuple[int, int]] = {}  # (page bytes, floor pages)
         self._next_instance = 0
         self._next_replica = 0
@@ -407,9 +409,22 @@ class Controller(FairStarts):
             inst = instances.get(inst_id)
             key = settled.get(inst_id)
             # The same inputs: no action again. A handle keeps a view object while its fields
-            # are unchanged; an equal view in a new object is reviewed, which settles it again.
-            if key is not None and key[0] is view and key[1] == (inst.in_flight if inst else 0):
-                self._kv_settled[inst_id] = key
+            # are unchanged; an equal view in a new object is reviewed, which settles it again
+            # (but for the view a resize to the target left, known by its fields).
+            if (
+                key is not None
+                and key[1] == (inst.in_flight if inst else 0)
+                and (
+                    key[0] is view
+                    or (
+                        key[0] is None
+                        and view.kv_pages == key[2]
+                        and view.kv_used_pages == key[3]
+                        and view.kv_lent_pages == key[4]
+                    )
+                )
+            ):
+                self._kv_settled[inst_id] = (view, key[1])
             else:
                 self._review_kv(view, cluster, now)
         self._kv_reviewed = (cluster.versions(), self._requests_seen)
@@ -466,6 +481,14 @@ class Controller(FairStarts):
             if inst is not None:
                 inst.kv_changed_s = now
             cluster.apply(actions)
+            last = actions[-1]
+            if isinstance(last, SetKvPages) and last.kv_pages == target:
+                # At the target, with the same use and in-flight count, the next review finds
+                # the same target, within the band (calm) or a lend's minimum of the pages it
+                # has: it settles. Known now, by the fields of the view this leaves.
+                self._kv_settled[view.instance_id] = (
+                    None, in_flight, target, view.kv_used_pages, full - target
+                )  # fmt: skip
         return bool(actions)
 
     def _record(self, actions: Sequence[Action], now: float, kv_before: int = 0) -> None:
