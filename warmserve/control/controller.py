@@ -402,8 +402,9 @@ class Controller(FairStarts):
             return  # no instance, KV use or in-flight count changed since the last review
         settled, self._kv_settled = self._kv_settled, {}
         instances = self._instances
+        running = InstanceState.RUNNING
         for view in cluster.instance_views():
-            if view.state != InstanceState.RUNNING:
+            if view.state != running:
                 continue
             inst_id = view.instance_id
             inst = instances.get(inst_id)
