@@ -88,6 +88,7 @@ class Controller(FairStarts):
         # Per model, its instances not stopping (running or starting): kept as `_instances`
         # changes (`_add_instance`, `_set_stopping`, `_release`, a failure), read every tick.
         self._live = dict.fromkeys(self.models, 0)
+        self._live_version = 0  # moves with every change of `_live`
         self._request_instance: dict[RequestId, InstanceId] = {}
         self._replica_scores: dict[int, float] = {}
         self._requests_seen = 0  # dispatches + completions, to skip unchanged KV reviews
@@ -107,7 +108,7 @@ class Controller(FairStarts):
         self._last_planned: int | None = None
         # forecasts() as the planner reads it: forecasts change only when a window closes.
         self._window_forecasts: dict[ModelName, Forecast] | None = None
-        # (placement version, live counts) of the last plan check whose demand was
+        # (placement version, live-count version) of the last plan check whose demand was
         # `_nothing_wanted`; None after any other outcome (see `_plan`).
         self._quiet_plan: tuple[int, tuple] | None = None
         self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
@@ -169,7 +170,7 @@ class Controller(FairStarts):
         to retry (through `on_request`) or fail."""
         inst = self._instances.pop(instance_id, None)
         if inst is not None and not inst.stopping:
-            self._live[inst.model] -= 1
+            self._live_add(inst.model, -1)
         lost = [r for r, i in self._request_instance.items() if i == instance_id]
         for rid in lost:
             del self._request_instance[rid]
@@ -387,11 +388,15 @@ class Controller(FairStarts):
         """Per model, its instances not stopping (a copy: the caller's, as of now)."""
         return self._live.copy()
 
+    def _live_add(self, model: ModelName, delta: int) -> None:
+        self._live[model] += delta
+        self._live_version += 1  # the quiet plan check compares it, not the counts
+
     def _set_stopping(self, inst: _Instance) -> None:
         """The instance leaves routing (it drains, or is released at once)."""
         if not inst.stopping:
             inst.stopping = True
-            self._live[inst.model] -= 1
+            self._live_add(inst.model, -1)
 
     def _reserve_kv(self, cluster: ClusterHandle, now: float) -> None:
         # The instance views alone, not a snapshot: most reviews lend or settle, which reads
@@ -531,16 +536,11 @@ class Controller(FairStarts):
         layout, _, placement = cluster.versions()
         if layout == self._last_planned:
             return
-        forecasts = self._window_forecasts
-        if forecasts is None:
-            forecasts = self._window_forecasts = self.forecasts()
-        if live is None:
-            live = self._live_counts()
         # A plan is a function of its inputs alone (ids are drawn only for actions). When the
         # last one wanted no new replica, only the demand's inputs matter (usually only free
         # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
         quiet = self._quiet_plan
-        if quiet is not None and quiet[0] == placement and quiet[1] == tuple(live.items()):
+        if quiet is not None and quiet[0] == placement and quiet[1] == self._live_version:
             # Only KV resizes and engines coming up (the placement unchanged) since a check
             # whose demand was `_nothing_wanted` (or a plan that wanted nothing), with the same
             # forecasts (a window's close clears this) and live counts: the demand's replicas
@@ -549,11 +549,16 @@ class Controller(FairStarts):
             self._last_planned = layout
             return
         self._quiet_plan = None
+        forecasts = self._window_forecasts
+        if forecasts is None:
+            forecasts = self._window_forecasts = self.forecasts()
+        if live is None:
+            live = self._live_counts()
         snap = cluster.snapshot()
         demand = _demand_key(snap, forecasts, live)
         if demand == self._nothing_wanted:
             self._last_planned = layout
-            self._quiet_plan = (placement, demand[3])
+            self._quiet_plan = (placement, self._live_version)
             return
         key = (demand, _layout_key(snap))
         idle = self._idle_plan
@@ -586,7 +591,7 @@ class Controller(FairStarts):
         self._replica_scores = plan.scores
         self._nothing_wanted = demand if plan.num_wanted == 0 else None
         if plan.num_wanted == 0:  # placed nothing: the placement read above still holds
-            self._quiet_plan = (placement, demand[3])
+            self._quiet_plan = (placement, self._live_version)
         self._unchanged_plan = None if plan.actions else key
         # Only free pages moved since a plan that wanted replicas and placed none: often the
         # same again (plan_skip.py), with the evict-aware planner and no priors.
@@ -603,7 +608,7 @@ class Controller(FairStarts):
     def _add_instance(self, inst_id: InstanceId, name: ModelName, now: float) -> None:
         """Record an instance just started (the hook subclasses use after their own starts)."""
         self._instances[inst_id] = _Instance(name, now, last_active_s=now)
-        self._live[name] += 1
+        self._live_add(name, +1)
 
     def _live_instances(self, name: ModelName) -> int:
         return sum(1 for i in self._instances.values() if i.model == name and not i.stopping)
@@ -612,7 +617,7 @@ class Controller(FairStarts):
         """The instance holds no request: forget it and free its pages."""
         inst = self._instances.pop(inst_id)
         if not inst.stopping:  # an idle one released at once
-            self._live[inst.model] -= 1
+            self._live_add(inst.model, -1)
         cluster.apply([ReleaseInstance(inst_id, self._keep_as(inst_id))])
 
     def _keep_as(self, inst_id: InstanceId) -> ReplicaId | None:
