@@ -86,3 +86,36 @@ def test_a_busy_model_is_remembered():
     assert quiet.scale_is_zero("m", 1, 4.0)
     assert quiet.known["m"][2] == 3.4  # the window must start before the last request left
     assert not quiet.scale_is_zero("m", 1, 8.5)  # an idle instance is stopped
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.floats(-20.0, 1e5),
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 1e-9, 0.1, 0.5, 1.0, 2.5, 7.0]),
+            st.booleans(),
+            st.lists(st.sampled_from([0.0, 1e-9, 0.2, 0.5, 3.0]), max_size=3),
+        ),
+        max_size=40,
+    ),
+    st.integers(0, 4),
+    configs,
+)
+def test_answers_carried_over_each_change_are_the_means(t0, events, live, cfg):
+    """Asked between changes (as ticks do), an answer remembered and carried over a change
+    (the new count within its bounds) is still the mean's."""
+    series = ConcurrencySeries(cfg.scale_window_s, start_s=t0)
+    quiet = QuietModels({"m": series}, cfg)
+    t, n = t0, 0
+    for dt, up, asks in events:
+        t += dt
+        delta = +1 if up or n == 0 else -1
+        series.add(t, delta)
+        n += delta
+        now = t
+        for ask in asks:
+            now += ask
+            exact = scale_delta(series.mean(now, cfg.scale_window_s), live, cfg) == 0
+            assert quiet.scale_is_zero("m", live, now) == exact
+        t = now

@@ -51,10 +51,11 @@ class QuietModels:
     def __init__(self, load: dict[ModelName, ConcurrencySeries], cfg: ControlConfig) -> None:
         self._load = load
         self._cfg = cfg
-        # Per model, (last step, live count, t): it scales by 0 while neither changes and the
-        # window starts before t (`now - scale_window_s < t`), if `in_range(now)`. The tick
-        # reads it before calling `scale_is_zero`.
-        self.known: dict[ModelName, tuple[tuple[float, int], int, float]] = {}
+        # Per model, (last step, live count, t, lo, hi): it scales by 0 while neither changes
+        # and the window starts before t (`now - scale_window_s < t`), if `in_range(now)`;
+        # lo and hi, the counts its bounds were proved for (-1: none). The tick reads the
+        # first three before calling `scale_is_zero`.
+        self.known: dict[ModelName, tuple] = {}
         # Beyond this clock reading (either way) the rounding of `now - span` could exceed the
         # bound above: `known` holds only while |now| < limit_s (`in_range`).
         self.limit_s = 1e7 * cfg.scale_window_s
@@ -78,10 +79,23 @@ class QuietModels:
             and -self.limit_s < now < self.limit_s
         ):
             return True
+        if (
+            known is not None
+            and known[1] == num_active
+            and known[3] >= 0
+            and -self.limit_s < now < self.limit_s
+            and series.before_last() is known[0]
+        ):
+            # One change since a remembered answer whose bounds held: if the new count keeps
+            # within them, so does every mean from now on (see `_extended`).
+            entry = self._extended(known, last, start, now)
+            if entry is not None and len(series) <= 1_000_000:
+                self.known[name] = entry
+                return True
         if last[0] <= start:  # unchanged within the window: `mean` is the count now, exactly
             if scale_delta(float(series.num_reqs), num_active, cfg) != 0:
                 return False
-            self.known[name] = (last, num_active, math.inf)
+            self.known[name] = (last, num_active, math.inf, -1, -1)  # no bounds to extend
             return True
         lo, hi, busy_until = series.window_counts(start)
         until = math.inf
@@ -95,16 +109,44 @@ class QuietModels:
             least = math.ulp(last[0] if busy_until == math.inf else busy_until) / 2 / span
         else:
             least = 0.0
-        if (
+        proved = (
             -self.limit_s < now < self.limit_s
             and len(series) <= 1_000_000  # each piece of the mean adds a rounding: 1e-10 in all
             and scale_delta(least, num_active, cfg) == 0
             and scale_delta(hi * (1.0 + _MEAN_SLACK), num_active, cfg) == 0
-        ):
-            self.known[name] = (last, num_active, until)
-            if until < math.inf or lo > 0 or now > last[0]:
-                return True  # this mean too is within the bounds: no need to compute it
-        return scale_delta(series.mean(now, span), num_active, cfg) == 0
+        )
+        if proved and (until < math.inf or lo > 0 or now > last[0]):
+            self.known[name] = (last, num_active, until, lo, hi)
+            return True  # this mean too is within the bounds: no need to compute it
+        # A last step at this very instant weighs nothing yet: this mean may be 0 (the
+        # bounds hold from the next instant on), so it is computed.
+        zero = scale_delta(series.mean(now, span), num_active, cfg) == 0
+        if proved and zero:
+            self.known[name] = (last, num_active, until, lo, hi)
+        return zero
+
+    @staticmethod
+    def _extended(known: tuple, last: tuple[float, int], start: float, now: float) -> tuple | None:
+        """The remembered answer `known` = (step, live, until, lo, hi), proved with 0 on
+        every load in [least, hi·(1 + slack)], carried over one new step `last` (the series'
+        step after `known`'s), or None. Lowest `lo` > 0 (a covered window): the new count
+        within [lo, hi] leaves every later mean within the same bounds. `lo` 0 (a positive
+        count in the window): a new count up to `hi` leaves the means positive while a
+        positive count is in the window, with a least bound (the float spacing at its end
+        over the span) no lower than the one proved, since the end only moves later."""
+        prev, _, until, lo, hi = known
+        c = last[1]
+        if c > hi:
+            return None
+        if lo > 0:
+            return (last, known[1], math.inf, lo, hi) if c >= lo else None
+        ref = prev[0] if until == math.inf else until  # the end the least bound was taken at
+        if hi <= 0 or ref <= 0.0:
+            return None
+        if c > 0:  # positive from now on: this mean too, once the step has some length
+            return (last, known[1], math.inf, 0, hi) if now > last[0] else None
+        end = last[0] if prev[1] > 0 else until  # when the last positive count ended
+        return (last, known[1], end, 0, hi) if start < end else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,11 @@ class ConcurrencySeries:
         while len(steps) > 1 and steps[1][0] <= cutoff:
             steps.popleft()
 
+    def before_last(self) -> tuple[float, int] | None:
+        """The step before the last one, if any (as `last_step` was then)."""
+        steps = self._steps
+        return steps[-2] if len(steps) > 1 else None
+
     def idle_since(self, start: float) -> bool:
         """No request in flight, and none since `start`: `mean` over a span from `start` is 0."""
         return self.num_reqs == 0 and self._steps[-1][0] <= start
