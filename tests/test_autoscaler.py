@@ -1,8 +1,13 @@
+import random
+from dataclasses import dataclass
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from warmserve.control.autoscaler import ActiveInstance, pick_to_stop, scale_delta
 from warmserve.control.config import ControlConfig
-from warmserve.control.router import choose_instance
+from warmserve.control.router import choose_instance, least_loaded
 
 CFG = ControlConfig()  # capacity 32, up 0.8, down 0.5
 
@@ -62,3 +67,25 @@ def test_router_least_loaded_below_capacity():
     assert choose_instance([(0, 32), (1, 31)], capacity=32) == 1
     assert choose_instance([(0, 32), (1, 40)], capacity=32) is None
     assert choose_instance([], capacity=32) is None
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 5), st.booleans()), max_size=12),
+    st.integers(1, 5),
+)
+def test_least_loaded_is_choose_instance(rows, capacity):
+    """The routing pass over instance records picks what `choose_instance` picks from the
+    model's instances not stopping."""
+
+    @dataclass
+    class Inst:
+        model: str
+        in_flight: int
+        stopping: bool
+
+    ids = list(range(len(rows)))
+    random.Random(len(rows)).shuffle(ids)  # records in any id order
+    insts = {i: Inst(*row) for i, row in zip(ids, rows, strict=True)}
+    for model in ("a", "b"):
+        loads = [(i, x.in_flight) for i, x in insts.items() if x.model == model and not x.stopping]
+        assert least_loaded(insts, model, capacity) == choose_instance(loads, capacity)

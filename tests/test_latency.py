@@ -135,3 +135,24 @@ def test_decode_run_shortcut_is_taken_and_skipped():
     assert m._kv_over_attn
     assert m._weights >= m._flop_tok * 1
     assert m._weights < m._flop_tok * 4096
+
+
+@given(
+    st.sampled_from([("llama-2-7b", 1), ("llama-2-13b", 2), ("llama-2-70b", 4)]),
+    st.lists(
+        st.tuples(st.integers(1, 64), st.integers(0, 200_000), st.integers(1, 300)),
+        min_size=1,
+        max_size=8,
+    ),
+)
+@settings(max_examples=100, deadline=None)
+def test_decode_run_from_the_table_is_bit_identical(model, runs):
+    """Memory-bound runs at integral contexts read their memory times from the model's
+    table (grown as contexts reach further): bit for bit the steps of `decode`."""
+    p = load_profile("h100-sxm-80g")
+    m = StepTimeModel(MODEL_PRESETS[model[0]], model[1], p.device, p.latency)
+    for batch, ctx, steps in runs:
+        got = m.decode_run(batch, float(ctx), steps).tolist()
+        assert got == _decode_run_long_way(m, batch, float(ctx), steps)
+    if all(m._weights >= m._flop_tok * b for b, _, _ in runs):  # memory-bound: the table read
+        assert len(m._mem_by_ctx) >= max(c + b * s for b, c, s in runs)

@@ -150,3 +150,40 @@ def test_snapshot_of_is_the_dataclass_snapshot():
     assert fast.instance_by_id == {7: insts[0]}
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.gpus = ()  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "policy", ["warmserve", "warmserve-plus", "serverlessllm-tuned", "muxserve", "static"]
+)
+def test_live_counts_kept_are_a_recount(servegen, policy, monkeypatch):
+    """The live counts the controller keeps as instances start, stop, drain and are released
+    equal a count of its instance records after every event it handles."""
+    exp, wl = servegen
+    spec = registry.POLICIES[policy]
+    checked = [0]
+
+    def recount(c):
+        counts = dict.fromkeys(c.models, 0)
+        for inst in c._instances.values():
+            if not inst.stopping:
+                counts[inst.model] += 1
+        return counts
+
+    def checking(c, method):
+        def call(*args):
+            out = method(*args)
+            assert c._live_counts() == recount(c)
+            checked[0] += 1
+            return out
+
+        return call
+
+    def build(cfg, models, fc):
+        c = spec.build(cfg, models, fc)
+        for name in ("tick", "on_request", "on_request_done", "on_kv_pressure"):
+            setattr(c, name, checking(c, getattr(c, name)))
+        return c
+
+    monkeypatch.setitem(registry.POLICIES, policy, dataclasses.replace(spec, build=build))
+    r = run_policy(exp, policy, wl)
+    assert checked[0] > 0 and len(r.requests) > 0

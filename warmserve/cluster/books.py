@@ -119,7 +119,8 @@ class Books:
         # rates; snapshot parts are rebuilt only when their own version moved.
         self._layout_version = 0
         self._usage_version = 0
-        self._kv_resizes = 0  # layout changes that were KV resizes alone (`versions`)
+        # Layout changes that left the placement (`versions`): KV resizes, engines coming up.
+        self._placement_kept = 0
         self._snapshot: ClusterSnapshot | None = None
         self._snapshot_versions = (-1, -1)
         # The views in the last snapshot, reused while their fields are unchanged.
@@ -153,7 +154,7 @@ class Books:
                 e = self._set_kv(a.instance_id, a.kv_pages)
                 out.append(e)
                 dirty.update(e.devices)
-                self._kv_resizes += 1
+                self._placement_kept += 1
             elif isinstance(a, StartInstance):
                 out.extend(self._start(a))
                 dirty.update(a.gpus)
@@ -351,6 +352,8 @@ class Books:
             inst.state = InstanceState.RUNNING
             self._dirty_instances.add(inst_id)
         self._layout_version += 1
+        # The replica it owns is in no view; a running instance is not a stopping one.
+        self._placement_kept += 1
         self._replicas_changed = True
         return inst
 
@@ -412,9 +415,15 @@ class Books:
     def versions(self) -> tuple[int, int, int]:
         """(layout, usage, placement): the next snapshot is a new one exactly when layout or
         usage moved since the last, and its `gpus` and `replicas` are new tuples exactly when
-        layout did. Placement moves with every layout change but a KV resize: while it stays,
-        so do the replicas, the instances and their states (only KV and free pages moved)."""
-        return self._layout_version, self._usage_version, self._layout_version - self._kv_resizes
+        layout did. Placement moves with every layout change but a KV resize or an engine
+        coming up (`mark_running`): while it stays, so do the replicas the snapshot lists, the
+        instances and which of them are stopping (KV, free pages and starting instances'
+        readiness may have moved)."""
+        return (
+            self._layout_version,
+            self._usage_version,
+            self._layout_version - self._placement_kept,
+        )
 
     def free_pages(self, devices: tuple[int, ...]) -> list[int]:
         """The free pages of each of `devices`, as the next snapshot's GpuViews show them."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from warmserve.frozen import quick_init
 from warmserve.types import InstanceId, ModelName, ReplicaId, RequestId, StartPath
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class LoadWeights:
     """Load a replica's shards into a slot on each of its devices.
@@ -27,6 +29,7 @@ class LoadWeights:
     for_activation: bool = False
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class DropWeights:
     """Free a replica's slot: cancel its load if it is queued or in progress."""
@@ -36,6 +39,7 @@ class DropWeights:
     devices: tuple[int, ...]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Activate:
     """Bring up an engine for an instance, on the replica's weights if it has one."""
@@ -49,6 +53,7 @@ class Activate:
     shared: bool  # co-located with other instances on the same devices
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Deactivate:
     """The instance is gone from the books; its engine stops. Its weights stay resident as
@@ -63,6 +68,7 @@ class Deactivate:
         return self.kept_serial is not None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ResizeKv:
     instance_id: InstanceId
@@ -71,6 +77,7 @@ class ResizeKv:
     grew: bool  # pages came back: requests waiting for KV may now be admitted
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Route:
     request_id: RequestId

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
 
+from warmserve.frozen import quick_init
 from warmserve.hardware import PAGE_BYTES
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
@@ -33,6 +34,7 @@ class ServedModel:
     priority: float = 1.0
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     request_id: RequestId
@@ -42,6 +44,7 @@ class RequestInfo:
     max_tokens: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class GpuView:
     gpu_id: int
@@ -51,6 +54,7 @@ class GpuView:
     instance_id: InstanceId | None  # the instance running here, if any
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ReplicaView:
     """Weights of one model resident (or loading) on a GPU group, not serving."""
@@ -62,6 +66,7 @@ class ReplicaView:
     is_ready: bool
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class InstanceView:
     instance_id: InstanceId
@@ -124,12 +129,14 @@ class ClusterSnapshot:
 
 
 # Actions. The controller allocates ids, so every decision is reproducible for a given input.
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Dispatch:
     request_id: RequestId
     instance_id: InstanceId
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class StartInstance:
     instance_id: InstanceId
@@ -144,6 +151,7 @@ class StartInstance:
     new_replica_id: ReplicaId | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class StopInstance:
     """Out of routing: the instance drains the requests it holds. The controller releases it
@@ -152,6 +160,7 @@ class StopInstance:
     instance_id: InstanceId
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ReleaseInstance:
     """The instance holds no request: free its KV pages. Its weights stay as the prewarmed
@@ -161,6 +170,7 @@ class ReleaseInstance:
     keep_as: ReplicaId | None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Prewarm:
     replica_id: ReplicaId
@@ -168,11 +178,13 @@ class Prewarm:
     gpus: tuple[int, ...]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Evict:
     replica_id: ReplicaId
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SetKvPages:
     """Grow or shrink an instance's own KV pages (per GPU); the difference is lent or reclaimed."""

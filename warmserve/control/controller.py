@@ -37,11 +37,11 @@ from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.drain_estimate import ServiceTimes
 from warmserve.control.fair_starts import FairStarts
 from warmserve.control.forecaster import Forecast, Forecaster
-from warmserve.control.kv_reservation import kv_actions, kv_target_pages
+from warmserve.control.kv_reservation import kv_actions, kv_floor_pages, kv_target
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.plan_skip import IdlePlan, still_idle
 from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
-from warmserve.control.router import choose_instance
+from warmserve.control.router import least_loaded
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
 
@@ -86,14 +86,21 @@ class Controller(FairStarts):
         self._load = {m.name: ConcurrencySeries(cfg.scale_window_s) for m in models}
         self._queues: dict[ModelName, deque[RequestInfo]] = {m.name: deque() for m in models}
         self._instances: dict[InstanceId, _Instance] = {}
+        # Per model, its instances not stopping (running or starting): kept as `_instances`
+        # changes (`_add_instance`, `_set_stopping`, `_release`, a failure), read every tick.
+        self._live = dict.fromkeys(self.models, 0)
+        self._live_version = 0  # moves with every change of `_live`
         self._request_instance: dict[RequestId, InstanceId] = {}
         self._replica_scores: dict[int, float] = {}
         self._requests_seen = 0  # dispatches + completions, to skip unchanged KV reviews
         # The handle's versions() and the in-flight count after the last tick's KV review.
         self._kv_reviewed: tuple[tuple[int, int], int] | None = None
         # Per running instance, the (view, in-flight) of a tick review that could not act on
-        # any cluster: the next tick skips it while they are unchanged.
-        self._kv_settled: dict[InstanceId, tuple[InstanceView, int]] = {}
+        # any cluster: the next tick skips it while they are unchanged. After a resize to the
+        # target, (None, in-flight, KV pages, used pages, lent pages) of the view it leaves,
+        # which the next review would settle (see `_review_kv`).
+        self._kv_settled: dict[InstanceId, tuple] = {}
+        self._kv_floors: dict[ModelName, tuple[int, int]] = {}  # (page bytes, floor pages)
         self._next_instance = 0
         self._next_replica = 0
         self._window = 0
@@ -102,7 +109,7 @@ class Controller(FairStarts):
         self._last_planned: int | None = None
         # forecasts() as the planner reads it: forecasts change only when a window closes.
         self._window_forecasts: dict[ModelName, Forecast] | None = None
-        # (placement version, live counts) of the last plan check whose demand was
+        # (placement version, live-count version) of the last plan check whose demand was
         # `_nothing_wanted`; None after any other outcome (see `_plan`).
         self._quiet_plan: tuple[int, tuple] | None = None
         self._replica_born: dict[ReplicaId, float] = {}  # when its Prewarm was issued
@@ -128,6 +135,7 @@ class Controller(FairStarts):
         # queue (scale_delta is 0); a subclass's own may (static deployments start at once).
         self._idle_autoscale_noop = type(self)._autoscale is Controller._autoscale
         self._quiet = QuietModels(self._load, cfg)
+        self._model_order = tuple(self.models)
 
     # ----- events -----------------------------------------------------------------------
     def on_request(self, now: float, req: RequestInfo, cluster: ClusterHandle) -> None:
@@ -176,6 +184,8 @@ class Controller(FairStarts):
         """An instance died with its worker: forget it; the requests it held, for the driver
         to retry (through `on_request`) or fail."""
         inst = self._instances.pop(instance_id, None)
+        if inst is not None and not inst.stopping:
+            self._live_add(inst.model, -1)
         lost = [r for r, i in self._request_instance.items() if i == instance_id]
         for rid in lost:
             del self._request_instance[rid]
@@ -187,39 +197,46 @@ class Controller(FairStarts):
         return lost
 
     def tick(self, now: float, cluster: ClusterHandle) -> None:
-        self._close_windows(now)
+        if now >= (self._window + 1) * self.cfg.forecast_window_s:  # as `_close_windows` tests
+            self._close_windows(now)
         if self._idle_autoscale_noop:
             # Most models, most ticks, autoscale to nothing (QuietModels): skipped without a
-            # call. Live counts are taken afresh after every call made (a start may stop
-            # other models' idle instances).
-            queues, quiet = self._queues, self._quiet
-            live: dict[ModelName, int] | None = None
+            # call. The live counts are kept current (a start may stop other models' idle
+            # instances).
+            queues, quiet, loads, live = self._queues, self._quiet, self._load, self._live
+            # QuietModels' own first test, read here without a call (most models, most ticks).
+            known = quiet.known if -quiet.limit_s < now < quiet.limit_s else {}
+            start = now - self.cfg.scale_window_s
             for name in self._autoscale_order():
                 if not queues[name]:
-                    if live is None:
-                        live = self._live_counts()
-                    if quiet.scale_is_zero(name, live[name], now):
+                    k = known.get(name)
+                    n = live[name]
+                    if (
+                        k is not None
+                        and k[0] is loads[name].last_step
+                        and k[1] == n
+                        and start < k[2]
+                    ):
+                        continue
+                    if quiet.scale_is_zero(name, n, now):
                         continue
                 self._autoscale(name, now, cluster)
-                live = None
         else:
-            live = None
             for name in self._autoscale_order():
                 self._autoscale(name, now, cluster)
         policy = self.policy
         if policy.fair_starts:
             self._rescue_starving(now, cluster)
-            live = None
         if policy.unified_memory and policy.kv_prewarm:
             self._reserve_kv(cluster, now)  # moves KV pages and replicas, never an instance
         if policy.unified_memory and policy.proactive_prewarm:
-            self._plan(cluster, now, live)
+            self._plan(cluster, now)
 
-    def _autoscale_order(self) -> list[ModelName]:
+    def _autoscale_order(self) -> Sequence[ModelName]:
         """Popularity order (the reference's); with aging, models with queued requests first,
         the one waiting longest first, so a model's priority grows with its wait."""
         if not self.policy.queue_aging:
-            return list(self.models)
+            return self._model_order
         waiting = sorted(
             (q[0].arrival_s, rank, name) for rank, (name, q) in enumerate(self._queues.items()) if q
         )
@@ -242,12 +259,7 @@ class Controller(FairStarts):
 
     # ----- routing and starts -----------------------------------------------------------
     def _route(self, model: ModelName) -> InstanceId | None:
-        loads = (
-            (i, inst.in_flight)
-            for i, inst in self._instances.items()
-            if inst.model == model and not inst.stopping
-        )
-        return choose_instance(loads, self.cfg.capacity_per_instance)
+        return least_loaded(self._instances, model, self.cfg.capacity_per_instance)
 
     def _dispatch(
         self, req: RequestInfo, inst_id: InstanceId, cluster: ClusterHandle, now: float
@@ -374,7 +386,7 @@ class Controller(FairStarts):
             actions: list[Action] = []
             for inst_id in stops:
                 inst = self._instances[inst_id]
-                inst.stopping = True
+                self._set_stopping(inst)
                 if inst.in_flight == 0:
                     del self._instances[inst_id]
                     actions.append(ReleaseInstance(inst_id, self._keep_as(inst_id)))
@@ -391,11 +403,18 @@ class Controller(FairStarts):
             self._start(name, now, cluster)
 
     def _live_counts(self) -> dict[ModelName, int]:
-        counts = dict.fromkeys(self.models, 0)
-        for inst in self._instances.values():
-            if not inst.stopping:
-                counts[inst.model] += 1
-        return counts
+        """Per model, its instances not stopping (a copy: the caller's, as of now)."""
+        return self._live.copy()
+
+    def _live_add(self, model: ModelName, delta: int) -> None:
+        self._live[model] += delta
+        self._live_version += 1  # the quiet plan check compares it, not the counts
+
+    def _set_stopping(self, inst: _Instance) -> None:
+        """The instance leaves routing (it drains, or is released at once)."""
+        if not inst.stopping:
+            inst.stopping = True
+            self._live_add(inst.model, -1)
 
     def _reserve_kv(self, cluster: ClusterHandle, now: float) -> None:
         # The instance views alone, not a snapshot: most reviews lend or settle, which reads
@@ -406,16 +425,30 @@ class Controller(FairStarts):
             return  # no instance, KV use or in-flight count changed since the last review
         settled, self._kv_settled = self._kv_settled, {}
         instances = self._instances
+        running = InstanceState.RUNNING
         for view in cluster.instance_views():
-            if view.state != InstanceState.RUNNING:
+            if view.state != running:
                 continue
             inst_id = view.instance_id
             inst = instances.get(inst_id)
             key = settled.get(inst_id)
             # The same inputs: no action again. A handle keeps a view object while its fields
-            # are unchanged; an equal view in a new object is reviewed, which settles it again.
-            if key is not None and key[0] is view and key[1] == (inst.in_flight if inst else 0):
-                self._kv_settled[inst_id] = key
+            # are unchanged; an equal view in a new object is reviewed, which settles it again
+            # (but for the view a resize to the target left, known by its fields).
+            if (
+                key is not None
+                and key[1] == (inst.in_flight if inst else 0)
+                and (
+                    key[0] is view
+                    or (
+                        key[0] is None
+                        and view.kv_pages == key[2]
+                        and view.kv_used_pages == key[3]
+                        and view.kv_lent_pages == key[4]
+                    )
+                )
+            ):
+                self._kv_settled[inst_id] = (view, key[1])
             else:
                 self._review_kv(view, cluster, now)
         self._kv_reviewed = (cluster.versions(), self._requests_seen)
@@ -430,14 +463,13 @@ class Controller(FairStarts):
         """Lend or reclaim one instance's KV pages; True if anything changed."""
         inst = self._instances.get(view.instance_id)
         in_flight = inst.in_flight if inst else 0
-        target = kv_target_pages(
-            view,
-            self.models[view.model],
-            in_flight,
-            self.cfg.capacity_per_instance,
-            self.cfg.kv_floor_requests,
-            cluster.page_bytes,
-        )
+        page_bytes = cluster.page_bytes
+        floor = self._kv_floors.get(view.model)
+        if floor is None or floor[0] != page_bytes:  # a model's floor, worked out once
+            m = self.models[view.model]
+            floor = (page_bytes, kv_floor_pages(m, self.cfg.kv_floor_requests, page_bytes))
+            self._kv_floors[view.model] = floor
+        target = kv_target(view, floor[1], in_flight, self.cfg.capacity_per_instance)
         full = view.kv_pages + view.kv_lent_pages
         min_lend = full // 20 or 1  # max(1, full // 20): full is never negative
         protected: frozenset[ReplicaId] = frozenset()
@@ -473,6 +505,14 @@ class Controller(FairStarts):
             if inst is not None:
                 inst.kv_changed_s = now
             cluster.apply(actions)
+            last = actions[-1]
+            if isinstance(last, SetKvPages) and last.kv_pages == target:
+                # At the target, with the same use and in-flight count, the next review finds
+                # the same target, within the band (calm) or a lend's minimum of the pages it
+                # has: it settles. Known now, by the fields of the view this leaves.
+                self._kv_settled[view.instance_id] = (
+                    None, in_flight, target, view.kv_used_pages, full - target
+                )  # fmt: skip
         return bool(actions)
 
     def _record(self, actions: Sequence[Action], now: float, kv_before: int = 0) -> None:
@@ -514,28 +554,29 @@ class Controller(FairStarts):
         layout, _, placement = cluster.versions()
         if layout == self._last_planned:
             return
-        forecasts = self._window_forecasts
-        if forecasts is None:
-            forecasts = self._window_forecasts = self.forecasts()
-        if live is None:
-            live = self._live_counts()
         # A plan is a function of its inputs alone (ids are drawn only for actions). When the
         # last one wanted no new replica, only the demand's inputs matter (usually only free
         # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
         quiet = self._quiet_plan
-        if quiet is not None and quiet[0] == placement and quiet[1] == tuple(live.items()):
-            # Only KV resizes since a check whose demand was `_nothing_wanted`, with the same
+        if quiet is not None and quiet[0] == placement and quiet[1] == self._live_version:
+            # Only KV resizes and engines coming up (the placement unchanged) since a check
+            # whose demand was `_nothing_wanted` (or a plan that wanted nothing), with the same
             # forecasts (a window's close clears this) and live counts: the demand's replicas
             # and stopping instances are unchanged too, so it is `_nothing_wanted` again,
             # known without a snapshot (the commonest check: just after a KV lend).
             self._last_planned = layout
             return
         self._quiet_plan = None
+        forecasts = self._window_forecasts
+        if forecasts is None:
+            forecasts = self._window_forecasts = self.forecasts()
+        if live is None:
+            live = self._live_counts()
         snap = cluster.snapshot()
         demand = _demand_key(snap, forecasts, live)
         if demand == self._nothing_wanted:
             self._last_planned = layout
-            self._quiet_plan = (placement, demand[3])
+            self._quiet_plan = (placement, self._live_version)
             return
         key = (demand, _layout_key(snap))
         idle = self._idle_plan
@@ -567,6 +608,8 @@ class Controller(FairStarts):
             )
         self._replica_scores = plan.scores
         self._nothing_wanted = demand if plan.num_wanted == 0 else None
+        if plan.num_wanted == 0:  # placed nothing: the placement read above still holds
+            self._quiet_plan = (placement, self._live_version)
         self._unchanged_plan = None if plan.actions else key
         # Only free pages moved since a plan that wanted replicas and placed none: often the
         # same again (plan_skip.py), with the evict-aware planner and no priors.
@@ -583,13 +626,16 @@ class Controller(FairStarts):
     def _add_instance(self, inst_id: InstanceId, name: ModelName, now: float) -> None:
         """Record an instance just started (the hook subclasses use after their own starts)."""
         self._instances[inst_id] = _Instance(name, now, last_active_s=now)
+        self._live_add(name, +1)
 
     def _live_instances(self, name: ModelName) -> int:
         return sum(1 for i in self._instances.values() if i.model == name and not i.stopping)
 
     def _release(self, inst_id: InstanceId, cluster: ClusterHandle) -> None:
         """The instance holds no request: forget it and free its pages."""
-        del self._instances[inst_id]
+        inst = self._instances.pop(inst_id)
+        if not inst.stopping:  # an idle one released at once
+            self._live_add(inst.model, -1)
         cluster.apply([ReleaseInstance(inst_id, self._keep_as(inst_id))])
 
     def _keep_as(self, inst_id: InstanceId) -> ReplicaId | None:

@@ -371,7 +371,7 @@ class FairStarts:
             inst = self._instances[inst_id]
             if inst.stopping:
                 continue
-            inst.stopping = True
+            self._set_stopping(inst)
             if inst.in_flight == 0:
                 self._release(inst_id, cluster)
             else:

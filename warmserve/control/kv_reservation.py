@@ -23,9 +23,18 @@ def kv_target_pages(
     floor_requests: int,
     page_bytes: int = PAGE_BYTES,
 ) -> int:
-    full = inst.kv_pages + inst.kv_lent_pages
+    return kv_target(inst, kv_floor_pages(model, floor_requests, page_bytes), in_flight, capacity)
+
+
+def kv_floor_pages(model: ServedModel, floor_requests: int, page_bytes: int = PAGE_BYTES) -> int:
+    """The pages `floor_requests` requests of `max_model_len` tokens take on each GPU."""
     per_request = math.ceil(model.max_model_len * model.kv_bytes_per_token_per_gpu / page_bytes)
-    floor = floor_requests * per_request
+    return floor_requests * per_request
+
+
+def kv_target(inst: InstanceView, floor: int, in_flight: int, capacity: int) -> int:
+    """`kv_target_pages` with the model's floor (`kv_floor_pages`) known."""
+    full = inst.kv_pages + inst.kv_lent_pages
     headroom = math.ceil(full * min(in_flight, capacity) / capacity)
     return min(full, max(floor, inst.kv_used_pages + headroom))
 

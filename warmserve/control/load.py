@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 
@@ -33,6 +34,10 @@ class ConcurrencySeries:
         # (time, count) of the last change, the newest step: a new tuple on every `add`.
         self.last_step = self._steps[-1]
 
+    def __len__(self) -> int:
+        """Steps kept: those of the last horizon, and the one before."""
+        return len(self._steps)
+
     def add(self, now: float, delta: int) -> None:
         self.window_integral += (now - self.last_t) * self.num_reqs
         self.last_t = now
@@ -49,6 +54,11 @@ class ConcurrencySeries:
         cutoff = now - self._horizon_s
         while len(steps) > 1 and steps[1][0] <= cutoff:
             steps.popleft()
+
+    def before_last(self) -> tuple[float, int] | None:
+        """The step before the last one, if any (as `last_step` was then)."""
+        steps = self._steps
+        return steps[-2] if len(steps) > 1 else None
 
     def idle_since(self, start: float) -> bool:
         """No request in flight, and none since `start`: `mean` over a span from `start` is 0."""
@@ -75,6 +85,29 @@ class ConcurrencySeries:
         if now > lo:
             total += (now - lo) * n
         return total / span_s
+
+    def window_counts(self, start: float) -> tuple[int, int, float]:
+        """What every later `mean` over a span that begins at or after `start` weighs, until
+        the next `add`: (lowest, highest) count held at any time after `start` (lowest 0 if the
+        series begins after it: `mean` counts that stretch as 0), and when the last positive
+        count ended (inf: it still holds; -inf: none after `start`)."""
+        steps = self._steps
+        lo = hi = self.num_reqs  # the last step's count, held from then on
+        end = math.inf  # when the step visited ended
+        busy_until = -math.inf
+        for t, n in reversed(steps):
+            if n < lo:
+                lo = n
+            elif n > hi:
+                hi = n
+            if n > 0 and busy_until == -math.inf:
+                busy_until = end
+            if t <= start:
+                break  # this step held its count across `start`; the earlier ones ended before
+            end = t
+        else:
+            lo = 0
+        return lo, hi, busy_until
 
     def close_window(self, now: float, window_s: float) -> tuple[float, int]:
         """(time-weighted mean, peak) of the window ending now; opens the next one."""

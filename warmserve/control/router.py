@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
-from warmserve.types import InstanceId
+from warmserve.types import InstanceId, ModelName
 
 
 def choose_instance(loads: Iterable[tuple[InstanceId, int]], capacity: int) -> InstanceId | None:
@@ -14,3 +15,24 @@ def choose_instance(loads: Iterable[tuple[InstanceId, int]], capacity: int) -> I
         if n < capacity and (best is None or (n, inst_id) < best):
             best = (n, inst_id)
     return None if best is None else best[1]
+
+
+class _Routable(Protocol):
+    model: ModelName
+    in_flight: int
+    stopping: bool
+
+
+def least_loaded(
+    instances: Mapping[InstanceId, _Routable], model: ModelName, capacity: int
+) -> InstanceId | None:
+    """`choose_instance` over `model`'s instances not stopping, in one pass without a
+    generator (it runs for every arriving request)."""
+    best: InstanceId | None = None
+    best_n = capacity  # only an instance below capacity is taken
+    for inst_id, inst in instances.items():
+        if inst.model == model and not inst.stopping:
+            n = inst.in_flight
+            if n < best_n or (n == best_n and best is not None and inst_id < best):
+                best, best_n = inst_id, n
+    return best

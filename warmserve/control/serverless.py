@@ -190,7 +190,7 @@ class ServerlessLLMController(_LocalityFirst):
 
     def _stop(self, inst_id: int, cluster: ClusterHandle) -> None:
         inst = self._instances[inst_id]
-        inst.stopping = True
+        self._set_stopping(inst)
         action: Action
         if inst.in_flight == 0:
             del self._instances[inst_id]

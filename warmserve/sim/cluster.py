@@ -91,6 +91,11 @@ class SimCluster(BookReads):
         )
         weights = {name: m.served.pages_per_gpu for name, m in models.items()}
         self.books = Books(num_gpus, gpus_per_node, weights, pages_per_device=pages_per_gpu)
+        # The reads a control tick makes several times over, bound to the books' own methods:
+        # what BookReads answers, one call shallower.
+        self.versions = self.books.versions  # type: ignore[method-assign]
+        self.instance_views = self.books.instance_views  # type: ignore[method-assign]
+        self.snapshot = self.books.snapshot  # type: ignore[method-assign]
         self.loads = [LoadQueue(g) for g in range(num_gpus)]
         self.models = models
         self.costs = costs

@@ -81,7 +81,8 @@ class SimInstance:
         self.model = model
         self.gpus = gpus
         self.state = InstanceState.STARTING
-        self.kv_pages = 0
+        self._kv_pages = 0
+        self._capacity_tokens = 0  # kv_capacity_tokens, worked out when kv_pages is set
         self.kv_lent_pages = 0
         self._steps = step_model
         self._kv_tok = kv_bytes_per_token_per_gpu
@@ -107,8 +108,17 @@ class SimInstance:
 
     # ----- KV accounting ----------------------------------------------------------------
     @property
+    def kv_pages(self) -> int:
+        return self._kv_pages
+
+    @kv_pages.setter
+    def kv_pages(self, pages: int) -> None:
+        self._kv_pages = pages
+        self._capacity_tokens = int(pages * PAGE_BYTES // self._kv_tok)
+
+    @property
     def kv_capacity_tokens(self) -> int:
-        return int(self.kv_pages * PAGE_BYTES // self._kv_tok)
+        return self._capacity_tokens
 
     @property
     def kv_used_pages(self) -> int:
@@ -119,7 +129,7 @@ class SimInstance:
         return len(self.waiting) + len(self.running)
 
     def _fits(self, req: SimRequest) -> bool:
-        return self.used_tokens + req.kv_tokens <= self.kv_capacity_tokens
+        return self.used_tokens + req.kv_tokens <= self._capacity_tokens
 
     # ----- control ----------------------------------------------------------------------
     def add(self, req: SimRequest) -> None:

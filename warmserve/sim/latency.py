@@ -31,6 +31,11 @@ class LatencyParams:
     seq_overhead_s: float = 0.0
 
 
+# The most contexts a model's table of memory times holds (2 MiB): runs whose contexts reach
+# beyond it are computed directly.
+_MEM_TABLE_MAX = 1 << 18
+
+
 class StepTimeModel:
     """Seconds per prefill or decode step; constants folded once at construction."""
 
@@ -41,6 +46,7 @@ class StepTimeModel:
         "_flop_tok",
         "_kv_over_attn",
         "_kv_tok",
+        "_mem_by_ctx",
         "_seq",
         "_weights",
     )
@@ -64,6 +70,9 @@ class StepTimeModel:
         # A context token costs at least as much memory time as attention time (always so on
         # GPUs): decode_run may then skip the compute branch, see there.
         self._kv_over_attn = self._kv_tok >= self._attn >= 0.0
+        # fl(fl(c·kv_tok) + weights) for every integral context c below its length: a
+        # memory-bound run's step times before the per-step constants (`decode_run`).
+        self._mem_by_ctx = np.empty(0)
 
     def decode(self, batch: int, ctx_sum: float) -> float:
         mem = self._weights + self._kv_tok * ctx_sum
@@ -76,13 +85,31 @@ class StepTimeModel:
         # every step time is bit-identical to it): a run is computed at every batch change.
         # Contexts are token counts: for an integral ctx_sum every one is an exact integer,
         # and arange's start + i·step gives the same doubles as i·batch + ctx_sum, in one call.
+        flop = self._flop_tok * batch
+        end = ctx_sum + batch * steps
+        if (
+            self._kv_over_attn
+            and self._weights >= flop
+            and ctx_sum.is_integer()
+            and ctx_sum >= 0.0
+            and end <= _MEM_TABLE_MAX
+        ):
+            # Memory-bound (see below), integral contexts: each step's memory time is the
+            # table's entry for its context, the same doubles, read as a strided slice.
+            table = self._mem_by_ctx
+            if end > len(table):
+                table = self._mem_table(int(end))
+            mem = table[int(ctx_sum) : int(end) : batch] + (self._fixed + self._seq * batch)
+            comm = self._comm_tok * batch
+            if comm != 0.0:
+                mem += comm
+            return np.add.accumulate(mem, out=mem)
         if ctx_sum.is_integer():
             ctx = np.arange(ctx_sum, ctx_sum + batch * steps, batch, dtype=np.float64)
         else:
             ctx = np.arange(steps, dtype=np.float64)
             ctx *= batch
             ctx += ctx_sum
-        flop = self._flop_tok * batch
         if self._kv_over_attn and self._weights >= flop:
             # Memory-bound at every step, exactly: ctx ≥ 0 and kv_tok ≥ attn give
             # fl(ctx·kv_tok) ≥ fl(ctx·attn), and weights ≥ fl(flop_tok·batch) then gives
@@ -101,6 +128,15 @@ class StepTimeModel:
         if comm != 0.0:  # adding 0.0 leaves every (positive) step time as it is
             mem += comm
         return np.add.accumulate(mem, out=mem)
+
+    def _mem_table(self, length: int) -> np.ndarray:
+        """`_mem_by_ctx` grown to at least `length` contexts (doubling, up to the cap)."""
+        n = min(_MEM_TABLE_MAX, max(length, 2 * len(self._mem_by_ctx), 1024))
+        table = np.arange(n, dtype=np.float64)
+        table *= self._kv_tok
+        table += self._weights
+        self._mem_by_ctx = table
+        return table
 
     def prefill(self, num_tokens: int, sum_sq_tokens: float, num_seqs: int = 1) -> float:
         """A prefill step over `num_seqs` prompts with `num_tokens` in all and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -297,20 +298,21 @@ def request_rows(
     model = [wl.model_names[i] for i in wl.model_idx.tolist()]
     inputs = list(map(int, wl.input_tokens.tolist()))
     outputs = list(map(int, wl.output_tokens.tolist()))
-    for k, outcome in enumerate(outcomes):
-        done = not outcome
-        t = ttft[k]
-        yield RequestRow(
-            arrival[k],
-            model[k],
-            inputs[k],
-            outputs[k],
-            None if math.isnan(t) else t,
-            latency[k] if done else None,
-            outputs[k] if done else 0,
-            outcome,
-            policy,
-        )
+    # Column by column, then one map over them: the same rows as one call per request.
+    n = len(outcomes)
+    done = [not o for o in outcomes]
+    return map(
+        RequestRow,
+        arrival[:n],
+        model[:n],
+        inputs[:n],
+        outputs[:n],
+        [None if math.isnan(t) else t for t in ttft[:n]],
+        [x if d else None for x, d in zip(latency, done, strict=False)],
+        [x if d else 0 for x, d in zip(outputs, done, strict=False)],
+        outcomes,
+        itertools.repeat(policy, n),
+    )
 
 
 def request_outcomes(log: RequestLog, queued: set[int], cluster: SimCluster) -> tuple[str, ...]:

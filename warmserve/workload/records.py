@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from warmserve.frozen import quick_init
 from warmserve.types import StartPath
 
 
@@ -110,6 +111,7 @@ REQUEST_COLUMNS = (
 )
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RequestRow:
     arrival_s: float
