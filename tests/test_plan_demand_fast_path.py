@@ -1,7 +1,8 @@
 """The plan check reads the demand through the handle's `demand_reads` and settles a demand
-that wants nothing without a snapshot (Controller._plan); here the runs are compared with the
-plan check as it was (a snapshot for every demand), the narrow read with the snapshot's, and
-the shortcut is shown to be taken."""
+that wants nothing without a snapshot (Controller._plan), and a scale-down reads which
+instances are starting from the instance views; here the runs are compared with both as they
+were (a snapshot each), the narrow read with the snapshot's, and the shortcut is shown to be
+taken."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from sim_golden import cases, fingerprint
 
 from warmserve.cluster.books import Books
 from warmserve.control import controller as controller_mod
-from warmserve.control.api import ClusterHandle
+from warmserve.control.api import Action, ClusterHandle, ReleaseInstance, StopInstance
+from warmserve.control.autoscaler import ActiveInstance, pick_to_stop, scale_delta
 from warmserve.control.controller import (
     QUICK_EVICT_S,
     Controller,
@@ -102,6 +104,43 @@ def _long_plan(
     self._last_planned = layout
 
 
+def _long_autoscale(self: Controller, name: ModelName, now: float, cluster: ClusterHandle) -> None:
+    """Autoscaling before the stop path read the instance views (a verbatim copy)."""
+    queue = self._queues[name]
+    live = [
+        (i, inst) for i, inst in self._instances.items() if inst.model == name and not inst.stopping
+    ]
+    window_s = self.cfg.scale_window_s
+    delta = scale_delta(self._load[name].mean(now, window_s), len(live), self.cfg)
+    if delta < 0:
+        views = cluster.snapshot().instance_by_id
+        active = [
+            ActiveInstance(i, inst.created_s, inst.in_flight,
+                           (v := views.get(i)) is not None
+                           and v.state == InstanceState.STARTING)
+            for i, inst in live
+        ]  # fmt: skip
+        stops = pick_to_stop(self._stoppable(active, now), -delta, now, self.cfg)
+        actions: list[Action] = []
+        for inst_id in stops:
+            inst = self._instances[inst_id]
+            self._set_stopping(inst)
+            if inst.in_flight == 0:
+                del self._instances[inst_id]
+                actions.append(ReleaseInstance(inst_id, self._keep_as(inst_id)))
+            else:
+                actions.append(StopInstance(inst_id))
+        if actions:
+            cluster.apply(actions)
+    elif delta > 0:
+        for _ in range(delta):
+            if not self._start(name, now, cluster):
+                break
+    # Requests still queued with no room anywhere (e.g. GPUs were busy when they came).
+    if queue and self._route(name) is None:
+        self._start(name, now, cluster)
+
+
 def _checked_reads(self: Books):
     """`demand_reads`, checked against the snapshot it stands for."""
     reads = _plain_reads(self)
@@ -155,6 +194,7 @@ def test_demand_shortcut_changes_nothing(runs, case, policy, monkeypatch):
 
     builds["n"] = 0
     monkeypatch.setattr(Controller, "_plan", _long_plan)
+    monkeypatch.setattr(Controller, "_autoscale", _long_autoscale)
     full = run_policy(exp, policy, wl)
     assert fingerprint(fast) == fingerprint(full)
     assert full.summary["control"] == fast.summary["control"]
@@ -195,3 +235,34 @@ def test_demand_reads_match_the_snapshot(runs, policy, monkeypatch):
     monkeypatch.setattr(Books, "demand_reads", _checked_reads)
     run_policy(exp, policy, wl)
     assert checks["n"] > 10
+
+
+@pytest.mark.parametrize("policy", ["warmserve", "warmserve-plus", "vanilla-autoscale"])
+def test_scale_down_reads_starting_as_the_snapshot(policy, monkeypatch):
+    """Each instance a scale-down weighs is marked starting exactly when the snapshot's view
+    of it says so."""
+    exp, _ = cases()["servegen-m-mid-16rps-5min"]  # the whole five minutes
+    wl = make_workload(exp)
+    seen = {"n": 0, "starting": 0}
+    current: dict[str, ClusterHandle] = {}
+    plain_autoscale = Controller._autoscale
+    plain_stoppable = Controller._stoppable
+
+    def autoscale(self, name, now, cluster):
+        current["cluster"] = cluster
+        return plain_autoscale(self, name, now, cluster)
+
+    def stoppable(self, active, now):
+        views = current["cluster"].snapshot().instance_by_id
+        for a in active:
+            v = views.get(a.instance_id)
+            assert a.starting == (v is not None and v.state == InstanceState.STARTING)
+            seen["n"] += 1
+            seen["starting"] += a.starting
+        return plain_stoppable(self, active, now)
+
+    monkeypatch.setattr(Controller, "_autoscale", autoscale)
+    monkeypatch.setattr(Controller, "_stoppable", stoppable)
+    run_policy(exp, policy, wl)
+    assert seen["n"] > 10
+    assert seen["starting"] > 0  # both answers are checked

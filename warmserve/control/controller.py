@@ -229,7 +229,11 @@ class Controller(FairStarts):
             self._rescue_starving(now, cluster)
         if policy.unified_memory and policy.kv_prewarm:
             self._reserve_kv(cluster, now)  # moves KV pages and replicas, never an instance
-        if policy.unified_memory and policy.proactive_prewarm:
+        if (
+            policy.unified_memory
+            and policy.proactive_prewarm
+            and cluster.versions()[0] != self._last_planned  # `_plan`'s own first test
+        ):
             self._plan(cluster, now)
 
     def _autoscale_order(self) -> Sequence[ModelName]:
@@ -375,13 +379,14 @@ class Controller(FairStarts):
         window_s = self.cfg.scale_window_s
         delta = scale_delta(self._load[name].mean(now, window_s), len(live), self.cfg)
         if delta < 0:
-            views = cluster.snapshot().instance_by_id
+            # Which instances are still starting: the instance views alone (the snapshot's
+            # own objects), not a snapshot, which a stop would make stale at once.
+            starting = InstanceState.STARTING
+            starting_ids = {v.instance_id for v in cluster.instance_views() if v.state == starting}
             active = [
-                ActiveInstance(i, inst.created_s, inst.in_flight,
-                               (v := views.get(i)) is not None
-                               and v.state == InstanceState.STARTING)
+                ActiveInstance(i, inst.created_s, inst.in_flight, i in starting_ids)
                 for i, inst in live
-            ]  # fmt: skip
+            ]
             stops = pick_to_stop(self._stoppable(active, now), -delta, now, self.cfg)
             actions: list[Action] = []
             for inst_id in stops:

@@ -102,7 +102,7 @@ def demands(
     """`_demands` from what it reads of a snapshot alone: the replicas' (id, model) and the
     stopping instances' models (the controller has them without building a snapshot)."""
     held: dict[ModelName, list[int]] = {m: [] for m in models}
-    for rid, model in sorted(replicas, key=lambda r: r[0]):
+    for rid, model in sorted(replicas):  # by id: ids are unique, so the model never decides
         held.setdefault(model, []).append(rid)
     draining: dict[ModelName, int] = {}
     for model in stopping:
