@@ -157,6 +157,9 @@ class _Checked:
     def instance_views(self):
         return self.books.instance_views()
 
+    def demand_reads(self):
+        return self.books.demand_reads()
+
     @property
     def page_bytes(self) -> int:
         return self.books.page_bytes

@@ -436,6 +436,16 @@ class Books:
         self._refresh_instance_views()
         return tuple(self._instance_views.values())
 
+    def demand_reads(self) -> tuple[tuple[tuple[ReplicaId, ModelName], ...], tuple[ModelName, ...]]:
+        """What the planners' demand reads of the next snapshot, without building it: its
+        replicas' (id, model) and its stopping instances' models, each in the snapshot's order
+        (`_replica_views_now` and `_refresh_instance_views` keep these dicts' orders)."""
+        stopping = InstanceState.STOPPING
+        return (
+            tuple((r.replica_id, r.model) for r in self.replicas.values() if r.owner is None),
+            tuple(i.model for i in self.instances.values() if i.state == stopping),
+        )
+
     def snapshot(self) -> ClusterSnapshot:
         versions = (self._layout_version, self._usage_version)
         if self._snapshot is None or self._snapshot_versions != versions:

@@ -25,6 +25,9 @@ class BookReads:
     def instance_views(self) -> tuple[InstanceView, ...]:
         return self.books.instance_views()
 
+    def demand_reads(self) -> tuple[tuple[tuple[int, str], ...], tuple[str, ...]]:
+        return self.books.demand_reads()
+
     @property
     def page_bytes(self) -> int:
         return self.books.page_bytes

@@ -213,6 +213,11 @@ class ClusterHandle(Protocol):
         """`snapshot().instances`' views (the same objects), without building a snapshot."""
         ...
 
+    def demand_reads(self) -> tuple[tuple[tuple[ReplicaId, ModelName], ...], tuple[ModelName, ...]]:
+        """`snapshot()`'s replicas as (id, model) and its stopping instances' models, in its
+        order, without building a snapshot: all the planners' demand reads of it."""
+        ...
+
     def free_pages(self, gpus: tuple[int, ...]) -> list[int]:
         """Each of `gpus`' free pages, as `snapshot().gpus` would show them."""
         ...

@@ -40,7 +40,7 @@ from warmserve.control.forecaster import Forecast, Forecaster
 from warmserve.control.kv_reservation import kv_actions, kv_floor_pages, kv_target
 from warmserve.control.load import ConcurrencySeries
 from warmserve.control.plan_skip import IdlePlan, still_idle
-from warmserve.control.planner import PlanInput, plan_evict_aware, plan_round_robin
+from warmserve.control.planner import PlanInput, demands, plan_evict_aware, plan_round_robin
 from warmserve.control.router import least_loaded
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
@@ -229,7 +229,11 @@ class Controller(FairStarts):
             self._rescue_starving(now, cluster)
         if policy.unified_memory and policy.kv_prewarm:
             self._reserve_kv(cluster, now)  # moves KV pages and replicas, never an instance
-        if policy.unified_memory and policy.proactive_prewarm:
+        if (
+            policy.unified_memory
+            and policy.proactive_prewarm
+            and cluster.versions()[0] != self._last_planned  # `_plan`'s own first test
+        ):
             self._plan(cluster, now)
 
     def _autoscale_order(self) -> Sequence[ModelName]:
@@ -375,13 +379,14 @@ class Controller(FairStarts):
         window_s = self.cfg.scale_window_s
         delta = scale_delta(self._load[name].mean(now, window_s), len(live), self.cfg)
         if delta < 0:
-            views = cluster.snapshot().instance_by_id
+            # Which instances are still starting: the instance views alone (the snapshot's
+            # own objects), not a snapshot, which a stop would make stale at once.
+            starting = InstanceState.STARTING
+            starting_ids = {v.instance_id for v in cluster.instance_views() if v.state == starting}
             active = [
-                ActiveInstance(i, inst.created_s, inst.in_flight,
-                               (v := views.get(i)) is not None
-                               and v.state == InstanceState.STARTING)
+                ActiveInstance(i, inst.created_s, inst.in_flight, i in starting_ids)
                 for i, inst in live
-            ]  # fmt: skip
+            ]
             stops = pick_to_stop(self._stoppable(active, now), -delta, now, self.cfg)
             actions: list[Action] = []
             for inst_id in stops:
@@ -572,12 +577,38 @@ class Controller(FairStarts):
             forecasts = self._window_forecasts = self.forecasts()
         if live is None:
             live = self._live_counts()
-        snap = cluster.snapshot()
-        demand = _demand_key(snap, forecasts, live)
+        # The demand from the handle's narrow read: the same tuple `_demand_key` makes of a
+        # snapshot, without building one (most checks here follow a start or a stop).
+        replicas, stopping = cluster.demand_reads()
+        demand = (replicas, stopping, tuple(forecasts.items()), tuple(live.items()))
         if demand == self._nothing_wanted:
             self._last_planned = layout
             self._quiet_plan = (placement, self._live_version)
             return
+        cfg = self.cfg
+        existing, wanted = demands(
+            self.models,
+            replicas,
+            stopping,
+            forecasts,
+            live,
+            cfg.planning_bandwidth,
+            cfg.capacity_per_instance,
+            self.policy.prior_prewarm,
+        )
+        if not wanted:
+            # Either planner returns `Plan([], existing)` on this demand (the usual check after
+            # a start or stop): its outcome, as the long way below records it, without the
+            # snapshot, the layout key or a second pass over the demand.
+            self._prune_born(now)
+            self._replica_scores = existing
+            self._nothing_wanted = demand
+            self._quiet_plan = (placement, self._live_version)
+            self._unchanged_plan = None  # only a shortcut for later checks; none taken here
+            self._idle_plan = None
+            self._last_planned = layout
+            return
+        snap = cluster.snapshot()
         key = (demand, _layout_key(snap))
         idle = self._idle_plan
         if key == self._unchanged_plan or (idle is not None and still_idle(idle, *key)):
@@ -586,10 +617,7 @@ class Controller(FairStarts):
             self._unchanged_plan = key
             self._last_planned = layout
             return
-        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only (older ones count
-        # for neither); replicas that went another way (a lost worker) must not pile up here.
-        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
-        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
+        self._prune_born(now)
         inp = PlanInput(
             snapshot=snap,
             models=self.models,
@@ -621,6 +649,12 @@ class Controller(FairStarts):
             cluster.apply(plan.actions)
             layout = cluster.versions()[0]
         self._last_planned = layout
+
+    def _prune_born(self, now: float) -> None:
+        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only (older ones count
+        # for neither); replicas that went another way (a lost worker) must not pile up here.
+        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
+        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
 
     # ----- instance records and ids ----------------------------------------------------
     def _add_instance(self, inst_id: InstanceId, name: ModelName, now: float) -> None:

@@ -19,7 +19,7 @@ so history always wins the memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -77,25 +77,50 @@ _NO_FORECAST = Forecast(0.0, 0.0)
 
 def _demands(inp: PlanInput) -> tuple[dict[ReplicaId, float], list[tuple[float, int, ModelName]]]:
     """Scores of existing replicas, and the new replicas wanted as (score, model rank, model)."""
-    held: dict[ModelName, list[int]] = {m: [] for m in inp.models}
-    for r in sorted(inp.snapshot.replicas, key=lambda r: r.replica_id):
-        held.setdefault(r.model, []).append(r.replica_id)
+    return demands(
+        inp.models,
+        [(r.replica_id, r.model) for r in inp.snapshot.replicas],
+        [i.model for i in inp.snapshot.instances if i.state == "stopping"],
+        inp.forecasts,
+        inp.live_instances,
+        inp.planning_bandwidth,
+        inp.capacity,
+        inp.prior,
+    )
+
+
+def demands(
+    models: Mapping[ModelName, ServedModel],
+    replicas: Iterable[tuple[ReplicaId, ModelName]],
+    stopping: Iterable[ModelName],
+    forecasts: Mapping[ModelName, Forecast],
+    live_instances: Mapping[ModelName, int],
+    planning_bandwidth: float,
+    capacity: int,
+    prior: bool,
+) -> tuple[dict[ReplicaId, float], list[tuple[float, int, ModelName]]]:
+    """`_demands` from what it reads of a snapshot alone: the replicas' (id, model) and the
+    stopping instances' models (the controller has them without building a snapshot)."""
+    held: dict[ModelName, list[int]] = {m: [] for m in models}
+    for rid, model in sorted(replicas):  # by id: ids are unique, so the model never decides
+        held.setdefault(model, []).append(rid)
     draining: dict[ModelName, int] = {}
-    for i in inp.snapshot.instances:
-        if i.state == "stopping":
-            draining[i.model] = draining.get(i.model, 0) + 1
+    for model in stopping:
+        draining[model] = draining.get(model, 0) + 1
     existing: dict[ReplicaId, float] = {}
     wanted: list[tuple[float, int, ModelName]] = []
-    top = max((m.priority for m in inp.models.values()), default=1.0)
-    for rank, (name, m) in enumerate(inp.models.items()):
-        cold_s = m.shard_bytes / inp.planning_bandwidth
-        fc = inp.forecasts.get(name, _NO_FORECAST)
-        live = inp.live_instances.get(name, 0)
-        scores = _cached_scores(fc, live, cold_s, inp.capacity)
+    top: float | None = None  # the highest priority, read only for a prior
+    for rank, (name, m) in enumerate(models.items()):
+        cold_s = m.shard_bytes / planning_bandwidth
+        fc = forecasts.get(name, _NO_FORECAST)
+        live = live_instances.get(name, 0)
+        scores = _cached_scores(fc, live, cold_s, capacity)
         # A draining instance becomes a prewarmed replica soon: it holds a slot in the list.
         num_draining = draining.get(name, 0)
         scores = scores[num_draining:]
-        if inp.prior and not scores and not num_draining and not live:
+        if prior and not scores and not num_draining and not live:
+            if top is None:
+                top = max((m.priority for m in models.values()), default=1.0)
             scores = (PRIOR_CEILING * m.priority / top,)
         mine = held[name]
         for k, rid in enumerate(mine):

@@ -96,6 +96,7 @@ class SimCluster(BookReads):
         self.versions = self.books.versions  # type: ignore[method-assign]
         self.instance_views = self.books.instance_views  # type: ignore[method-assign]
         self.snapshot = self.books.snapshot  # type: ignore[method-assign]
+        self.demand_reads = self.books.demand_reads  # type: ignore[method-assign]
         self.loads = [LoadQueue(g) for g in range(num_gpus)]
         self.models = models
         self.costs = costs
