@@ -1261,9 +1261,7 @@ def main() -> None:
             first_meta = json.loads((OUT / "results.json").read_text()).get("meta", {})
             if first_meta.get("grids") == meta["grids"]:
                 meta = first_meta
-        REL_RESOLUTION = meta["knee_resolution"]
-        for svc, grid in meta["grids"].items():
-            SWEEPS[svc]["grid"] = grid
+        use_sweep_settings(meta)
         t0 = time.perf_counter()
         stop_at = t0 + args.stop_min * 60 if args.stop_min else float("inf")
         runner = Runner(args.jobs, partial, stop_at)
@@ -1345,6 +1343,15 @@ def main() -> None:
     finish(rows, meta, args.quick or only is not None)
 
 
+def use_sweep_settings(meta: dict[str, Any]) -> None:
+    """The starting grids and knee resolution of the saved run `meta` describes: a resumed or
+    re-run sweep refines the same way."""
+    global REL_RESOLUTION
+    REL_RESOLUTION = meta["knee_resolution"]
+    for svc, grid in meta["grids"].items():
+        SWEEPS[svc]["grid"] = grid
+
+
 LABEL_KEYS = ("service", "key", "value", "rps", "alpha", "cv", "gpus", "models")
 
 
@@ -1368,16 +1375,13 @@ def rerun(policies: list[str], why: str | None, jobs: int, budget_min: float) ->
     """Re-run every saved row of `policies` on this code, at the same cells and seeds, keep
     every other row, and run more sweep points for them where their new curves need it (a knee
     that moved). The tables' header records the code, what changed and `why`."""
-    global REL_RESOLUTION
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not why:
         raise SystemExit(f"evaluate --rerun: unknown policies {unknown}" if unknown
                          else "evaluate --rerun: say what changed with --why TEXT")  # fmt: skip
     saved = json.loads((OUT / "results.json").read_text())
     meta = saved["meta"]
-    REL_RESOLUTION = meta["knee_resolution"]
-    for svc, grid in meta["grids"].items():
-        SWEEPS[svc]["grid"] = grid
+    use_sweep_settings(meta)
     old = [r for r in saved["runs"] if not r.get("from_headline")]
     redo = [r for r in old if r["policy"] in policies]
     if not redo:

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmserve.cluster.books import Books
+from warmserve.cluster.reads import BookReads
 from warmserve.control.allocation import StartContext, choose_start
 from warmserve.control.api import (
-    ClusterSnapshot,
     Prewarm,
     ReleaseInstance,
     RequestInfo,
@@ -139,30 +139,12 @@ def test_fair_starts_never_overlap_serving_or_held_gpus(cluster, tp, smart):
 # ----- the controller on the books ------------------------------------------------------------
 
 
-class _Checked:
-    """The books, refusing any start on GPUs held for another model."""
+class _Checked(BookReads):
+    """The books (read as both drivers read them), refusing any start on GPUs held for another
+    model."""
 
     def __init__(self, books: Books, ctl: Controller) -> None:
         self.books, self.ctl, self.starts, self.released = books, ctl, [], []
-
-    def snapshot(self) -> ClusterSnapshot:
-        return self.books.snapshot()
-
-    def versions(self) -> tuple[int, int, int]:
-        return self.books.versions()
-
-    def free_pages(self, gpus: tuple[int, ...]) -> list[int]:
-        return self.books.free_pages(gpus)
-
-    def instance_views(self):
-        return self.books.instance_views()
-
-    def demand_reads(self):
-        return self.books.demand_reads()
-
-    @property
-    def page_bytes(self) -> int:
-        return self.books.page_bytes
 
     def apply(self, actions) -> None:
         for a in actions:

@@ -1,8 +1,8 @@
 """The plan check reads the demand through the handle's `demand_reads` and settles a demand
 that wants nothing without a snapshot (Controller._plan), and a scale-down reads which
-instances are starting from the instance views; here the runs are compared with both as they
-were (a snapshot each), the narrow read with the snapshot's, and the shortcut is shown to be
-taken."""
+instances are starting from the instance views; here runs with the shortcut are compared with
+runs that always take the long way, the narrow reads with the snapshot's at every call, and
+the shortcut is shown to be taken."""
 
 from __future__ import annotations
 
@@ -13,132 +13,23 @@ from sim_golden import cases, fingerprint
 
 from warmserve.cluster.books import Books
 from warmserve.control import controller as controller_mod
-from warmserve.control.api import Action, ClusterHandle, ReleaseInstance, StopInstance
-from warmserve.control.autoscaler import ActiveInstance, pick_to_stop, scale_delta
-from warmserve.control.controller import (
-    QUICK_EVICT_S,
-    Controller,
-    IdlePlan,
-    _demand_key,
-    _layout_key,
-    still_idle,
-)
-from warmserve.control.planner import PlanInput, _demands, plan_evict_aware, plan_round_robin
+from warmserve.control.api import ClusterHandle
+from warmserve.control.controller import Controller, _demand_key
+from warmserve.control.planner import PlanInput, _demands
 from warmserve.sim.runner import make_workload, run_policy
-from warmserve.types import InstanceState, ModelName
+from warmserve.types import InstanceState
 
 
-def _long_plan(
-    self: Controller, cluster: ClusterHandle, now: float, live: dict[ModelName, int] | None = None
-) -> None:
-    """The plan check before the narrow demand read (a verbatim copy)."""
-    layout, _, placement = cluster.versions()
-    if layout == self._last_planned:
-        return
-    # A plan is a function of its inputs alone (ids are drawn only for actions). When the
-    # last one wanted no new replica, only the demand's inputs matter (usually only free
-    # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
-    quiet = self._quiet_plan
-    if quiet is not None and quiet[0] == placement and quiet[1] == self._live_version:
-        # Only KV resizes and engines coming up (the placement unchanged) since a check
-        # whose demand was `_nothing_wanted` (or a plan that wanted nothing), with the same
-        # forecasts (a window's close clears this) and live counts: the demand's replicas
-        # and stopping instances are unchanged too, so it is `_nothing_wanted` again,
-        # known without a snapshot (the commonest check: just after a KV lend).
-        self._last_planned = layout
-        return
-    self._quiet_plan = None
-    forecasts = self._window_forecasts
-    if forecasts is None:
-        forecasts = self._window_forecasts = self.forecasts()
-    if live is None:
-        live = self._live_counts()
-    snap = cluster.snapshot()
-    demand = _demand_key(snap, forecasts, live)
-    if demand == self._nothing_wanted:
-        self._last_planned = layout
-        self._quiet_plan = (placement, self._live_version)
-        return
-    key = (demand, _layout_key(snap))
-    idle = self._idle_plan
-    if key == self._unchanged_plan or (idle is not None and still_idle(idle, *key)):
-        # As a plan that places nothing would leave it (its scores are the last ones);
-        # birth times are pruned at the next plan that runs (none it drops can count).
-        self._unchanged_plan = key
-        self._last_planned = layout
-        return
-    # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only (older ones count
-    # for neither); replicas that went another way (a lost worker) must not pile up here.
-    horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
-    self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
-    inp = PlanInput(
-        snapshot=snap,
-        models=self.models,
-        forecasts=forecasts,
-        live_instances=live,
-        planning_bandwidth=self.cfg.planning_bandwidth,
-        capacity=self.cfg.capacity_per_instance,
-        group_search=self.cfg.group_search,
-        prior=self.policy.prior_prewarm,
-    )
-    if self.policy.smart_placement:
-        plan = plan_evict_aware(inp, self._new_replica_id)
-    else:
-        plan = plan_round_robin(
-            inp, self._new_replica_id, reference_quirk=self.policy.reference_round_robin
-        )
-    self._replica_scores = plan.scores
-    self._nothing_wanted = demand if plan.num_wanted == 0 else None
-    if plan.num_wanted == 0:  # placed nothing: the placement read above still holds
-        self._quiet_plan = (placement, self._live_version)
-    self._unchanged_plan = None if plan.actions else key
-    # Only free pages moved since a plan that wanted replicas and placed none: often the
-    # same again (plan_skip.py), with the evict-aware planner and no priors.
-    self._idle_plan = None
-    if plan.wanted_sizes and not plan.actions and not inp.prior:
-        self._idle_plan = IdlePlan(demand, key[1][1:], key[1][0], plan.wanted_sizes)
-    if plan.actions:
-        self._record(plan.actions, now)
-        cluster.apply(plan.actions)
-        layout = cluster.versions()[0]
-    self._last_planned = layout
+def _always_wanted(plain):
+    """`demands` as the controller reads it, but never "nothing wanted": every check after the
+    narrow read takes the long way (a snapshot, the layout key, the planner), as before the
+    shortcut."""
 
+    def wanted(*args):
+        existing, want = plain(*args)
+        return existing, want or [(0.0, 0, "")]
 
-def _long_autoscale(self: Controller, name: ModelName, now: float, cluster: ClusterHandle) -> None:
-    """Autoscaling before the stop path read the instance views (a verbatim copy)."""
-    queue = self._queues[name]
-    live = [
-        (i, inst) for i, inst in self._instances.items() if inst.model == name and not inst.stopping
-    ]
-    window_s = self.cfg.scale_window_s
-    delta = scale_delta(self._load[name].mean(now, window_s), len(live), self.cfg)
-    if delta < 0:
-        views = cluster.snapshot().instance_by_id
-        active = [
-            ActiveInstance(i, inst.created_s, inst.in_flight,
-                           (v := views.get(i)) is not None
-                           and v.state == InstanceState.STARTING)
-            for i, inst in live
-        ]  # fmt: skip
-        stops = pick_to_stop(self._stoppable(active, now), -delta, now, self.cfg)
-        actions: list[Action] = []
-        for inst_id in stops:
-            inst = self._instances[inst_id]
-            self._set_stopping(inst)
-            if inst.in_flight == 0:
-                del self._instances[inst_id]
-                actions.append(ReleaseInstance(inst_id, self._keep_as(inst_id)))
-            else:
-                actions.append(StopInstance(inst_id))
-        if actions:
-            cluster.apply(actions)
-    elif delta > 0:
-        for _ in range(delta):
-            if not self._start(name, now, cluster):
-                break
-    # Requests still queued with no room anywhere (e.g. GPUs were busy when they came).
-    if queue and self._route(name) is None:
-        self._start(name, now, cluster)
+    return wanted
 
 
 def _checked_reads(self: Books):
@@ -193,8 +84,7 @@ def test_demand_shortcut_changes_nothing(runs, case, policy, monkeypatch):
     fast_builds = builds["n"]
 
     builds["n"] = 0
-    monkeypatch.setattr(Controller, "_plan", _long_plan)
-    monkeypatch.setattr(Controller, "_autoscale", _long_autoscale)
+    monkeypatch.setattr(controller_mod, "demands", _always_wanted(plain_demands))
     full = run_policy(exp, policy, wl)
     assert fingerprint(fast) == fingerprint(full)
     assert full.summary["control"] == fast.summary["control"]

@@ -663,7 +663,7 @@ class Controller(FairStarts):
         self._live_add(name, +1)
 
     def _live_instances(self, name: ModelName) -> int:
-        return sum(1 for i in self._instances.values() if i.model == name and not i.stopping)
+        return self._live[name]  # kept as instances start, stop and go
 
     def _release(self, inst_id: InstanceId, cluster: ClusterHandle) -> None:
         """The instance holds no request: forget it and free its pages."""
