@@ -578,13 +578,14 @@ def test_a_held_block_is_the_one_expected_to_drain_first():
     assert (group, victims) == ((2, 3), [on["b"]])
 
 
-def _idle_popular_model(with_line: bool):
+def _idle_popular_model(with_line: bool, **cfg):
     """One node of two GPUs: a popular TP-2 model ("pop", a request a second for 30 s) holds
     both; its last request ends at 34 s. A rare TP-2 model "b" asked at 30 s and, with
     `with_line`, another ("a") at 30.5 s: both wait in line (starve_wait_s) when pop goes
     idle. Returns the controller, the books and the time after a few more ticks."""
     pop, a, b = model("pop", tp=2), model("a", tp=2), model("b", tp=2)
-    ctl, h = _setup([pop, a, b], PLUS, gpn=2, starve_wait_s=2.0, starve_preempt_s=15.0)
+    cfg = {"starve_wait_s": 2.0, "starve_preempt_s": 15.0, **cfg}
+    ctl, h = _setup([pop, a, b], PLUS, gpn=2, **cfg)
     rid = iter(range(10**6))
     last = None
     for t in range(31):
@@ -626,6 +627,28 @@ def test_an_idle_popular_model_is_not_stopped_for_a_rare_one_while_others_wait()
     assert ctl._in_line(now) == {"a", "b"}
     ctl, h, now = _idle_popular_model(with_line=False)
     assert [s.model for s in h.starts] == ["pop", "b"]
+
+
+def test_an_idle_stop_counts_the_requests_missed_until_the_model_is_back():
+    """With starve_return_s, stopping a model's idle last instance also costs its arrival rate
+    times that wait to come back, whoever else is in line: pop (31 requests in 36 s) misses
+    8.6 requests in 10 s, more than the rare model's one queued request saves, so pop keeps
+    its instance. At 0 (the default) the rare model, alone in line, takes it at once."""
+    ctl, h, now = _idle_popular_model(with_line=False, starve_return_s=10.0)
+    assert ctl._idle_stop_cost(ModelName("pop"), now, set()) == pytest.approx(10 * 31 / 36)
+    assert [s.model for s in h.starts] == ["pop"] and not h.released
+    # The price is paid once the wait has grown: past starve_preempt_s the budget scales with
+    # it (value x waited / starve_preempt_s), and the rare model gets the block.
+    while now < 30.0 + 15.0 * 10:
+        now += 0.5
+        ctl.tick(now, h)
+        if len(h.starts) > 1:
+            break
+    assert [s.model for s in h.starts] == ["pop", "b"] and now > 30.0 + 15.0
+    ctl, h, now = _idle_popular_model(with_line=False, starve_return_s=0.0)
+    assert [s.model for s in h.starts] == ["pop", "b"]
+    with pytest.raises(ValueError, match="starve_return_s"):
+        ControlConfig(starve_return_s=-1.0)
 
 
 def test_arrival_rates_count_the_window_or_the_time_since_the_first_request():

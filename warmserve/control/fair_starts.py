@@ -78,6 +78,16 @@ class FairStarts:
             self.arrival_rate(name, now) * self.cfg.starve_preempt_gap_s * ahead if ahead else 0.0
         )
 
+    def _idle_stop_cost(self, name: ModelName, now: float, line: set[ModelName]) -> float:
+        """Requests `name` misses once its idle last instance stops: those behind the other
+        models in `line`, and (with starve_return_s) those arriving while it waits to come
+        back, which in a full cluster takes a hold and a drain: stopping the idle instance of
+        a model whose next request comes in seconds only moves the wait to that request."""
+        cost = self._missed_in_line(name, now, line)
+        if self.cfg.starve_return_s:
+            cost += self.arrival_rate(name, now) * self.cfg.starve_return_s
+        return cost
+
     def _start_value(self, name: ModelName, now: float) -> float:
         """What starting the waiting model `name` saves: its load (its queued requests count)
         and the requests it would miss waiting behind the others in line if refused."""
@@ -116,7 +126,7 @@ class FairStarts:
                 m = self._instances[i].model
                 stopped[m] = stopped.get(m, 0) + 1
             cost = sum(
-                self._missed_in_line(m, now, line) for m, k in stopped.items() if live[m] == k
+                self._idle_stop_cost(m, now, line) for m, k in stopped.items() if live[m] == k
             )
             if cost > budget:
                 continue
@@ -250,7 +260,7 @@ class FairStarts:
                 # An idle last instance drains nothing, but its model's next request waits
                 # behind the line too.
                 idle = sum(
-                    self._missed_in_line(m, now, line)
+                    self._idle_stop_cost(m, now, line)
                     for m, k in idled.items()
                     if live[m] == k + drained.get(m, 0)
                 )
