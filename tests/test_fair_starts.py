@@ -631,11 +631,14 @@ def test_an_idle_popular_model_is_not_stopped_for_a_rare_one_while_others_wait()
 
 def test_an_idle_stop_counts_the_requests_missed_until_the_model_is_back():
     """With starve_return_s, stopping a model's idle last instance also costs its arrival rate
-    times that wait to come back, whoever else is in line: pop (31 requests in 36 s) misses
-    8.6 requests in 10 s, more than the rare model's one queued request saves, so pop keeps
-    its instance. At 0 (the default) the rare model, alone in line, takes it at once."""
+    (one arrival less than seen) times that wait to come back, whoever else is in line: pop
+    (31 requests in 36 s) misses 8.3 requests in 10 s, more than the rare model's one queued
+    request saves, so pop keeps its instance. At 0 (the default) the rare model, alone in
+    line, takes it at once."""
     ctl, h, now = _idle_popular_model(with_line=False, starve_return_s=10.0)
-    assert ctl._idle_stop_cost(ModelName("pop"), now, set()) == pytest.approx(10 * 31 / 36)
+    assert ctl._idle_stop_cost(ModelName("pop"), now, set()) == pytest.approx(10 * 30 / 36)
+    # A single request is no rate: a fresh server's first model is not kept for it.
+    assert ctl._idle_stop_cost(ModelName("b"), now, set()) == 0.0
     assert [s.model for s in h.starts] == ["pop"] and not h.released
     # The price is paid once the wait has grown: past starve_preempt_s the budget scales with
     # it (value x waited / starve_preempt_s), and the rare model gets the block.

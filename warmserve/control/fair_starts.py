@@ -85,7 +85,11 @@ class FairStarts:
         a model whose next request comes in seconds only moves the wait to that request."""
         cost = self._missed_in_line(name, now, line)
         if self.cfg.starve_return_s:
-            cost += self.arrival_rate(name, now) * self.cfg.starve_return_s
+            # One arrival less than counted: a single request is no rate (a fresh server's
+            # first request would otherwise read as a busy model and keep its instance).
+            n = len(self._arrivals[name])
+            if n > 1:
+                cost += self.arrival_rate(name, now) * (n - 1) / n * self.cfg.starve_return_s
         return cost
 
     def _start_value(self, name: ModelName, now: float) -> float:
