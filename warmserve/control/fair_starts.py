@@ -198,7 +198,9 @@ class FairStarts:
         for its load (its others would carry it above the scale-down threshold), and with it,
         only one whose models left short (above starve_short_threshold) miss at most `budget`
         requests: their loads and what they would miss waiting behind the other models in line
-        (`_missed_in_line`), which an idle last instance stopped here costs too."""
+        (`_missed_in_line`), which an idle last instance stopped here costs too (with
+        starve_return_s, also the requests its model gets before it can come back:
+        `_idle_stop_cost`)."""
         tp = self.models[name].tp
         gpn = snap.gpus_per_node
         if gpn % tp:
