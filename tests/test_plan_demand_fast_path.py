@@ -12,10 +12,11 @@ import pytest
 from sim_golden import cases, fingerprint
 
 from warmserve.cluster.books import Books
-from warmserve.control import controller as controller_mod
+from warmserve.control import prewarming
 from warmserve.control.api import ClusterHandle
-from warmserve.control.controller import Controller, _demand_key
+from warmserve.control.controller import Controller
 from warmserve.control.planner import PlanInput, _demands
+from warmserve.control.prewarming import _demand_key
 from warmserve.sim.runner import make_workload, run_policy
 from warmserve.types import InstanceState
 
@@ -67,7 +68,7 @@ def test_demand_shortcut_changes_nothing(runs, case, policy, monkeypatch):
     builds = {"n": 0}
     shortcuts = {"n": 0}
     plain_build = Books._build_snapshot
-    plain_demands = controller_mod.demands
+    plain_demands = prewarming.demands
 
     def counted_build(self, layout_changed):
         builds["n"] += 1
@@ -79,12 +80,12 @@ def test_demand_shortcut_changes_nothing(runs, case, policy, monkeypatch):
         return existing, wanted
 
     monkeypatch.setattr(Books, "_build_snapshot", counted_build)
-    monkeypatch.setattr(controller_mod, "demands", counted_demands)
+    monkeypatch.setattr(prewarming, "demands", counted_demands)
     fast = run_policy(exp, policy, wl)
     fast_builds = builds["n"]
 
     builds["n"] = 0
-    monkeypatch.setattr(controller_mod, "demands", _always_wanted(plain_demands))
+    monkeypatch.setattr(prewarming, "demands", _always_wanted(plain_demands))
     full = run_policy(exp, policy, wl)
     assert fingerprint(fast) == fingerprint(full)
     assert full.summary["control"] == fast.summary["control"]
@@ -101,7 +102,7 @@ def test_demand_reads_match_the_snapshot(runs, policy, monkeypatch):
     the demand computed from it is the planners' own."""
     exp, wl = runs["servegen-m-mid-16rps-5min"]
     checks = {"n": 0}
-    plain_demands = controller_mod.demands
+    plain_demands = prewarming.demands
 
     def checked_demands(models, replicas, stopping, forecasts, live, bw, cap, prior):
         got = plain_demands(models, replicas, stopping, forecasts, live, bw, cap, prior)
@@ -120,7 +121,7 @@ def test_demand_reads_match_the_snapshot(runs, policy, monkeypatch):
         checked_demands.cluster = cluster
         return plain_plan(self, cluster, now, live)
 
-    monkeypatch.setattr(controller_mod, "demands", checked_demands)
+    monkeypatch.setattr(prewarming, "demands", checked_demands)
     monkeypatch.setattr(Controller, "_plan", plan)
     monkeypatch.setattr(Books, "demand_reads", _checked_reads)
     run_policy(exp, policy, wl)

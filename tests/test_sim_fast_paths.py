@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sim_golden import cases, fingerprint
 
-from warmserve.control import controller, registry
+from warmserve.control import prewarming, registry
 from warmserve.control.api import ClusterSnapshot, GpuView, InstanceView, ReplicaView
 from warmserve.control.controller import Controller
 from warmserve.control.load import ConcurrencySeries
@@ -108,16 +108,16 @@ def test_idle_plan_skip_changes_nothing(servegen, policy, monkeypatch):
     that plans every time, and the shortcut is taken where KV is lent."""
     exp, wl = servegen
     taken = [0]
-    plain = controller.still_idle
+    plain = prewarming.still_idle
 
     def counted(*args):
         same = plain(*args)
         taken[0] += same
         return same
 
-    monkeypatch.setattr(controller, "still_idle", counted)
+    monkeypatch.setattr(prewarming, "still_idle", counted)
     fast = run_policy(exp, policy, wl)
-    monkeypatch.setattr(controller, "still_idle", lambda *args: False)
+    monkeypatch.setattr(prewarming, "still_idle", lambda *args: False)
     full = run_policy(exp, policy, wl)
     assert fingerprint(fast) == fingerprint(full)
     if policy == "warmserve":

@@ -2,6 +2,10 @@
 
 It owns policy state only and reaches the world through a `ClusterHandle`. The simulator calls
 it from events on a simulated clock; the serving runtime calls it from a loop on the wall clock.
+`Controller` holds all the state, takes the events and autoscales and starts instances; its
+mixins hold the rest of its policy, one module each: fair starts (`fair_starts.py`), KV lending
+(`kv_lending.py`), proactive prewarm planning (`prewarming.py`) and the record of memory
+actions (`memory_counts.py`).
 """
 
 from __future__ import annotations
@@ -18,12 +22,9 @@ from warmserve.control.api import (
     ClusterSnapshot,
     Dispatch,
     Evict,
-    InstanceView,
-    Prewarm,
     ReleaseInstance,
     RequestInfo,
     ServedModel,
-    SetKvPages,
     StartInstance,
     StopInstance,
 )
@@ -37,10 +38,11 @@ from warmserve.control.config import ControlConfig, PolicySpec
 from warmserve.control.drain_estimate import ServiceTimes
 from warmserve.control.fair_starts import FairStarts
 from warmserve.control.forecaster import Forecast, Forecaster
-from warmserve.control.kv_reservation import kv_actions, kv_floor_pages, kv_target
+from warmserve.control.kv_lending import KvLending
 from warmserve.control.load import ConcurrencySeries
-from warmserve.control.plan_skip import IdlePlan, still_idle
-from warmserve.control.planner import PlanInput, demands, plan_evict_aware, plan_round_robin
+from warmserve.control.memory_counts import ControlCounters, MemoryCounts
+from warmserve.control.plan_skip import IdlePlan
+from warmserve.control.prewarming import Prewarming
 from warmserve.control.router import least_loaded
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, RequestId, StartPath
 
@@ -55,23 +57,7 @@ class _Instance:
     kv_changed_s: float = float("-inf")  # last lend or reclaim of its KV pages
 
 
-# A replica evicted this soon after its prewarm was issued counts as churn.
-QUICK_EVICT_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class ControlCounters:
-    """What the control plane did to memory, for summaries and /metrics."""
-
-    kv_set: int = 0  # SetKvPages issued
-    kv_lends: int = 0  # ... that shrank an instance's KV (lent pages)
-    kv_reclaims: int = 0  # ... that grew it back
-    prewarms: int = 0
-    evictions: int = 0
-    quick_evictions: int = 0  # of replicas prewarmed less than QUICK_EVICT_S before
-
-
-class Controller(FairStarts):
+class Controller(FairStarts, KvLending, Prewarming, MemoryCounts):
     def __init__(
         self,
         cfg: ControlConfig,
@@ -421,241 +407,6 @@ class Controller(FairStarts):
             inst.stopping = True
             self._live_add(inst.model, -1)
 
-    def _reserve_kv(self, cluster: ClusterHandle, now: float) -> None:
-        # The instance views alone, not a snapshot: most reviews lend or settle, which reads
-        # no GPU or replica (a reclaim takes the snapshot, rebuilt only if anything moved).
-        versions = cluster.versions()
-        last = self._kv_reviewed
-        if last is not None and last[0] == versions and last[1] == self._requests_seen:
-            return  # no instance, KV use or in-flight count changed since the last review
-        settled, self._kv_settled = self._kv_settled, {}
-        instances = self._instances
-        running = InstanceState.RUNNING
-        for view in cluster.instance_views():
-            if view.state != running:
-                continue
-            inst_id = view.instance_id
-            inst = instances.get(inst_id)
-            key = settled.get(inst_id)
-            # The same inputs: no action again. A handle keeps a view object while its fields
-            # are unchanged; an equal view in a new object is reviewed, which settles it again
-            # (but for the view a resize to the target left, known by its fields).
-            if (
-                key is not None
-                and key[1] == (inst.in_flight if inst else 0)
-                and (
-                    key[0] is view
-                    or (
-                        key[0] is None
-                        and view.kv_pages == key[2]
-                        and view.kv_used_pages == key[3]
-                        and view.kv_lent_pages == key[4]
-                    )
-                )
-            ):
-                self._kv_settled[inst_id] = (view, key[1])
-            else:
-                self._review_kv(view, cluster, now)
-        self._kv_reviewed = (cluster.versions(), self._requests_seen)
-
-    def _review_kv(
-        self,
-        view: InstanceView,
-        cluster: ClusterHandle,
-        now: float,
-        pressure: bool = False,
-    ) -> bool:
-        """Lend or reclaim one instance's KV pages; True if anything changed."""
-        inst = self._instances.get(view.instance_id)
-        in_flight = inst.in_flight if inst else 0
-        page_bytes = cluster.page_bytes
-        floor = self._kv_floors.get(view.model)
-        if floor is None or floor[0] != page_bytes:  # a model's floor, worked out once
-            m = self.models[view.model]
-            floor = (page_bytes, kv_floor_pages(m, self.cfg.kv_floor_requests, page_bytes))
-            self._kv_floors[view.model] = floor
-        target = kv_target(view, floor[1], in_flight, self.cfg.capacity_per_instance)
-        full = view.kv_pages + view.kv_lent_pages
-        min_lend = full // 20 or 1  # max(1, full // 20): full is never negative
-        protected: frozenset[ReplicaId] = frozenset()
-        if self.policy.calm_kv and not pressure:
-            # Move only on a large change, and leave a lend (or a reclaim) in place a while:
-            # the target follows every admitted request, and chasing it churns prewarms.
-            band = max(1, math.ceil(self.cfg.kv_hysteresis * full))
-            recent = inst is not None and now - inst.kv_changed_s < self.cfg.kv_lend_min_s
-            if abs(target - view.kv_pages) < band:
-                self._kv_settled[view.instance_id] = (view, in_flight)
-                return False
-            if recent:
-                return False
-            min_lend = band
-            young = now - self.cfg.prewarm_min_life_s
-            protected = frozenset(r for r, t in self._replica_born.items() if t > young)
-        elif not pressure and view.kv_pages - min_lend < target <= view.kv_pages:
-            # Within a lend's minimum of the target, or at it: no action whatever the cluster
-            # holds, as long as this view and in-flight count stay as they are.
-            self._kv_settled[view.instance_id] = (view, in_flight)
-            return False
-        if target > view.kv_pages and all(
-            f >= target - view.kv_pages for f in cluster.free_pages(view.gpus)
-        ):
-            # A reclaim with the pages free on every GPU: as kv_actions would answer (no
-            # victim to evict, the whole need granted), read without a snapshot.
-            actions: list[Evict | SetKvPages] = [SetKvPages(view.instance_id, target)]
-        else:  # a lend reads nothing of the cluster; a reclaim in want, GPUs and replicas
-            snap = cluster.snapshot() if target > view.kv_pages else None
-            actions = kv_actions(view, target, snap, self._replica_scores, min_lend, protected)
-        if actions:
-            self._record(actions, now, view.kv_pages)
-            if inst is not None:
-                inst.kv_changed_s = now
-            cluster.apply(actions)
-            last = actions[-1]
-            if isinstance(last, SetKvPages) and last.kv_pages == target:
-                # At the target, with the same use and in-flight count, the next review finds
-                # the same target, within the band (calm) or a lend's minimum of the pages it
-                # has: it settles. Known now, by the fields of the view this leaves.
-                self._kv_settled[view.instance_id] = (
-                    None, in_flight, target, view.kv_used_pages, full - target
-                )  # fmt: skip
-        return bool(actions)
-
-    def _record(self, actions: Sequence[Action], now: float, kv_before: int = 0) -> None:
-        """Count memory actions (ControlCounters) and remember when replicas were prewarmed;
-        `kv_before`: the KV pages of the instance a SetKvPages here resizes."""
-        c = self._counts
-        for a in actions:
-            if isinstance(a, SetKvPages):
-                c["kv_set"] += 1
-                c["kv_lends" if a.kv_pages < kv_before else "kv_reclaims"] += 1
-            elif isinstance(a, Prewarm):
-                c["prewarms"] += 1
-                self._replica_born[a.replica_id] = now
-            elif isinstance(a, Evict):
-                c["evictions"] += 1
-                born = self._replica_born.pop(a.replica_id, None)
-                if born is not None and now - born < QUICK_EVICT_S:
-                    c["quick_evictions"] += 1
-            elif isinstance(a, StartInstance) and a.replica_id is not None:
-                self._replica_born.pop(a.replica_id, None)  # activated: no longer a prewarm
-
-    @property
-    def counters(self) -> ControlCounters:
-        return ControlCounters(**self._counts)
-
-    def on_kv_pressure(self, now: float, instance_id: InstanceId, cluster: ClusterHandle) -> None:
-        """An instance has requests waiting for KV while some of its pages are lent: reclaim
-        now rather than at the next tick."""
-        if not (self.policy.unified_memory and self.policy.kv_prewarm):
-            return
-        view = cluster.snapshot().instance_by_id.get(instance_id)
-        if view is not None and view.state == InstanceState.RUNNING:
-            self._review_kv(view, cluster, now, pressure=True)
-
-    def _plan(
-        self, cluster: ClusterHandle, now: float, live: dict[ModelName, int] | None = None
-    ) -> None:
-        """`live`: `_live_counts()` if the caller has them, taken since the last change."""
-        layout, _, placement = cluster.versions()
-        if layout == self._last_planned:
-            return
-        # A plan is a function of its inputs alone (ids are drawn only for actions). When the
-        # last one wanted no new replica, only the demand's inputs matter (usually only free
-        # pages moved since, with a KV lend); else all it reads. Equal inputs, the same plan.
-        quiet = self._quiet_plan
-        if quiet is not None and quiet[0] == placement and quiet[1] == self._live_version:
-            # Only KV resizes and engines coming up (the placement unchanged) since a check
-            # whose demand was `_nothing_wanted` (or a plan that wanted nothing), with the same
-            # forecasts (a window's close clears this) and live counts: the demand's replicas
-            # and stopping instances are unchanged too, so it is `_nothing_wanted` again,
-            # known without a snapshot (the commonest check: just after a KV lend).
-            self._last_planned = layout
-            return
-        self._quiet_plan = None
-        forecasts = self._window_forecasts
-        if forecasts is None:
-            forecasts = self._window_forecasts = self.forecasts()
-        if live is None:
-            live = self._live_counts()
-        # The demand from the handle's narrow read: the same tuple `_demand_key` makes of a
-        # snapshot, without building one (most checks here follow a start or a stop).
-        replicas, stopping = cluster.demand_reads()
-        demand = (replicas, stopping, tuple(forecasts.items()), tuple(live.items()))
-        if demand == self._nothing_wanted:
-            self._last_planned = layout
-            self._quiet_plan = (placement, self._live_version)
-            return
-        cfg = self.cfg
-        existing, wanted = demands(
-            self.models,
-            replicas,
-            stopping,
-            forecasts,
-            live,
-            cfg.planning_bandwidth,
-            cfg.capacity_per_instance,
-            self.policy.prior_prewarm,
-        )
-        if not wanted:
-            # Either planner returns `Plan([], existing)` on this demand (the usual check after
-            # a start or stop): its outcome, as the long way below records it, without the
-            # snapshot, the layout key or a second pass over the demand.
-            self._prune_born(now)
-            self._replica_scores = existing
-            self._nothing_wanted = demand
-            self._quiet_plan = (placement, self._live_version)
-            self._unchanged_plan = None  # only a shortcut for later checks; none taken here
-            self._idle_plan = None
-            self._last_planned = layout
-            return
-        snap = cluster.snapshot()
-        key = (demand, _layout_key(snap))
-        idle = self._idle_plan
-        if key == self._unchanged_plan or (idle is not None and still_idle(idle, *key)):
-            # As a plan that places nothing would leave it (its scores are the last ones);
-            # birth times are pruned at the next plan that runs (none it drops can count).
-            self._unchanged_plan = key
-            self._last_planned = layout
-            return
-        self._prune_born(now)
-        inp = PlanInput(
-            snapshot=snap,
-            models=self.models,
-            forecasts=forecasts,
-            live_instances=live,
-            planning_bandwidth=self.cfg.planning_bandwidth,
-            capacity=self.cfg.capacity_per_instance,
-            group_search=self.cfg.group_search,
-            prior=self.policy.prior_prewarm,
-        )
-        if self.policy.smart_placement:
-            plan = plan_evict_aware(inp, self._new_replica_id)
-        else:
-            plan = plan_round_robin(
-                inp, self._new_replica_id, reference_quirk=self.policy.reference_round_robin
-            )
-        self._replica_scores = plan.scores
-        self._nothing_wanted = demand if plan.num_wanted == 0 else None
-        if plan.num_wanted == 0:  # placed nothing: the placement read above still holds
-            self._quiet_plan = (placement, self._live_version)
-        self._unchanged_plan = None if plan.actions else key
-        # Only free pages moved since a plan that wanted replicas and placed none: often the
-        # same again (plan_skip.py), with the evict-aware planner and no priors.
-        self._idle_plan = None
-        if plan.wanted_sizes and not plan.actions and not inp.prior:
-            self._idle_plan = IdlePlan(demand, key[1][1:], key[1][0], plan.wanted_sizes)
-        if plan.actions:
-            self._record(plan.actions, now)
-            cluster.apply(plan.actions)
-            layout = cluster.versions()[0]
-        self._last_planned = layout
-
-    def _prune_born(self, now: float) -> None:
-        # Birth times matter for QUICK_EVICT_S and prewarm_min_life_s only (older ones count
-        # for neither); replicas that went another way (a lost worker) must not pile up here.
-        horizon = now - max(QUICK_EVICT_S, self.cfg.prewarm_min_life_s)
-        self._replica_born = {r: t for r, t in self._replica_born.items() if t >= horizon}
-
     # ----- instance records and ids ----------------------------------------------------
     def _add_instance(self, inst_id: InstanceId, name: ModelName, now: float) -> None:
         """Record an instance just started (the hook subclasses use after their own starts)."""
@@ -696,24 +447,3 @@ class Controller(FairStarts):
     @property
     def replica_scores(self) -> Mapping[int, float]:
         return self._replica_scores
-
-
-def _demand_key(
-    snap: ClusterSnapshot, forecasts: Mapping[ModelName, Forecast], live: Mapping[ModelName, int]
-) -> tuple:
-    """What the planners' demand reads (models and constants are fixed for a controller)."""
-    return (
-        tuple((r.replica_id, r.model) for r in snap.replicas),
-        tuple(i.model for i in snap.instances if i.state == InstanceState.STOPPING),
-        tuple(forecasts.items()),
-        tuple(live.items()),
-    )
-
-
-def _layout_key(snap: ClusterSnapshot) -> tuple:
-    """The rest of what the planners read, in order (the order sets ties and float sums)."""
-    return (
-        tuple(g.free_pages for g in snap.gpus),
-        tuple((r.gpus, r.pages_per_gpu) for r in snap.replicas),
-        tuple((i.instance_id, i.model, i.gpus) for i in snap.instances),
-    )

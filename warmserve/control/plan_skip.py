@@ -20,7 +20,7 @@ from dataclasses import dataclass
 class IdlePlan:
     """A plan that wanted replicas and placed none: what it read, free pages apart, and those."""
 
-    demand: tuple  # Controller's _demand_key
+    demand: tuple  # prewarming's _demand_key
     structure: tuple  # its _layout_key less the free pages: replicas' and instances' GPUs
     free: tuple[int, ...]  # free pages per GPU, in snapshot order
     sizes: tuple[int, ...]  # pages per GPU of the models it wanted, ascending
