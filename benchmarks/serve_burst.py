@@ -7,6 +7,8 @@ SmolLM2-135M fp32) and the same replay of the Azure Conversation trace, compress
              pages;
   plus       policy `warmserve-plus` (the serve default): warmserve with keep-alive and
              on-demand reclaim, priors, queue aging, calm KV lending and fair starts;
+  plus-fair  `warmserve-plus` with the fair setting (starve_return_s 10, starve_preempt_s 10;
+             docs/fair-starts.md, Round 5); not in the default --modes;
   vanilla    policy `vanilla-autoscale`: no prewarming; every instance is a new engine
              process (stopped at scale-down), so each start pays process start-up, engine
              init and the checkpoint load (page cache warm) on the critical path.
@@ -39,7 +41,17 @@ from warmserve.serve_config import parse_serve_config
 from warmserve.server import BackgroundServer
 
 MODELS = ("smollm2-a", "smollm2-b", "smollm2-c")
-MODES = {"warmserve": "warmserve", "plus": "warmserve-plus", "vanilla": "vanilla-autoscale"}
+MODES = {
+    "warmserve": "warmserve",
+    "plus": "warmserve-plus",
+    "plus-fair": "warmserve-plus",
+    "vanilla": "vanilla-autoscale",
+}
+DEFAULT_MODES = ("warmserve", "plus", "vanilla")
+# Control settings a mode adds to the shared ones.
+MODE_CONTROL: dict[str, dict[str, float]] = {
+    "plus-fair": {"starve_return_s": 10.0, "starve_preempt_s": 10.0}
+}
 
 
 def free_port() -> int:
@@ -79,7 +91,11 @@ def run_mode(mode: str, model_dir: Path, bench: BenchConfig, hist: Path, args) -
         "workers": {"count": 2, "pool_mib": args.pool_mib},
         "models": [{"name": n, "path": str(model_dir), "max_model_len": 1024} for n in MODELS],
         "policy": MODES[mode],
-        "control": {"capacity_per_instance": args.capacity, "forecast_window_s": 60.0},
+        "control": {
+            "capacity_per_instance": args.capacity,
+            "forecast_window_s": 60.0,
+            **MODE_CONTROL.get(mode, {}),
+        },
         "forecast": {"history": str(hist), "service_s_per_token": 0.1 * bench.time_scale},
     }
     cfg = parse_serve_config(raw, Path())
@@ -113,7 +129,7 @@ def main() -> None:
     p.add_argument("--max-input-tokens", type=int, default=128)
     p.add_argument("--max-output-tokens", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="one rate, a shorter replay")
-    p.add_argument("--modes", default=",".join(MODES), help=f"from {', '.join(MODES)}")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"from {', '.join(MODES)}")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
