@@ -82,7 +82,8 @@ class ControlConfig:
     # while it waits to come back: its arrival rate times this many seconds. 0: an idle stop
     # costs only the wait behind the line. The fair setting (docs/fair-starts.md, Round 5)
     # pairs 10 s with starve_preempt_s 10 s: every model's P99 TTFT within 5x the pooled one at
-    # 8 models (20 of 20 seeds), for a pooled P99 about 50 % higher.
+    # 8 models (20 of 20 seeds), for a pooled P99 about 50 % higher, and a worse P99 on a small
+    # real server where one model is always waiting for a worker.
     starve_return_s: float = 0.0
 
     def __post_init__(self) -> None:
