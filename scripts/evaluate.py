@@ -18,7 +18,7 @@ Writes docs/eval/results.json (machine-readable), docs/eval/tables.md and docs/e
 """
 
 # The CLI: arguments, main, --rerun and finish. The rest lives in scripts/evaluation/ (cells,
-# runner, sweeps, aggregate, tables, plots); the names below are re-exported for importers.
+# runner, sweeps, aggregate, tables, plots).
 
 from __future__ import annotations
 
@@ -34,130 +34,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluation import sweeps
 from evaluation.aggregate import (
     _row_key,
-    ablation_results,
     analyse,
-    band_results,
     incomplete,
-    mean_curve,
-    model_stat,
-    ratio,
-    seed_curves,
-    select,
-    stat,
-    sweep_results,
     with_headline_points,
 )
 from evaluation.cells import (
-    ABLATION,
     ALL,
-    BAND_POLICIES,
-    BANDS,
-    EXPERIMENTS,
-    MIXED,
-    PER_MODEL_KEYS,
     QUICK_GRIDS,
     QUICK_RESOLUTION,
     QUICK_SKIPS,
     QUICK_SWEEP_POLICIES,
     ROOT,
     SEEDS,
-    SENS_POLICIES,
-    SENS_RPS,
     SUMMARY_KEYS,
     SWEEP_POLICIES,
-    SWEEP_TITLES,
     SWEEPS,
-    TARGETS,
     Task,
     available,
-    build,
-    cited,
-    corners,
     fixed_tasks,
-    spec,
     sweep_cell,
 )
-from evaluation.plots import COLOURS, cost_curve, plots
-from evaluation.runner import CACHE, WORKLOAD_SOURCES, Runner, cached_workload, run_task, task_cost
-from evaluation.sweeps import MAX_ROUNDS, run_sweeps, use_sweep_settings
-from evaluation.tables import _x, band_table, cell_table, policy_row, sweep_table, tables
+from evaluation.plots import cost_curve, plots
+from evaluation.runner import Runner
+from evaluation.sweeps import run_sweeps, use_sweep_settings
+from evaluation.tables import _x, tables
 
 from warmserve.control.registry import POLICIES
 
 OUT = ROOT / "docs" / "eval"
-
-__all__ = [
-    "ABLATION",
-    "ALL",
-    "BANDS",
-    "BAND_POLICIES",
-    "CACHE",
-    "COLOURS",
-    "EXPERIMENTS",
-    "LABEL_KEYS",
-    "MAX_ROUNDS",
-    "MIXED",
-    "OUT",
-    "PER_MODEL_KEYS",
-    "QUICK_GRIDS",
-    "QUICK_RESOLUTION",
-    "QUICK_SKIPS",
-    "QUICK_SWEEP_POLICIES",
-    "ROOT",
-    "SEEDS",
-    "SENS_POLICIES",
-    "SENS_RPS",
-    "SUMMARY_KEYS",
-    "SWEEPS",
-    "SWEEP_POLICIES",
-    "SWEEP_TITLES",
-    "TARGETS",
-    "WORKLOAD_SOURCES",
-    "Runner",
-    "Task",
-    "ablation_results",
-    "analyse",
-    "available",
-    "band_results",
-    "band_table",
-    "build",
-    "cached_workload",
-    "cell_table",
-    "cited",
-    "corners",
-    "cost_curve",
-    "finish",
-    "fixed_tasks",
-    "incomplete",
-    "main",
-    "mean_curve",
-    "model_stat",
-    "plots",
-    "policy_row",
-    "ratio",
-    "rerun",
-    "run_sweeps",
-    "run_task",
-    "seed_curves",
-    "select",
-    "spec",
-    "stat",
-    "sweep_cell",
-    "sweep_results",
-    "sweep_table",
-    "tables",
-    "task_cost",
-    "use_sweep_settings",
-    "with_headline_points",
-]
-
-
-def __getattr__(name: str) -> Any:
-    # The knee resolution belongs to evaluation.sweeps, which --quick, --resume and --rerun set:
-    # read live, so this module holds no copy that could go stale.
-    if name == "REL_RESOLUTION":
-        return sweeps.REL_RESOLUTION
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
