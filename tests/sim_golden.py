@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from warmserve.cluster.books import Books
 from warmserve.control.registry import POLICIES
 from warmserve.experiment import Experiment, load_experiment, parse_experiment
 from warmserve.sim.runner import PolicyResult, make_workload, run_policy
@@ -96,6 +97,20 @@ def fingerprint(r: PolicyResult) -> dict[str, Any]:
         "rows": hashlib.sha256(repr(rows).encode()).hexdigest(),
         "memory": _digest(*(getattr(r.memory, f.name) for f in dataclasses.fields(r.memory))),
     }
+
+
+def count_snapshot_builds(monkeypatch) -> dict[str, int]:
+    """Count every snapshot the books build from now on (`counts["n"]`, resettable), for the
+    fast-path tests that check a shortcut builds fewer."""
+    counts = {"n": 0}
+    plain_build = Books._build_snapshot
+
+    def counted_build(self, layout_changed):
+        counts["n"] += 1
+        return plain_build(self, layout_changed)
+
+    monkeypatch.setattr(Books, "_build_snapshot", counted_build)
+    return counts
 
 
 def compute_case(exp: Experiment, policies: tuple[str, ...]) -> dict[str, Any]:

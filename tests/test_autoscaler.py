@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from warmserve.control.autoscaler import ActiveInstance, pick_to_stop, scale_delta
 from warmserve.control.config import ControlConfig
-from warmserve.control.router import choose_instance, least_loaded
+from warmserve.control.router import least_loaded
 
 CFG = ControlConfig()  # capacity 32, up 0.8, down 0.5
 
@@ -62,30 +62,44 @@ def test_never_stops_a_starting_instance():
     assert pick_to_stop(cands, 2, now=60.0, cfg=CFG) == [0]
 
 
+@dataclass
+class _Inst:
+    model: str
+    in_flight: int
+    stopping: bool = False
+
+
+def _reference_choice(loads, capacity):
+    """The rule, written plainly: the fewest in-flight requests below capacity, ties to the
+    lowest id."""
+    best = None
+    for inst_id, n in loads:
+        if n < capacity and (best is None or (n, inst_id) < best):
+            best = (n, inst_id)
+    return None if best is None else best[1]
+
+
 def test_router_least_loaded_below_capacity():
-    assert choose_instance([(0, 5), (1, 2), (2, 2)], capacity=32) == 1
-    assert choose_instance([(0, 32), (1, 31)], capacity=32) == 1
-    assert choose_instance([(0, 32), (1, 40)], capacity=32) is None
-    assert choose_instance([], capacity=32) is None
+    def pick(loads, capacity=32):
+        return least_loaded({i: _Inst("m", n) for i, n in loads}, "m", capacity)
+
+    assert pick([(0, 5), (1, 2), (2, 2)]) == 1
+    assert pick([(2, 2), (1, 2), (0, 5)]) == 1  # ties to the lowest id, in any order
+    assert pick([(0, 32), (1, 31)]) == 1
+    assert pick([(0, 32), (1, 40)]) is None
+    assert pick([]) is None
 
 
 @given(
     st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 5), st.booleans()), max_size=12),
     st.integers(1, 5),
 )
-def test_least_loaded_is_choose_instance(rows, capacity):
-    """The routing pass over instance records picks what `choose_instance` picks from the
+def test_least_loaded_follows_the_rule(rows, capacity):
+    """The routing pass over instance records picks what the plain rule picks from the
     model's instances not stopping."""
-
-    @dataclass
-    class Inst:
-        model: str
-        in_flight: int
-        stopping: bool
-
     ids = list(range(len(rows)))
     random.Random(len(rows)).shuffle(ids)  # records in any id order
-    insts = {i: Inst(*row) for i, row in zip(ids, rows, strict=True)}
+    insts = {i: _Inst(*row) for i, row in zip(ids, rows, strict=True)}
     for model in ("a", "b"):
         loads = [(i, x.in_flight) for i, x in insts.items() if x.model == model and not x.stopping]
-        assert least_loaded(insts, model, capacity) == choose_instance(loads, capacity)
+        assert least_loaded(insts, model, capacity) == _reference_choice(loads, capacity)

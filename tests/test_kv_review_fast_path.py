@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from sim_golden import cases, fingerprint
+from sim_golden import cases, count_snapshot_builds, fingerprint
 
 from warmserve.cluster.books import Books
 from warmserve.control.api import ClusterHandle, InstanceView, SetKvPages, StartInstance
@@ -65,14 +65,8 @@ def servegen():
 @pytest.mark.parametrize("policy", ["warmserve", "warmserve-plus", "vanilla-autoscale"])
 def test_narrow_reads_change_nothing(servegen, policy, monkeypatch):
     exp, wl = servegen
-    builds = {"n": 0}
     grants = {"n": 0}
-    plain_build = Books._build_snapshot
     plain_free = SimCluster.free_pages
-
-    def counted_build(self, layout_changed):
-        builds["n"] += 1
-        return plain_build(self, layout_changed)
 
     def counted_free(self, gpus):
         grants["n"] += 1
@@ -85,7 +79,7 @@ def test_narrow_reads_change_nothing(servegen, policy, monkeypatch):
         reviews["n"] += 1
         return plain_review(self, *args, **kwargs)
 
-    monkeypatch.setattr(Books, "_build_snapshot", counted_build)
+    builds = count_snapshot_builds(monkeypatch)
     monkeypatch.setattr(SimCluster, "free_pages", counted_free)
     monkeypatch.setattr(Controller, "_review_kv", counted_review)
     fast = run_policy(exp, policy, wl)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from sim_golden import cases, fingerprint
+from sim_golden import cases, count_snapshot_builds, fingerprint
 
 from warmserve.cluster.books import Books
 from warmserve.control import prewarming
@@ -65,21 +65,15 @@ def runs():
 )
 def test_demand_shortcut_changes_nothing(runs, case, policy, monkeypatch):
     exp, wl = runs[case]
-    builds = {"n": 0}
     shortcuts = {"n": 0}
-    plain_build = Books._build_snapshot
     plain_demands = prewarming.demands
-
-    def counted_build(self, layout_changed):
-        builds["n"] += 1
-        return plain_build(self, layout_changed)
 
     def counted_demands(*args):
         existing, wanted = plain_demands(*args)
         shortcuts["n"] += not wanted
         return existing, wanted
 
-    monkeypatch.setattr(Books, "_build_snapshot", counted_build)
+    builds = count_snapshot_builds(monkeypatch)
     monkeypatch.setattr(prewarming, "demands", counted_demands)
     fast = run_policy(exp, policy, wl)
     fast_builds = builds["n"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from warmserve.cluster.books import Books
 from warmserve.control.api import ClusterSnapshot, InstanceView
+from warmserve.types import ModelName, ReplicaId
 
 
 class BookReads:
@@ -25,7 +26,7 @@ class BookReads:
     def instance_views(self) -> tuple[InstanceView, ...]:
         return self.books.instance_views()
 
-    def demand_reads(self) -> tuple[tuple[tuple[int, str], ...], tuple[str, ...]]:
+    def demand_reads(self) -> tuple[tuple[tuple[ReplicaId, ModelName], ...], tuple[ModelName, ...]]:
         return self.books.demand_reads()
 
     @property

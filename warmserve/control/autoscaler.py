@@ -70,20 +70,21 @@ class QuietModels:
         cfg = self._cfg
         span = cfg.scale_window_s
         start = now - span
+        in_range = -self.limit_s < now < self.limit_s  # `in_range(now)`, without the call
         known = self.known.get(name)
         if (
             known is not None
             and known[0] is last
             and known[1] == num_active
             and start < known[2]
-            and -self.limit_s < now < self.limit_s
+            and in_range
         ):
             return True
         if (
             known is not None
             and known[1] == num_active
             and known[3] >= 0
-            and -self.limit_s < now < self.limit_s
+            and in_range
             and series.before_last() is known[0]
         ):
             # One change since a remembered answer whose bounds held: if the new count keeps
@@ -110,7 +111,7 @@ class QuietModels:
         else:
             least = 0.0
         proved = (
-            -self.limit_s < now < self.limit_s
+            in_range
             and len(series) <= 1_000_000  # each piece of the mean adds a rounding: 1e-10 in all
             and scale_delta(least, num_active, cfg) == 0
             and scale_delta(hi * (1.0 + _MEAN_SLACK), num_active, cfg) == 0

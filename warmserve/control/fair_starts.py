@@ -23,6 +23,7 @@ from warmserve.control.api import (
     SetKvPages,
     StopInstance,
 )
+from warmserve.control.kv_reservation import kv_floor_pages
 from warmserve.types import InstanceId, InstanceState, ModelName, ReplicaId, StartPath
 
 
@@ -366,11 +367,8 @@ class FairStarts:
             inst, view = self._instances.get(inst_id), views.get(inst_id)
             if inst is None or view is None or not inst.stopping:
                 continue
-            model = self.models[inst.model]
-            per_request = math.ceil(
-                model.max_model_len * model.kv_bytes_per_token_per_gpu / snap.page_bytes
-            )
-            target = max(1, view.kv_used_pages, inst.in_flight * per_request)
+            full_contexts = kv_floor_pages(self.models[inst.model], inst.in_flight, snap.page_bytes)
+            target = max(1, view.kv_used_pages, full_contexts)
             if target < view.kv_pages:
                 action = SetKvPages(inst_id, target)
                 self._record([action], now, view.kv_pages)

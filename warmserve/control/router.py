@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 from warmserve.types import InstanceId, ModelName
-
-
-def choose_instance(loads: Iterable[tuple[InstanceId, int]], capacity: int) -> InstanceId | None:
-    """The instance with the fewest in-flight requests below capacity (ties: lowest id)."""
-    best: tuple[int, InstanceId] | None = None
-    for inst_id, n in loads:
-        if n < capacity and (best is None or (n, inst_id) < best):
-            best = (n, inst_id)
-    return None if best is None else best[1]
 
 
 class _Routable(Protocol):
@@ -26,8 +17,9 @@ class _Routable(Protocol):
 def least_loaded(
     instances: Mapping[InstanceId, _Routable], model: ModelName, capacity: int
 ) -> InstanceId | None:
-    """`choose_instance` over `model`'s instances not stopping, in one pass without a
-    generator (it runs for every arriving request)."""
+    """Of `model`'s instances not stopping, the one with the fewest in-flight requests below
+    `capacity` (ties: lowest id); None if all are full. One pass without a generator: it runs
+    for every arriving request."""
     best: InstanceId | None = None
     best_n = capacity  # only an instance below capacity is taken
     for inst_id, inst in instances.items():

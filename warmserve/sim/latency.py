@@ -87,42 +87,35 @@ class StepTimeModel:
         # and arange's start + i·step gives the same doubles as i·batch + ctx_sum, in one call.
         flop = self._flop_tok * batch
         end = ctx_sum + batch * steps
-        if (
-            self._kv_over_attn
-            and self._weights >= flop
-            and ctx_sum.is_integer()
-            and ctx_sum >= 0.0
-            and end <= _MEM_TABLE_MAX
-        ):
-            # Memory-bound (see below), integral contexts: each step's memory time is the
-            # table's entry for its context, the same doubles, read as a strided slice.
+        memory_bound = self._kv_over_attn and self._weights >= flop
+        if memory_bound and ctx_sum.is_integer() and ctx_sum >= 0.0 and end <= _MEM_TABLE_MAX:
+            # Integral contexts: each step's memory time is the table's entry for its context,
+            # the same doubles as computed below, read as a strided slice (copied: it is
+            # added to in place).
             table = self._mem_by_ctx
             if end > len(table):
                 table = self._mem_table(int(end))
-            mem = table[int(ctx_sum) : int(end) : batch] + (self._fixed + self._seq * batch)
-            comm = self._comm_tok * batch
-            if comm != 0.0:
-                mem += comm
-            return np.add.accumulate(mem, out=mem)
-        if ctx_sum.is_integer():
-            ctx = np.arange(ctx_sum, ctx_sum + batch * steps, batch, dtype=np.float64)
+            mem = table[int(ctx_sum) : int(end) : batch].copy()
         else:
-            ctx = np.arange(steps, dtype=np.float64)
-            ctx *= batch
-            ctx += ctx_sum
-        if self._kv_over_attn and self._weights >= flop:
-            # Memory-bound at every step, exactly: ctx ≥ 0 and kv_tok ≥ attn give
-            # fl(ctx·kv_tok) ≥ fl(ctx·attn), and weights ≥ fl(flop_tok·batch) then gives
-            # mem ≥ comp after the addition (rounding is monotone), so the maximum is mem.
-            ctx *= self._kv_tok
-            ctx += self._weights
-            mem = ctx
-        else:
-            mem = ctx * self._kv_tok
-            mem += self._weights
-            ctx *= self._attn
-            ctx += flop
-            np.maximum(mem, ctx, out=mem)
+            if ctx_sum.is_integer():
+                ctx = np.arange(ctx_sum, end, batch, dtype=np.float64)
+            else:
+                ctx = np.arange(steps, dtype=np.float64)
+                ctx *= batch
+                ctx += ctx_sum
+            if memory_bound:
+                # Memory-bound at every step, exactly: ctx ≥ 0 and kv_tok ≥ attn give
+                # fl(ctx·kv_tok) ≥ fl(ctx·attn), and weights ≥ fl(flop_tok·batch) then gives
+                # mem ≥ comp after the addition (rounding is monotone), so the maximum is mem.
+                ctx *= self._kv_tok
+                ctx += self._weights
+                mem = ctx
+            else:
+                mem = ctx * self._kv_tok
+                mem += self._weights
+                ctx *= self._attn
+                ctx += flop
+                np.maximum(mem, ctx, out=mem)
         mem += self._fixed + self._seq * batch
         comm = self._comm_tok * batch
         if comm != 0.0:  # adding 0.0 leaves every (positive) step time as it is
