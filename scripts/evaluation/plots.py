@@ -40,6 +40,14 @@ COLOURS = dict(
 )
 
 
+def _save(fig: Any, legend_ax: Any, path: Path) -> None:
+    """Every figure's ending: a legend on `legend_ax`, laid out, written, closed."""
+    legend_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plots(rows: list[dict[str, Any]], res: dict[str, Any], out: Path) -> None:
     """The sweep, cost-sensitivity and (when run) workload-sensitivity plots, into `out`."""
     svcs = [s for s in SWEEPS if any(r["group"] == "sweep" and r["service"] == s for r in rows)]
@@ -72,10 +80,7 @@ def plots(rows: list[dict[str, Any]], res: dict[str, Any], out: Path) -> None:
                 ax.set_xlabel("requests/s (band: min-max over seeds)")
                 ax.set_xscale("log", base=2)
                 ax.grid(True, alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "sweep.png", dpi=110)
-        plt.close(fig)
+        _save(fig, axes[0][0], out / "sweep.png")
 
     # The cost sensitivity: the ratio against each assumed cost, the others at their cited value.
     fig, axes = plt.subplots(1, len(BANDS), figsize=(5.2 * len(BANDS), 3.9), squeeze=False)
@@ -97,10 +102,7 @@ def plots(rows: list[dict[str, Any]], res: dict[str, Any], out: Path) -> None:
         ax.set_xlabel(b["label"] + " (dashed: cited)")
         ax.set_title("P99 TTFT ratio, Azure Conversation, 1 rps", fontsize=9)
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "cost_sensitivity.png", dpi=110)
-    plt.close(fig)
+    _save(fig, axes[0][0], out / "cost_sensitivity.png")
 
     groups = [
         g
@@ -132,10 +134,7 @@ def plots(rows: list[dict[str, Any]], res: dict[str, Any], out: Path) -> None:
             ax.set_yscale("log")
             ax.set_title(f"P99 TTFT vs {group}")
             ax.grid(True, alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "sensitivity.png", dpi=110)
-        plt.close(fig)
+        _save(fig, axes[0][0], out / "sensitivity.png")
 
 
 def cost_curve(out: Path) -> list[dict[str, Any]]:
@@ -172,8 +171,5 @@ def cost_curve(out: Path) -> list[dict[str, Any]]:
     ax.set_xlabel("GPUs (models = GPUs / 4)")
     ax.set_ylabel("ms")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "control_cost.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out / "control_cost.png")
     return points
