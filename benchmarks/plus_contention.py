@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from warmserve.control.registry import POLICIES, _warmserve  # noqa: E402
+from warmserve.control.config import ControlConfig  # noqa: E402
+from warmserve.control.registry import POLICIES, _warmserve, unread_control_error  # noqa: E402
 from warmserve.experiment import ModelEntry, load_experiment  # noqa: E402
 from warmserve.sim.runner import make_workload, run_policy  # noqa: E402
 
@@ -123,6 +124,11 @@ def main() -> None:
         POLICIES[name] = _warmserve(dataclasses.replace(spec, name=name))
     policies = args.policies.split(",")
     control = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.control)}
+    unread = unread_control_error(
+        dataclasses.replace(ControlConfig(), **control), policies, "--control "
+    )
+    if unread:
+        sys.exit(f"plus_contention.py: {unread}")
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     for seed in (int(s) for s in args.seeds.split(",")):
         if args.experiment:

@@ -352,7 +352,8 @@ def test_vanilla_autoscaling_starts_a_new_engine_per_instance(tiny_dir, tmp_path
         "workers": {"count": 1, "pool_mib": 64, "threads": 1},
         "models": [{"name": "tiny", "path": str(tiny_dir)}],
         "policy": "vanilla-autoscale",
-        "control": CONTROL,
+        # vanilla-autoscale has no keep-alive: the setting would be refused.
+        "control": {k: v for k, v in CONTROL.items() if k != "keep_alive_s"},
     }
     with LiveServer(raw, tmp_path) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)

@@ -44,6 +44,10 @@ def test_default_config_is_valid_and_local():
         ({"models": [{"name": "a"}], "workers": {"count": 0}}, "count must be >= 1"),
         ({"models": [{"name": "a"}], "workers": {"device": "cuda"}}, "CUDA page pool"),
         ({"models": [{"name": "a"}], "control": {"tick_s": -1}}, "tick_s must be > 0"),
+        (
+            {"models": [{"name": "a"}], "policy": "warmserve", "control": {"keep_alive_s": 5}},
+            "control.keep_alive_s: not read by warmserve (read by ",
+        ),
         ({"models": [{"name": "a"}], "listen": {"port": "x"}}, "expected an integer"),
     ],
 )

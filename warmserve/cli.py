@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from warmserve.bench import BenchError
-from warmserve.control.registry import POLICIES
+from warmserve.control.registry import POLICIES, unread_control_keys, unread_message
 from warmserve.experiment import Experiment, ExperimentError, load_experiment
 from warmserve.models import PACKAGED, ModelPrepError
 from warmserve.traces import TraceError
@@ -289,12 +289,32 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_control(file_exp: Experiment, exp: Experiment, sweep: tuple[str, Any] | None) -> None:
+    """Refuse a control setting from --set or --sweep that none of the run's policies reads.
+    The file's own settings were checked against the file's policies; one that `--policies`
+    leaves unread gets a note, since the file holds it for the others."""
+    names = exp.policies
+    for key, readers in unread_control_keys(exp.control, names).items():
+        if getattr(exp.control, key) != getattr(file_exp.control, key):
+            raise ExperimentError(unread_message(key, names, readers, "--set control."))
+        print(
+            f"warmserve simulate: note: the experiment's control.{key} is not read by "
+            f"{', '.join(names)}; it has no effect in this run",
+            file=sys.stderr,
+        )
+    if sweep is not None and sweep[0].startswith("control."):
+        key = sweep[0].removeprefix("control.")
+        if not any(key in POLICIES[p].reads for p in names):
+            readers = [p for p, reg in POLICIES.items() if key in reg.reads]
+            raise ExperimentError(unread_message(key, names, readers, "--sweep control."))
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from warmserve.sim.overrides import apply_sets, canonical_key, get_value, parse_seeds
     from warmserve.sim.report import seeds_summary, write_report
     from warmserve.sim.sweep import SLO_TARGET, SLO_TARGETS, parse_sweep, point_experiment
 
-    exp = load_experiment(args.experiment)
+    exp = file_exp = load_experiment(args.experiment)
     if args.seed is not None:
         exp = dataclasses.replace(exp, seed=args.seed)
     exp = apply_sets(exp, args.set)
@@ -313,6 +333,7 @@ def _simulate(args: argparse.Namespace) -> int:
         get_value(exp, canonical_key(sweep[0]), "--sweep")  # a known setting
         for value in sweep[1]:  # each value valid, before any run
             point_experiment(exp, sweep[0], value)
+    _check_control(file_exp, exp, sweep)
     if args.refine and (sweep is None or canonical_key(sweep[0]) != "workload.rps"):
         raise ExperimentError("--refine: needs a rate sweep (--sweep rps=...)")
     seeds = parse_seeds(args.seeds) if args.seeds else [exp.seed]

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from warmserve.control.config import ControlConfig
-from warmserve.control.registry import POLICIES
+from warmserve.control.registry import POLICIES, unread_control_error
 from warmserve.hardware import PAGE_BYTES, GpuSpec, pages_for
 from warmserve.model_spec import (
     MODEL_PRESETS,
@@ -257,6 +257,11 @@ def parse_experiment(
         profile=profile,
     )
     validate(exp)
+    # The file's control settings are shared by its policies: each must matter to one of them
+    # (a run of fewer policies, `--policies`, says which no longer matter: cli.py).
+    unread = unread_control_error(exp.control, exp.policies, "control.")
+    if unread:
+        raise ExperimentError(unread)
     return exp
 
 

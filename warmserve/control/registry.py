@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from warmserve.control.api import ControlPlane, ServedModel
@@ -20,6 +21,51 @@ from warmserve.control.static import STATIC, StaticController
 
 ControlPlaneFactory = Callable[[ControlConfig, Sequence[ServedModel], Forecaster], ControlPlane]
 
+# The ControlConfig keys a policy reads, so that a run can refuse a setting that none of its
+# policies would use instead of ignoring it (experiment.py, serve_config.py). Every driver
+# ticks and every policy runs the forecaster (its error is reported for each), so those keys
+# are always read; the rest follow the policy's control loop and its techniques.
+# tests/test_control_keys.py changes every key a policy does not list and checks that its
+# simulated run stays the same.
+ALWAYS_READ = frozenset(
+    {"tick_s", "forecast_method", "forecast_window_s", "forecast_correction_points",
+     "forecast_cycle", "forecast_peak_quantile"}
+)  # fmt: skip
+AUTOSCALER_KEYS = frozenset(
+    {"capacity_per_instance", "scale_window_s", "scale_up_threshold", "scale_down_threshold",
+     "protect_period_s"}
+)  # fmt: skip
+SERVERLESS_KEYS = frozenset(
+    {"serverless_target", "serverless_max_instances", "serverless_keep_alive_s",
+     "serverless_loop_s", "serverless_max_queue"}
+)  # fmt: skip
+_TECHNIQUE_KEYS: dict[str, frozenset[str]] = {  # PolicySpec switch -> the keys it reads
+    "proactive_prewarm": frozenset({"planning_bandwidth", "group_search"}),
+    "kv_prewarm": frozenset({"kv_floor_requests"}),
+    "keep_alive": frozenset({"keep_alive_s"}),
+    "calm_kv": frozenset({"kv_hysteresis", "kv_lend_min_s", "prewarm_min_life_s"}),
+    "fair_starts": frozenset(
+        {
+            "starve_wait_s",
+            "starve_preempt_s",
+            "starve_preempt_gap_s",
+            "starve_short_threshold",
+            "starve_rate_window_s",
+            "starve_return_s",
+        }
+    ),
+}
+
+
+def keys_read(spec: PolicySpec, loop_keys: frozenset[str] = AUTOSCALER_KEYS) -> frozenset[str]:
+    """What a policy with these techniques reads; `loop_keys`: those of its control loop (the
+    autoscaler's unless the policy replaces it)."""
+    keys = ALWAYS_READ | loop_keys
+    for switch, extra in _TECHNIQUE_KEYS.items():
+        if getattr(spec, switch):
+            keys |= extra
+    return keys
+
 
 @dataclass(frozen=True, slots=True)
 class RegisteredPolicy:
@@ -29,6 +75,12 @@ class RegisteredPolicy:
     # The `costs:` key of the engine start behind the host checkpoint caches, for policies
     # that use them (a cost key's name, so that the control plane stays free of the simulator).
     engine_init_cost: str = "serverless_engine_init_s"
+    # ControlConfig keys it reads (keys_read); empty: work them out from `spec`.
+    reads: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.reads:
+            object.__setattr__(self, "reads", keys_read(self.spec))
 
 
 def _warmserve(spec: PolicySpec, needs_future: bool = False) -> RegisteredPolicy:
@@ -66,14 +118,58 @@ POLICIES["warmserve-plus"] = _warmserve(
     )
 )
 POLICIES["oracle"] = _warmserve(PolicySpec("oracle"), needs_future=True)
-POLICIES["static"] = RegisteredPolicy(STATIC, StaticController)
-POLICIES["serverlessllm"] = RegisteredPolicy(SERVERLESSLLM, ServerlessLLMController)
+# Static sizes and MuxServe's placement replace the autoscaler; they read only the capacity.
+_CAPACITY = frozenset({"capacity_per_instance"})
+POLICIES["static"] = RegisteredPolicy(
+    STATIC, StaticController, reads=keys_read(STATIC, loop_keys=_CAPACITY)
+)
+POLICIES["serverlessllm"] = RegisteredPolicy(
+    SERVERLESSLLM,
+    ServerlessLLMController,
+    reads=keys_read(SERVERLESSLLM, loop_keys=SERVERLESS_KEYS),
+)
 POLICIES["serverlessllm-tuned"] = RegisteredPolicy(
     SERVERLESSLLM_TUNED,
     ServerlessLLMTunedController,
     engine_init_cost="serverless_tuned_engine_init_s",
 )
-POLICIES["muxserve"] = RegisteredPolicy(MUXSERVE, MuxServeController)
+POLICIES["muxserve"] = RegisteredPolicy(
+    MUXSERVE, MuxServeController, reads=keys_read(MUXSERVE, loop_keys=_CAPACITY)
+)
+
+
+def unread_control_keys(cfg: ControlConfig, policies: Iterable[str]) -> dict[str, list[str]]:
+    """The keys `cfg` changes from their defaults that none of `policies` reads, each with the
+    registered policies that do read it (for the error). A key set to its default changes
+    nothing, so it passes."""
+    names = list(policies)
+    default = ControlConfig()
+    out: dict[str, list[str]] = {}
+    for f in dataclasses.fields(ControlConfig):
+        if getattr(cfg, f.name) == getattr(default, f.name):
+            continue
+        if not any(f.name in POLICIES[p].reads for p in names if p in POLICIES):
+            out[f.name] = [p for p, reg in POLICIES.items() if f.name in reg.reads]
+    return out
+
+
+def unread_message(key: str, policies: Sequence[str], readers: Sequence[str], where: str) -> str:
+    """`where`: how the user wrote the key, up to it ("control.", "--set control.")."""
+    by = ", ".join(readers) if readers else "no policy"
+    return (
+        f"{where}{key}: not read by {', '.join(policies)} (read by {by}); "
+        "remove it or run a policy that reads it"
+    )
+
+
+def unread_control_error(cfg: ControlConfig, policies: Iterable[str], where: str) -> str | None:
+    """One line naming the first key of `unread_control_keys`, or None."""
+    names = list(policies)
+    unread = unread_control_keys(cfg, names)
+    if not unread:
+        return None
+    key, readers = next(iter(unread.items()))
+    return unread_message(key, names, readers, where)
 
 
 class UnknownPolicyError(KeyError):
