@@ -1,5 +1,5 @@
-"""A control setting no policy of a run reads is refused, and the keys each policy lists as read
-(`RegisteredPolicy.reads`) are the ones that can change its run."""
+"""A control setting or cost no policy of a run reads is refused, and the keys each policy lists
+as read (`RegisteredPolicy.reads`, `costs_read`) are the ones that can change its run."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from warmserve.cli import main
 from warmserve.control.config import ControlConfig
 from warmserve.control.registry import ALWAYS_READ, POLICIES, unread_control_keys
 from warmserve.experiment import ExperimentError, parse_experiment
+from warmserve.sim.costs import StartupCosts, costs_read
 from warmserve.sim.runner import make_workload, run_policy
 
 # A valid value other than the default for every key (the pairs scale_down < scale_up and
@@ -29,6 +30,15 @@ ALT = {
     "kv_lend_min_s": 0.0, "prewarm_min_life_s": 0.0, "starve_wait_s": 0.5,
     "starve_preempt_s": 3.0, "starve_preempt_gap_s": 2.0, "starve_short_threshold": 0.95,
     "starve_rate_window_s": 30.0, "starve_return_s": 10.0,
+}  # fmt: skip
+# The same for costs, far from the shipped profiles' values (a cold engine start longer than
+# the set-up period, so that static deployments pay it too).
+COST_ALT = {
+    "engine_attach_s": 1.5, "remap_bandwidth": 2e9, "kv_initial_map_bytes": float(8 << 30),
+    "weights_source": "ssd", "ssd_bandwidth": 2e9, "cold_engine_init_s": 120.0,
+    "vanilla_load_bandwidth": 1e9, "host_node_bandwidth": 8e9, "serverless_engine_init_s": 8.0,
+    "serverless_tuned_engine_init_s": 9.0, "serverless_ssd_bandwidth": 3e9,
+    "serverless_dram_cache_bytes": float(64 << 30),
 }  # fmt: skip
 MIXED = [("llama-2-7b", 1), ("llama-2-7b", 1), ("llama-2-13b", 2), ("llama-2-70b", 4)]
 
@@ -58,10 +68,12 @@ def contention():
     return exp, make_workload(exp)
 
 
-def _summary(exp, policy, wl, keys):
-    """The run's summary and every request's outcome, with `keys` at their other values."""
+def _summary(exp, policy, wl, keys=(), costs=()):
+    """The run's summary and every request's outcome, with `keys` and `costs` at their other
+    values."""
     ctl = dataclasses.replace(exp.control, **{k: ALT[k] for k in keys})
-    r = run_policy(dataclasses.replace(exp, control=ctl), policy, wl)
+    cst = dataclasses.replace(exp.costs, **{k: COST_ALT[k] for k in costs})
+    r = run_policy(dataclasses.replace(exp, control=ctl, costs=cst), policy, wl)
     return r.summary, r.requests, r.num_events
 
 
@@ -69,7 +81,7 @@ def _summary(exp, policy, wl, keys):
 def test_only_the_keys_a_policy_reads_change_its_run(contention, policy):
     exp, wl = contention
     reads = POLICIES[policy].reads
-    base = _summary(exp, policy, wl, ())
+    base = _summary(exp, policy, wl)
     unread = sorted(set(ALT) - reads)
     assert unread, "every policy leaves some key unread"
     # Every key it does not list, changed at once: the run is the same, request for request.
@@ -77,6 +89,21 @@ def test_only_the_keys_a_policy_reads_change_its_run(contention, policy):
     # The keys it lists beyond the shared ones do change it here (so the cell reaches the code
     # that reads them, and the test above is not empty).
     assert _summary(exp, policy, wl, sorted(reads - ALWAYS_READ)) != base
+
+
+def test_every_cost_has_an_other_value(contention):
+    exp, _ = contention
+    assert set(COST_ALT) == {f.name for f in dataclasses.fields(StartupCosts)}
+    assert all(COST_ALT[k] != getattr(exp.costs, k) for k in COST_ALT)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_only_the_costs_a_policy_pays_change_its_run(contention, policy):
+    exp, wl = contention
+    base = _summary(exp, policy, wl)
+    pays = costs_read(policy)
+    assert _summary(exp, policy, wl, costs=sorted(set(COST_ALT) - pays)) == base
+    assert _summary(exp, policy, wl, costs=sorted(pays)) != base
 
 
 def test_unread_keys_are_named_with_the_policies_that_read_them():
@@ -103,6 +130,15 @@ def test_an_experiment_refuses_a_setting_none_of_its_policies_reads():
     assert exp.control.starve_return_s == 10
 
 
+def test_an_experiment_refuses_a_cost_none_of_its_policies_pays():
+    raw = {**_raw(["warmserve", "warmserve-plus"], {}), "costs": {"serverless_engine_init_s": 5}}
+    message = r"costs.serverless_engine_init_s: not read by warmserve, warmserve-plus \(read by s"
+    with pytest.raises(ExperimentError, match=message):
+        parse_experiment(raw, Path())
+    raw["policies"] = ["warmserve", "serverlessllm"]
+    assert parse_experiment(raw, Path()).costs.serverless_engine_init_s == 5
+
+
 def _write(tmp_path, raw) -> str:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -123,6 +159,8 @@ def test_simulate_notes_a_file_setting_its_policies_leave_unread(tmp_path, capsy
         ["--set", "control.starve_return_s=5", "--policies", "warmserve"],
         ["--set", "control.serverless_target=2"],
         ["--sweep", "control.kv_hysteresis=0,0.5", "--policies", "warmserve"],
+        ["--set", "costs.cold_engine_init_s=5"],
+        ["--sweep", "costs.serverless_engine_init_s=2,10"],
     ],
 )
 def test_simulate_refuses_an_override_no_policy_of_the_run_reads(tmp_path, capsys, args):

@@ -83,6 +83,7 @@ def test_profile_by_path_and_experiment_overrides(tmp_path):
     (tmp_path / "hw" / "mine.yaml").write_text(profile_yaml(mine, {"costs.engine_attach_s": "x"}))
     raw = _raw(profile="hw/mine.yaml")  # relative to the experiment file's folder
     raw["costs"] = {"cold_engine_init_s": 3.0}  # the experiment overrides one value
+    raw["policies"] = ["warmserve", "vanilla-autoscale"]  # (one that pays it)
     exp = parse_experiment(raw, tmp_path)
     assert exp.gpu.hbm_bandwidth == 1e12 and exp.gpu.name == "mine"
     assert exp.costs.engine_attach_s == 0.05  # from the profile

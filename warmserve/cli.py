@@ -13,9 +13,10 @@ from typing import Any
 from tqdm import tqdm
 
 from warmserve.bench import BenchError
-from warmserve.control.registry import POLICIES, unread_control_keys, unread_message
-from warmserve.experiment import Experiment, ExperimentError, load_experiment
+from warmserve.control.registry import POLICIES, unread_message
+from warmserve.experiment import Experiment, ExperimentError, load_experiment, unread_settings
 from warmserve.models import PACKAGED, ModelPrepError
+from warmserve.sim.costs import costs_read
 from warmserve.traces import TraceError
 
 
@@ -289,24 +290,28 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_control(file_exp: Experiment, exp: Experiment, sweep: tuple[str, Any] | None) -> None:
-    """Refuse a control setting from --set or --sweep that none of the run's policies reads.
-    The file's own settings were checked against the file's policies; one that `--policies`
+def _check_settings(file_exp: Experiment, exp: Experiment, sweep: tuple[str, Any] | None) -> None:
+    """Refuse a control setting or cost from --set or --sweep that none of the run's policies
+    reads. The file's own were checked against the file's policies; one that `--policies`
     leaves unread gets a note, since the file holds it for the others."""
     names = exp.policies
-    for key, readers in unread_control_keys(exp.control, names).items():
-        if getattr(exp.control, key) != getattr(file_exp.control, key):
-            raise ExperimentError(unread_message(key, names, readers, "--set control."))
-        print(
-            f"warmserve simulate: note: the experiment's control.{key} is not read by "
-            f"{', '.join(names)}; it has no effect in this run",
-            file=sys.stderr,
-        )
-    if sweep is not None and sweep[0].startswith("control."):
-        key = sweep[0].removeprefix("control.")
-        if not any(key in POLICIES[p].reads for p in names):
-            readers = [p for p, reg in POLICIES.items() if key in reg.reads]
-            raise ExperimentError(unread_message(key, names, readers, "--sweep control."))
+    for where, unread in unread_settings(exp, names).items():
+        section = where.rstrip(".")
+        for key, readers in unread.items():
+            if getattr(getattr(exp, section), key) != getattr(getattr(file_exp, section), key):
+                raise ExperimentError(unread_message(key, names, readers, f"--set {where}"))
+            print(
+                f"warmserve simulate: note: the experiment's {where}{key} is not read by "
+                f"{', '.join(names)}; it has no effect in this run",
+                file=sys.stderr,
+            )
+    if sweep is None:
+        return
+    section, _, key = sweep[0].partition(".")
+    reads = {"control": lambda p: POLICIES[p].reads, "costs": costs_read}.get(section)
+    if reads is not None and not any(key in reads(p) for p in names):
+        readers = [p for p in POLICIES if key in reads(p)]
+        raise ExperimentError(unread_message(key, names, readers, f"--sweep {section}."))
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -333,7 +338,7 @@ def _simulate(args: argparse.Namespace) -> int:
         get_value(exp, canonical_key(sweep[0]), "--sweep")  # a known setting
         for value in sweep[1]:  # each value valid, before any run
             point_experiment(exp, sweep[0], value)
-    _check_control(file_exp, exp, sweep)
+    _check_settings(file_exp, exp, sweep)
     if args.refine and (sweep is None or canonical_key(sweep[0]) != "workload.rps"):
         raise ExperimentError("--refine: needs a rate sweep (--sweep rps=...)")
     seeds = parse_seeds(args.seeds) if args.seeds else [exp.seed]

@@ -13,7 +13,12 @@ from typing import Any
 import yaml
 
 from warmserve.control.config import ControlConfig
-from warmserve.control.registry import POLICIES, unread_control_error
+from warmserve.control.registry import (
+    POLICIES,
+    unread_control_keys,
+    unread_keys,
+    unread_message,
+)
 from warmserve.hardware import PAGE_BYTES, GpuSpec, pages_for
 from warmserve.model_spec import (
     MODEL_PRESETS,
@@ -28,7 +33,7 @@ from warmserve.profiles import (
     ProfileError,
     load_profile,
 )
-from warmserve.sim.costs import StartupCosts
+from warmserve.sim.costs import StartupCosts, costs_read
 from warmserve.sim.latency import LatencyParams
 from warmserve.workload.trace_name import TRACE_NAMES, parse_trace_name
 
@@ -257,12 +262,23 @@ def parse_experiment(
         profile=profile,
     )
     validate(exp)
-    # The file's control settings are shared by its policies: each must matter to one of them
-    # (a run of fewer policies, `--policies`, says which no longer matter: cli.py).
-    unread = unread_control_error(exp.control, exp.policies, "control.")
-    if unread:
-        raise ExperimentError(unread)
+    # The file's control settings and costs are shared by its policies: each must matter to
+    # one of them (a run of fewer policies, `--policies`, says which no longer do: cli.py).
+    for where, unread in unread_settings(exp, exp.policies).items():
+        if unread:
+            key, readers = next(iter(unread.items()))
+            raise ExperimentError(unread_message(key, exp.policies, readers, where))
     return exp
+
+
+def unread_settings(exp: Experiment, policies: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Per section ("control.", "costs."), the keys `exp` changes (from the defaults; costs
+    from the device profile's) that none of `policies` reads, each with those that do."""
+    assert exp.profile is not None, "experiments are built by parse_experiment"
+    return {
+        "control.": unread_control_keys(exp.control, policies),
+        "costs.": unread_keys(exp.costs, exp.profile.costs, policies, costs_read),
+    }
 
 
 def _profile(c: ClusterConfig, base_dir: Path) -> DeviceProfile:

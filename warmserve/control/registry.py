@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from warmserve.control.api import ControlPlane, ServedModel
 from warmserve.control.config import ControlConfig, PolicySpec
@@ -138,19 +139,26 @@ POLICIES["muxserve"] = RegisteredPolicy(
 )
 
 
-def unread_control_keys(cfg: ControlConfig, policies: Iterable[str]) -> dict[str, list[str]]:
-    """The keys `cfg` changes from their defaults that none of `policies` reads, each with the
-    registered policies that do read it (for the error). A key set to its default changes
+def unread_keys(
+    settings: Any, base: Any, policies: Iterable[str], reads: Callable[[str], frozenset[str]]
+) -> dict[str, list[str]]:
+    """The fields of the dataclass `settings` that differ from `base` and that none of
+    `policies` reads (`reads(name)`: the keys a registered policy reads), each with the
+    registered policies that do read it (for the error). A key left at `base` changes
     nothing, so it passes."""
-    names = list(policies)
-    default = ControlConfig()
+    names = [p for p in policies if p in POLICIES]
     out: dict[str, list[str]] = {}
-    for f in dataclasses.fields(ControlConfig):
-        if getattr(cfg, f.name) == getattr(default, f.name):
+    for f in dataclasses.fields(settings):
+        if getattr(settings, f.name) == getattr(base, f.name):
             continue
-        if not any(f.name in POLICIES[p].reads for p in names if p in POLICIES):
-            out[f.name] = [p for p, reg in POLICIES.items() if f.name in reg.reads]
+        if not any(f.name in reads(p) for p in names):
+            out[f.name] = [p for p in POLICIES if f.name in reads(p)]
     return out
+
+
+def unread_control_keys(cfg: ControlConfig, policies: Iterable[str]) -> dict[str, list[str]]:
+    """The keys `cfg` changes from their defaults that none of `policies` reads."""
+    return unread_keys(cfg, ControlConfig(), policies, lambda p: POLICIES[p].reads)
 
 
 def unread_message(key: str, policies: Sequence[str], readers: Sequence[str], where: str) -> str:
