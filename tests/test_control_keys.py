@@ -153,6 +153,15 @@ def test_simulate_notes_a_file_setting_its_policies_leave_unread(tmp_path, capsy
     assert "note: the experiment's control.keep_alive_s is not read by warmserve" in err
 
 
+def test_simulate_notes_a_priority_its_policies_leave_unused(tmp_path, capsys):
+    raw = _raw(["warmserve", "warmserve-plus"], {})
+    raw["models"][0]["priority"] = 2.0
+    path = _write(tmp_path, raw)
+    out = str(tmp_path / "o")
+    assert main(["simulate", path, "--policies", "warmserve", "--out", out, "--quiet"]) == 0
+    assert "note: the priority of model 'a' is used only by" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args",
     [

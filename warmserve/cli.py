@@ -292,8 +292,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _check_settings(file_exp: Experiment, exp: Experiment, sweep: tuple[str, Any] | None) -> None:
     """Refuse a control setting or cost from --set or --sweep that none of the run's policies
-    reads. The file's own were checked against the file's policies; one that `--policies`
-    leaves unread gets a note, since the file holds it for the others."""
+    reads. The file's own (and its models' priorities) were checked against the file's
+    policies; one that `--policies` leaves unread gets a note, since the file holds it for
+    the others."""
     names = exp.policies
     for where, unread in unread_settings(exp, names).items():
         section = where.rstrip(".")
@@ -305,6 +306,14 @@ def _check_settings(file_exp: Experiment, exp: Experiment, sweep: tuple[str, Any
                 f"{', '.join(names)}; it has no effect in this run",
                 file=sys.stderr,
             )
+    if not any(POLICIES[p].spec.prior_prewarm for p in names):
+        for e in exp.models:
+            if e.priority != 1.0:
+                print(
+                    f"warmserve simulate: note: the priority of model {e.name!r} is used only by "
+                    f"policies that prewarm by priors; none of {', '.join(names)} does",
+                    file=sys.stderr,
+                )
     if sweep is None:
         return
     section, _, key = sweep[0].partition(".")
