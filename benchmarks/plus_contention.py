@@ -25,7 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from warmserve.control.config import ControlConfig  # noqa: E402
-from warmserve.control.registry import POLICIES, _warmserve, unread_control_error  # noqa: E402
+from warmserve.control.registry import (  # noqa: E402
+    POLICIES,
+    _warmserve,
+    first_unread_message,
+    unread_control_keys,
+)
 from warmserve.experiment import ModelEntry, load_experiment  # noqa: E402
 from warmserve.sim.runner import make_workload, run_policy  # noqa: E402
 
@@ -124,9 +129,14 @@ def main() -> None:
         POLICIES[name] = _warmserve(dataclasses.replace(spec, name=name))
     policies = args.policies.split(",")
     control = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.control)}
-    unread = unread_control_error(
-        dataclasses.replace(ControlConfig(), **control), policies, "--control "
-    )
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        sys.exit(
+            f"plus_contention.py: unknown policy {unknown[0]!r} (known: {', '.join(POLICIES)})"
+        )
+    # The overrides alone: the experiment's own settings are checked when it is parsed.
+    overrides = dataclasses.replace(ControlConfig(), **control)
+    unread = first_unread_message(unread_control_keys(overrides, policies), policies, "--control ")
     if unread:
         sys.exit(f"plus_contention.py: {unread}")
     runs: dict[str, list[dict]] = {p: [] for p in policies}

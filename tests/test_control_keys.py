@@ -14,20 +14,21 @@ from warmserve.cli import main
 from warmserve.control.config import ControlConfig
 from warmserve.control.registry import ALWAYS_READ, POLICIES, unread_control_keys
 from warmserve.experiment import ExperimentError, parse_experiment
-from warmserve.sim.costs import StartupCosts, costs_read
+from warmserve.sim.costs import StartupCosts
+from warmserve.sim.policy_costs import costs_read
 from warmserve.sim.runner import make_workload, run_policy
 
 # A valid value other than the default for every key (the pairs scale_down < scale_up and
 # starve_wait <= starve_preempt hold together).
 ALT = {
     "capacity_per_instance": 8, "scale_window_s": 2.0, "scale_up_threshold": 0.6,
-    "scale_down_threshold": 0.2, "protect_period_s": 20.0, "tick_s": 1.0,
+    "scale_down_threshold": 0.0, "protect_period_s": 60.0, "tick_s": 1.0,
     "forecast_method": "reference", "forecast_window_s": 60.0, "forecast_correction_points": 3,
     "forecast_cycle": "week", "forecast_peak_quantile": 0.5, "planning_bandwidth": 4e9,
     "group_search": "exhaustive", "kv_floor_requests": 4, "keep_alive_s": 5.0,
     "serverless_target": 3.0, "serverless_max_instances": 2, "serverless_keep_alive_s": 10.0,
     "serverless_loop_s": 3.0, "serverless_max_queue": 2, "kv_hysteresis": 0.0,
-    "kv_lend_min_s": 0.0, "prewarm_min_life_s": 0.0, "starve_wait_s": 0.5,
+    "kv_lend_min_s": 0.0, "prewarm_min_life_s": 60.0, "starve_wait_s": 0.5,
     "starve_preempt_s": 3.0, "starve_preempt_gap_s": 2.0, "starve_short_threshold": 0.95,
     "starve_rate_window_s": 30.0, "starve_return_s": 10.0,
 }  # fmt: skip
@@ -36,10 +37,30 @@ ALT = {
 COST_ALT = {
     "engine_attach_s": 1.5, "remap_bandwidth": 2e9, "kv_initial_map_bytes": float(8 << 30),
     "weights_source": "ssd", "ssd_bandwidth": 2e9, "cold_engine_init_s": 120.0,
-    "vanilla_load_bandwidth": 1e9, "host_node_bandwidth": 8e9, "serverless_engine_init_s": 8.0,
-    "serverless_tuned_engine_init_s": 9.0, "serverless_ssd_bandwidth": 3e9,
-    "serverless_dram_cache_bytes": float(64 << 30),
+    "vanilla_load_bandwidth": 0.2e9, "host_node_bandwidth": 8e9,
+    "serverless_engine_init_s": 8.0, "serverless_tuned_engine_init_s": 9.0,
+    "serverless_ssd_bandwidth": 3e9, "serverless_dram_cache_bytes": float(8 << 30),
 }  # fmt: skip
+_PREWARMING = ("warmserve", "warmserve-no-placement", "warmserve-no-placement-ref",
+               "warmserve-no-kv-prewarm", "warmserve-plus", "oracle")  # fmt: skip
+_UNIFIED = (*_PREWARMING, "warmserve-no-prewarm")
+# Listed keys whose change alone leaves this cell's run as it was, and why. Every other listed
+# key must change it alone, so that a list cannot hold a key its policy never reads; the
+# exact match also flags an entry here that has started to matter.
+CELL_INERT: dict[str, tuple[tuple[str, ...], str]] = {
+    "planning_bandwidth": (_PREWARMING, "a common scale of the forecast-driven replicas' values"),
+    "costs.ssd_bandwidth": (_UNIFIED, "read only with weights_source: ssd"),
+    "starve_rate_window_s": (
+        ("warmserve-plus",),
+        "the rates it counts over decide no preemption here (idle stops are priced by them "
+        "only with starve_return_s)",
+    ),
+    "protect_period_s": (
+        ("serverlessllm-tuned",),
+        "keep-alive stops only instances idle for 30 s, older than any protect period here",
+    ),
+    "scale_window_s": (("serverlessllm-tuned",), "its scale-ups do not move here"),
+}
 MIXED = [("llama-2-7b", 1), ("llama-2-7b", 1), ("llama-2-13b", 2), ("llama-2-70b", 4)]
 
 
@@ -77,20 +98,6 @@ def _summary(exp, policy, wl, keys=(), costs=()):
     return r.summary, r.requests, r.num_events
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
-def test_only_the_keys_a_policy_reads_change_its_run(contention, policy):
-    exp, wl = contention
-    reads = POLICIES[policy].reads
-    base = _summary(exp, policy, wl)
-    unread = sorted(set(ALT) - reads)
-    assert unread, "every policy leaves some key unread"
-    # Every key it does not list, changed at once: the run is the same, request for request.
-    assert _summary(exp, policy, wl, unread) == base
-    # The keys it lists beyond the shared ones do change it here (so the cell reaches the code
-    # that reads them, and the test above is not empty).
-    assert _summary(exp, policy, wl, sorted(reads - ALWAYS_READ)) != base
-
-
 def test_every_cost_has_an_other_value(contention):
     exp, _ = contention
     assert set(COST_ALT) == {f.name for f in dataclasses.fields(StartupCosts)}
@@ -98,12 +105,20 @@ def test_every_cost_has_an_other_value(contention):
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_only_the_costs_a_policy_pays_change_its_run(contention, policy):
+def test_only_the_keys_a_policy_reads_change_its_run(contention, policy):
     exp, wl = contention
+    reads, pays = POLICIES[policy].reads, costs_read(policy)
     base = _summary(exp, policy, wl)
-    pays = costs_read(policy)
-    assert _summary(exp, policy, wl, costs=sorted(set(COST_ALT) - pays)) == base
-    assert _summary(exp, policy, wl, costs=sorted(pays)) != base
+    # Every key and cost it does not list, changed at once: the run is the same, request for
+    # request.
+    unread, unpaid = sorted(set(ALT) - reads), sorted(set(COST_ALT) - pays)
+    assert unread and unpaid, "every policy leaves some key unread"
+    assert _summary(exp, policy, wl, unread, unpaid) == base
+    # Each it lists changes it alone, but for CELL_INERT's (the keys every policy reads,
+    # ALWAYS_READ, are never refused and not tried here).
+    inert = {k for k in sorted(reads - ALWAYS_READ) if _summary(exp, policy, wl, [k]) == base}
+    inert |= {f"costs.{k}" for k in sorted(pays) if _summary(exp, policy, wl, costs=[k]) == base}
+    assert inert == {k for k, (pols, _) in CELL_INERT.items() if policy in pols}
 
 
 def test_unread_keys_are_named_with_the_policies_that_read_them():
@@ -139,6 +154,14 @@ def test_an_experiment_refuses_a_cost_none_of_its_policies_pays():
     assert parse_experiment(raw, Path()).costs.serverless_engine_init_s == 5
 
 
+def test_an_experiment_refuses_a_sweep_none_of_its_policies_reads():
+    raw = {**_raw(["warmserve", "static"], {}), "sweep": {"control.keep_alive_s": [0, 60]}}
+    with pytest.raises(ExperimentError, match=r"sweep\.control\.keep_alive_s: not read by wa"):
+        parse_experiment(raw, Path())
+    raw["policies"] = ["warmserve", "warmserve-plus"]
+    assert parse_experiment(raw, Path()).sweep == {"control.keep_alive_s": [0, 60]}
+
+
 def _write(tmp_path, raw) -> str:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -160,6 +183,16 @@ def test_simulate_notes_a_priority_its_policies_leave_unused(tmp_path, capsys):
     out = str(tmp_path / "o")
     assert main(["simulate", path, "--policies", "warmserve", "--out", out, "--quiet"]) == 0
     assert "note: the priority of model 'a' is used only by" in capsys.readouterr().err
+
+
+def test_simulate_notes_a_file_sweep_its_policies_leave_unread(tmp_path, capsys):
+    raw = {**_raw(["warmserve", "warmserve-plus"], {}), "sweep": {"control.keep_alive_s": [0, 60]}}
+    out = str(tmp_path / "o")
+    assert main(["simulate", _write(tmp_path, raw), "--policies", "warmserve", "--out", out,
+                 "--quiet"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "note: sweep.control.keep_alive_s: not read by warmserve" in err
+    assert "the sweep changes nothing in this run" in err
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,14 @@ from tqdm import tqdm
 
 from warmserve.bench import BenchError
 from warmserve.control.registry import POLICIES, unread_message
-from warmserve.experiment import Experiment, ExperimentError, load_experiment, unread_settings
+from warmserve.experiment import (
+    Experiment,
+    ExperimentError,
+    load_experiment,
+    unread_settings,
+    unread_sweep_message,
+)
 from warmserve.models import PACKAGED, ModelPrepError
-from warmserve.sim.costs import costs_read
 from warmserve.traces import TraceError
 
 
@@ -290,37 +295,39 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_settings(file_exp: Experiment, exp: Experiment, sweep: tuple[str, Any] | None) -> None:
+def _check_settings(
+    file_exp: Experiment, exp: Experiment, sweep: tuple[str, Any] | None, cli_sweep: bool
+) -> None:
     """Refuse a control setting or cost from --set or --sweep that none of the run's policies
-    reads. The file's own (and its models' priorities) were checked against the file's
-    policies; one that `--policies` leaves unread gets a note, since the file holds it for
-    the others."""
+    reads. The file's own (its settings, sweep and model priorities) were checked against
+    the file's policies; one that `--policies` leaves unread gets a note, since the file holds
+    it for the others."""
     names = exp.policies
-    for where, unread in unread_settings(exp, names).items():
-        section = where.rstrip(".")
+
+    def note(what: str) -> None:
+        print(f"warmserve simulate: note: {what}", file=sys.stderr)
+
+    for section, unread in unread_settings(exp, names).items():
         for key, readers in unread.items():
             if getattr(getattr(exp, section), key) != getattr(getattr(file_exp, section), key):
-                raise ExperimentError(unread_message(key, names, readers, f"--set {where}"))
-            print(
-                f"warmserve simulate: note: the experiment's {where}{key} is not read by "
-                f"{', '.join(names)}; it has no effect in this run",
-                file=sys.stderr,
+                raise ExperimentError(unread_message(key, names, readers, f"--set {section}."))
+            note(
+                f"the experiment's {section}.{key} is not read by {', '.join(names)}; it has "
+                "no effect in this run"
             )
     if not any(POLICIES[p].spec.prior_prewarm for p in names):
         for e in exp.models:
             if e.priority != 1.0:
-                print(
-                    f"warmserve simulate: note: the priority of model {e.name!r} is used only by "
-                    f"policies that prewarm by priors; none of {', '.join(names)} does",
-                    file=sys.stderr,
+                note(
+                    f"the priority of model {e.name!r} is used only by policies that prewarm "
+                    f"by priors; none of {', '.join(names)} does"
                 )
-    if sweep is None:
-        return
-    section, _, key = sweep[0].partition(".")
-    reads = {"control": lambda p: POLICIES[p].reads, "costs": costs_read}.get(section)
-    if reads is not None and not any(key in reads(p) for p in names):
-        readers = [p for p in POLICIES if key in reads(p)]
-        raise ExperimentError(unread_message(key, names, readers, f"--sweep {section}."))
+    if sweep is not None:
+        message = unread_sweep_message(sweep[0], names, "--sweep " if cli_sweep else "sweep.")
+        if message and cli_sweep:
+            raise ExperimentError(message)
+        if message:
+            note(f"{message.partition(';')[0]}: the sweep changes nothing in this run")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -347,7 +354,7 @@ def _simulate(args: argparse.Namespace) -> int:
         get_value(exp, canonical_key(sweep[0]), "--sweep")  # a known setting
         for value in sweep[1]:  # each value valid, before any run
             point_experiment(exp, sweep[0], value)
-    _check_settings(file_exp, exp, sweep)
+    _check_settings(file_exp, exp, sweep, cli_sweep=bool(args.sweep))
     if args.refine and (sweep is None or canonical_key(sweep[0]) != "workload.rps"):
         raise ExperimentError("--refine: needs a rate sweep (--sweep rps=...)")
     seeds = parse_seeds(args.seeds) if args.seeds else [exp.seed]

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import yaml
 from warmserve.control.config import ControlConfig
 from warmserve.control.registry import (
     POLICIES,
-    unread_control_keys,
+    control_reads,
+    first_unread_message,
     unread_keys,
     unread_message,
 )
@@ -33,8 +35,9 @@ from warmserve.profiles import (
     ProfileError,
     load_profile,
 )
-from warmserve.sim.costs import StartupCosts, costs_read
+from warmserve.sim.costs import StartupCosts
 from warmserve.sim.latency import LatencyParams
+from warmserve.sim.policy_costs import costs_read
 from warmserve.workload.trace_name import TRACE_NAMES, parse_trace_name
 
 
@@ -262,23 +265,58 @@ def parse_experiment(
         profile=profile,
     )
     validate(exp)
-    # The file's control settings and costs are shared by its policies: each must matter to
-    # one of them (a run of fewer policies, `--policies`, says which no longer do: cli.py).
-    for where, unread in unread_settings(exp, exp.policies).items():
-        if unread:
-            key, readers = next(iter(unread.items()))
-            raise ExperimentError(unread_message(key, exp.policies, readers, where))
+    check_shared_settings(exp)
     return exp
 
 
+# Sections some of whose keys only some policies read, with what each registered policy reads.
+SETTING_READERS: dict[str, Callable[[str], frozenset[str]]] = {
+    "control": control_reads,
+    "costs": costs_read,
+}
+
+
 def unread_settings(exp: Experiment, policies: list[str]) -> dict[str, dict[str, list[str]]]:
-    """Per section ("control.", "costs."), the keys `exp` changes (from the defaults; costs
-    from the device profile's) that none of `policies` reads, each with those that do."""
+    """Per section of SETTING_READERS, the keys `exp` changes (from the defaults; costs from
+    the device profile's) that none of `policies` reads, each with the policies that do."""
     assert exp.profile is not None, "experiments are built by parse_experiment"
+    bases = {"control": ControlConfig(), "costs": exp.profile.costs}
     return {
-        "control.": unread_control_keys(exp.control, policies),
-        "costs.": unread_keys(exp.costs, exp.profile.costs, policies, costs_read),
+        section: unread_keys(getattr(exp, section), bases[section], policies, reads)
+        for section, reads in SETTING_READERS.items()
     }
+
+
+def unread_sweep_message(key: str, policies: list[str], where: str) -> str | None:
+    """The error for a sweep over a SETTING_READERS key (`control.X`) none of `policies`
+    reads, or None; `where`: how the user wrote the sweep ("sweep.", "--sweep ")."""
+    section, _, name = key.partition(".")
+    reads = SETTING_READERS.get(section)
+    if reads is None or any(name in reads(p) for p in policies):
+        return None
+    readers = [p for p in POLICIES if name in reads(p)]
+    return unread_message(name, policies, readers, f"{where}{section}.")
+
+
+def check_shared_settings(exp: Experiment) -> None:
+    """The file's control settings, costs, sweep and model priorities are shared by its
+    policies: each must matter to one of them. A run of fewer policies (`--policies`) says
+    which no longer do (cli.py), and its sweep points are not checked again."""
+    for section, unread in unread_settings(exp, exp.policies).items():
+        message = first_unread_message(unread, exp.policies, f"{section}.")
+        if message:
+            raise ExperimentError(message)
+    if exp.sweep:
+        message = unread_sweep_message(next(iter(exp.sweep)), exp.policies, "sweep.")
+        if message:
+            raise ExperimentError(message)
+    if not any(POLICIES[p].spec.prior_prewarm for p in exp.policies):
+        for e in exp.models:
+            if e.priority != 1.0:
+                raise ExperimentError(
+                    f"model {e.name!r}: priority is used only by policies that prewarm by "
+                    f"priors (warmserve-plus); none of {', '.join(exp.policies)} does"
+                )
 
 
 def _profile(c: ClusterConfig, base_dir: Path) -> DeviceProfile:
@@ -348,11 +386,6 @@ def validate(exp: Experiment) -> None:
             raise ExperimentError(f"model {e.name!r}: copies must be >= 1")
         if not e.priority > 0:
             raise ExperimentError(f"model {e.name!r}: priority must be > 0")
-        if e.priority != 1.0 and not any(POLICIES[p].spec.prior_prewarm for p in exp.policies):
-            raise ExperimentError(
-                f"model {e.name!r}: priority is used only by policies that prewarm by priors "
-                f"(warmserve-plus); none of {', '.join(exp.policies)} does"
-            )
     w = exp.workload
     if w.rps <= 0 or w.duration_s <= 0 or w.drain_s < 0 or w.warmup_s < 0:
         raise ExperimentError("workload: rps and duration_s must be > 0; drain_s, warmup_s >= 0")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from warmserve.control.config import ControlConfig
-from warmserve.control.registry import POLICIES, unread_control_error
+from warmserve.control.registry import POLICIES, first_unread_message, unread_control_keys
 from warmserve.experiment import ExperimentError, build_section, convert_value, read_yaml
 from warmserve.model_spec import read_hf_config
 
@@ -268,7 +268,9 @@ def _validate(cfg: ServeConfig) -> None:
                 raise ServeConfigError(f"models[{k}].path: no *.safetensors in {path}")
     if cfg.policy not in POLICIES:
         raise ServeConfigError(f"unknown policy {cfg.policy!r} (known: {', '.join(POLICIES)})")
-    unread = unread_control_error(cfg.control, [cfg.policy], "control.")
+    unread = first_unread_message(
+        unread_control_keys(cfg.control, [cfg.policy]), [cfg.policy], "control."
+    )
     if unread:
         raise ServeConfigError(unread)
     spec = POLICIES[cfg.policy].spec

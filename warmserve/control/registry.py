@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 from warmserve.control.api import ControlPlane, ServedModel
 from warmserve.control.config import ControlConfig, PolicySpec
@@ -20,17 +20,22 @@ from warmserve.control.serverless import (
 )
 from warmserve.control.static import STATIC, StaticController
 
+T = TypeVar("T")
 ControlPlaneFactory = Callable[[ControlConfig, Sequence[ServedModel], Forecaster], ControlPlane]
 
 # The ControlConfig keys a policy reads, so that a run can refuse a setting that none of its
 # policies would use instead of ignoring it (experiment.py, serve_config.py). Every driver
-# ticks and every policy runs the forecaster (its error is reported for each), so those keys
-# are always read; the rest follow the policy's control loop and its techniques.
-# tests/test_control_keys.py changes every key a policy does not list and checks that its
-# simulated run stays the same.
+# ticks, and every policy runs a forecaster whose error is reported (the oracle's knows the
+# workload, so it has no method of its own); the rest follow the policy's control loop and
+# its techniques. A key is listed where the code reads it, even if a value of another key
+# makes it moot (forecast_peak_quantile under the reference forecaster).
+# tests/test_control_keys.py checks each list against simulated runs.
 ALWAYS_READ = frozenset(
     {"tick_s", "forecast_method", "forecast_window_s", "forecast_correction_points",
      "forecast_cycle", "forecast_peak_quantile"}
+)  # fmt: skip
+FORECAST_METHOD_KEYS = frozenset(
+    {"forecast_method", "forecast_correction_points", "forecast_peak_quantile"}
 )  # fmt: skip
 AUTOSCALER_KEYS = frozenset(
     {"capacity_per_instance", "scale_window_s", "scale_up_threshold", "scale_down_threshold",
@@ -41,21 +46,15 @@ SERVERLESS_KEYS = frozenset(
      "serverless_loop_s", "serverless_max_queue"}
 )  # fmt: skip
 _TECHNIQUE_KEYS: dict[str, frozenset[str]] = {  # PolicySpec switch -> the keys it reads
-    "proactive_prewarm": frozenset({"planning_bandwidth", "group_search"}),
+    "proactive_prewarm": frozenset({"planning_bandwidth"}),
     "kv_prewarm": frozenset({"kv_floor_requests"}),
     "keep_alive": frozenset({"keep_alive_s"}),
     "calm_kv": frozenset({"kv_hysteresis", "kv_lend_min_s", "prewarm_min_life_s"}),
     "fair_starts": frozenset(
-        {
-            "starve_wait_s",
-            "starve_preempt_s",
-            "starve_preempt_gap_s",
-            "starve_short_threshold",
-            "starve_rate_window_s",
-            "starve_return_s",
-        }
+        {"starve_wait_s", "starve_preempt_s", "starve_preempt_gap_s", "starve_short_threshold",
+         "starve_rate_window_s", "starve_return_s"}
     ),
-}
+}  # fmt: skip
 
 
 def keys_read(spec: PolicySpec, loop_keys: frozenset[str] = AUTOSCALER_KEYS) -> frozenset[str]:
@@ -65,6 +64,8 @@ def keys_read(spec: PolicySpec, loop_keys: frozenset[str] = AUTOSCALER_KEYS) -> 
     for switch, extra in _TECHNIQUE_KEYS.items():
         if getattr(spec, switch):
             keys |= extra
+    if spec.proactive_prewarm and spec.smart_placement:  # round robin searches no groups
+        keys |= {"group_search"}
     return keys
 
 
@@ -72,23 +73,20 @@ def keys_read(spec: PolicySpec, loop_keys: frozenset[str] = AUTOSCALER_KEYS) -> 
 class RegisteredPolicy:
     spec: PolicySpec  # what the cluster must provide (e.g. unified memory)
     build: ControlPlaneFactory
+    reads: frozenset[str]  # the ControlConfig keys it reads (keys_read)
     needs_future: bool = False  # give it an OracleForecaster (knows the workload ahead)
     # The `costs:` key of the engine start behind the host checkpoint caches, for policies
     # that use them (a cost key's name, so that the control plane stays free of the simulator).
     engine_init_cost: str = "serverless_engine_init_s"
-    # ControlConfig keys it reads (keys_read); empty: work them out from `spec`.
-    reads: frozenset[str] = frozenset()
-
-    def __post_init__(self) -> None:
-        if not self.reads:
-            object.__setattr__(self, "reads", keys_read(self.spec))
 
 
 def _warmserve(spec: PolicySpec, needs_future: bool = False) -> RegisteredPolicy:
     def build(cfg: ControlConfig, models: Sequence[ServedModel], fc: Forecaster) -> ControlPlane:
         return Controller(cfg, spec, models, fc)
 
-    return RegisteredPolicy(spec, build, needs_future)
+    # The oracle's forecaster knows the workload: no forecasting method of its own.
+    reads = keys_read(spec) - (FORECAST_METHOD_KEYS if needs_future else frozenset())
+    return RegisteredPolicy(spec, build, reads, needs_future)
 
 
 POLICIES: dict[str, RegisteredPolicy] = {
@@ -122,33 +120,34 @@ POLICIES["oracle"] = _warmserve(PolicySpec("oracle"), needs_future=True)
 # Static sizes and MuxServe's placement replace the autoscaler; they read only the capacity.
 _CAPACITY = frozenset({"capacity_per_instance"})
 POLICIES["static"] = RegisteredPolicy(
-    STATIC, StaticController, reads=keys_read(STATIC, loop_keys=_CAPACITY)
+    STATIC, StaticController, keys_read(STATIC, loop_keys=_CAPACITY)
 )
 POLICIES["serverlessllm"] = RegisteredPolicy(
-    SERVERLESSLLM,
-    ServerlessLLMController,
-    reads=keys_read(SERVERLESSLLM, loop_keys=SERVERLESS_KEYS),
+    SERVERLESSLLM, ServerlessLLMController, keys_read(SERVERLESSLLM, loop_keys=SERVERLESS_KEYS)
 )
 POLICIES["serverlessllm-tuned"] = RegisteredPolicy(
     SERVERLESSLLM_TUNED,
     ServerlessLLMTunedController,
+    keys_read(SERVERLESSLLM_TUNED),
     engine_init_cost="serverless_tuned_engine_init_s",
 )
 POLICIES["muxserve"] = RegisteredPolicy(
-    MUXSERVE, MuxServeController, reads=keys_read(MUXSERVE, loop_keys=_CAPACITY)
+    MUXSERVE, MuxServeController, keys_read(MUXSERVE, loop_keys=_CAPACITY)
 )
 
 
 def unread_keys(
-    settings: Any, base: Any, policies: Iterable[str], reads: Callable[[str], frozenset[str]]
+    settings: T, base: T, policies: Iterable[str], reads: Callable[[str], frozenset[str]]
 ) -> dict[str, list[str]]:
     """The fields of the dataclass `settings` that differ from `base` and that none of
     `policies` reads (`reads(name)`: the keys a registered policy reads), each with the
     registered policies that do read it (for the error). A key left at `base` changes
-    nothing, so it passes."""
-    names = [p for p in policies if p in POLICIES]
+    nothing, so it passes. An unknown policy name raises UnknownPolicyError."""
+    names = list(policies)
+    for p in names:
+        get_policy(p)
     out: dict[str, list[str]] = {}
-    for f in dataclasses.fields(settings):
+    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
         if getattr(settings, f.name) == getattr(base, f.name):
             continue
         if not any(f.name in reads(p) for p in names):
@@ -156,9 +155,13 @@ def unread_keys(
     return out
 
 
+def control_reads(policy: str) -> frozenset[str]:
+    return POLICIES[policy].reads
+
+
 def unread_control_keys(cfg: ControlConfig, policies: Iterable[str]) -> dict[str, list[str]]:
     """The keys `cfg` changes from their defaults that none of `policies` reads."""
-    return unread_keys(cfg, ControlConfig(), policies, lambda p: POLICIES[p].reads)
+    return unread_keys(cfg, ControlConfig(), policies, control_reads)
 
 
 def unread_message(key: str, policies: Sequence[str], readers: Sequence[str], where: str) -> str:
@@ -170,14 +173,14 @@ def unread_message(key: str, policies: Sequence[str], readers: Sequence[str], wh
     )
 
 
-def unread_control_error(cfg: ControlConfig, policies: Iterable[str], where: str) -> str | None:
-    """One line naming the first key of `unread_control_keys`, or None."""
-    names = list(policies)
-    unread = unread_control_keys(cfg, names)
+def first_unread_message(
+    unread: dict[str, list[str]], policies: Sequence[str], where: str
+) -> str | None:
+    """One line naming the first key of an `unread_keys` result, or None if it is empty."""
     if not unread:
         return None
     key, readers = next(iter(unread.items()))
-    return unread_message(key, names, readers, where)
+    return unread_message(key, policies, readers, where)
 
 
 class UnknownPolicyError(KeyError):

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from warmserve.control.registry import POLICIES
-
 
 @dataclass(frozen=True, slots=True)
 class StartupCosts:
@@ -67,28 +65,3 @@ class StartupCosts:
             raise ValueError("host_node_bandwidth must be > 0 (or null: no node limit)")
         if self.weights_source not in ("host", "ssd"):
             raise ValueError("weights_source must be 'host' or 'ssd'")
-
-
-# Which costs a policy's starts pay, so that a run can refuse a cost none of its policies
-# would pay instead of ignoring it (experiment.py). Every run-time load crosses the node's
-# host link. tests/test_control_keys.py changes every cost a policy does not list and checks
-# that its simulated run stays the same.
-_UNIFIED = frozenset(  # prewarm loads, misses into a slot, activations
-    {"engine_attach_s", "remap_bandwidth", "kv_initial_map_bytes", "weights_source",
-     "ssd_bandwidth"}
-)  # fmt: skip
-_FRESH_ENGINE = frozenset({"cold_engine_init_s", "vanilla_load_bandwidth"})
-_HOST_TIERS = frozenset({"serverless_ssd_bandwidth", "serverless_dram_cache_bytes"})
-
-
-def costs_read(policy: str) -> frozenset[str]:
-    """The `costs:` keys the registered policy `policy` pays."""
-    reg = POLICIES[policy]
-    keys = {"host_node_bandwidth"}
-    if reg.spec.unified_memory:
-        keys |= _UNIFIED
-    elif reg.spec.host_checkpoint_cache:
-        keys |= _HOST_TIERS | {reg.engine_init_cost}
-    else:
-        keys |= _FRESH_ENGINE
-    return frozenset(keys)
