@@ -310,13 +310,19 @@ def check_shared_settings(exp: Experiment) -> None:
         message = unread_sweep_message(next(iter(exp.sweep)), exp.policies, "sweep.")
         if message:
             raise ExperimentError(message)
-    if not any(POLICIES[p].spec.prior_prewarm for p in exp.policies):
-        for e in exp.models:
-            if e.priority != 1.0:
-                raise ExperimentError(
-                    f"model {e.name!r}: priority is used only by policies that prewarm by "
-                    f"priors (warmserve-plus); none of {', '.join(exp.policies)} does"
-                )
+    unused = unused_priorities(exp, exp.policies)
+    if unused:
+        raise ExperimentError(
+            f"model {unused[0]!r}: priority is used only by policies that prewarm by priors "
+            f"(warmserve-plus); none of {', '.join(exp.policies)} does"
+        )
+
+
+def unused_priorities(exp: Experiment, policies: list[str]) -> list[str]:
+    """The models whose `priority` none of `policies` reads (none prewarms by priors)."""
+    if any(POLICIES[p].spec.prior_prewarm for p in policies):
+        return []
+    return [e.name for e in exp.models if e.priority != 1.0]
 
 
 def _profile(c: ClusterConfig, base_dir: Path) -> DeviceProfile:
